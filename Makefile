@@ -1,0 +1,29 @@
+# `make test` and `make demo` each create .venv when it is missing, install the package, and run.
+# TORCH pins the torch build installed first: on these machines torch==2.13.0 is a local CPU wheel,
+# while an unpinned `torch` would pull a multi-GB CUDA build. Override it on a GPU box:
+#   make demo TORCH="torch"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,sweep]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) train.py
+
+clean-venv:
+	rm -rf $(VENV)

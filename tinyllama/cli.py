@@ -1,0 +1,85 @@
+"""Command-line entry points: the only module that imports Hydra.
+
+Each stage composes its YAML (configs/<stage>.yaml, all rooted in the typed `JobConfig`),
+turns it into dataclasses, validates it, and calls the library. Errors a user can cause
+(`TinyLlamaError`) are printed as one message, without a traceback, and exit with status 2.
+
+    python train.py model=tiny data=tinystories        # or: tinyllama-train ...
+    tinyllama-tokenizer data=text_files data.train_files=[my.txt]
+    tinyllama-prepare data=tinystories
+    python scripts/evaluate.py run.dir=runs/demo
+    python scripts/sample.py run.dir=runs/demo sample.prompt="Once upon a time"
+    python scripts/export_hf.py run.dir=runs/demo
+    python scripts/inspect_model.py model=llama2_7b
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from tinyllama.config import JobConfig, validate
+from tinyllama.errors import TinyLlamaError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+# The schema every YAML is checked against: unknown keys and wrong types fail by name.
+ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+def to_job(cfg: DictConfig) -> JobConfig:
+    """DictConfig (composed by Hydra or by the compose API in tests) -> validated JobConfig."""
+    job = OmegaConf.to_object(cfg)
+    validate(job)
+    return job
+
+
+def _stage(config_name: str) -> Callable[[Callable[[JobConfig], Any]], Callable[[], Any]]:
+    """Wrap `fn(job)` as a Hydra app reading configs/<config_name>.yaml."""
+
+    def wrap(fn: Callable[[JobConfig], Any]) -> Callable[[], Any]:
+        @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
+        @functools.wraps(fn)
+        def main(cfg: DictConfig) -> Any:
+            try:
+                return fn(to_job(cfg))
+            except TinyLlamaError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+
+        return main
+
+    return wrap
+
+
+@_stage("train")
+def train_main(job: JobConfig) -> float:
+    """Whole pipeline: tokenizer and packed data if missing, then train, evaluate, sample.
+    Returns the final validation loss, so Hydra sweepers can minimise it."""
+    from tinyllama.train.loop import run_training
+
+    return run_training(job)
+
+
+@_stage("train")
+def tokenizer_main(job: JobConfig) -> None:
+    """Train (or reuse) the SentencePiece tokenizer for `data` and `tokenizer`."""
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    tok = ensure_tokenizer(job.tokenizer, job.data)
+    print(f"tokenizer: {tok.model_path} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint})")
+
+
+@_stage("train")
+def prepare_main(job: JobConfig) -> None:
+    """Pack `data` into token shards with the tokenizer (training it first if missing)."""
+    from tinyllama.data import ensure_packed
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    tok = ensure_tokenizer(job.tokenizer, job.data)
+    print(f"packed data: {ensure_packed(job.data, tok)}")

@@ -1,0 +1,256 @@
+"""Typed configuration: one dataclass per config group, registered in Hydra's ConfigStore.
+
+The library takes these dataclasses (not DictConfigs), so every stage is usable and testable
+without Hydra; `tinyllama.cli` is the only module that composes them from YAML. A misspelt key
+or a wrong type is rejected by OmegaConf against this schema before anything runs, and
+`validate()` then checks the values and their combinations, reporting every problem at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from tinyllama.model.config import LlamaConfig
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "bpe_4k"
+    """Preset name; the trained model lands in data/tokenizers/<data.name>-<name>/."""
+    vocab_size: int = 4096
+    """Size of the SentencePiece vocabulary, special and byte-fallback pieces included."""
+    model_type: str = "bpe"
+    """"bpe" or "unigram"."""
+    byte_fallback: bool = True
+    """Encode unknown characters as UTF-8 bytes, so no text maps to <unk>."""
+    split_digits: bool = True
+    """Split numbers into single digits (as Llama does)."""
+    character_coverage: float = 1.0
+    """Share of characters covered by the vocabulary: 1.0 for English, 0.9995 for Chinese."""
+    pad_id: int = -1
+    """Id of a <pad> piece, or -1 for none (Llama has none)."""
+    user_defined_symbols: List[str] = field(default_factory=list)
+    """Extra pieces that are never split (e.g. chat markers)."""
+    input_sentence_size: int = 200_000
+    """Cap on the sentences SentencePiece samples, so large corpora train in bounded time/memory."""
+    max_train_bytes: int = 50_000_000
+    """Cap on the bytes of text read from the source to train the tokenizer."""
+    num_threads: int = 0
+    """SentencePiece training threads; 0 means all cores."""
+    model_file: Optional[str] = None
+    """Use this existing SentencePiece .model instead of training one."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Name of the dataset; keys the packed output data/packed/<name>/<tokenizer fingerprint>/."""
+    source: str = "synthetic"
+    """"synthetic" (built-in stories), "tinystories", "text_files" or "hf"."""
+    train_files: List[str] = field(default_factory=list)
+    """Local files or globs for the train split (tinystories and text_files)."""
+    val_files: List[str] = field(default_factory=list)
+    """Local files or globs for the validation split; empty: hold out val_fraction of documents."""
+    doc_separator: str = "<|endoftext|>"
+    """For .txt files: a line holding exactly this separates documents; "blank_lines" splits on
+    empty lines; "file" makes each file one document."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json/parquet files and HF datasets."""
+    hf_path: Optional[str] = None
+    """Hugging Face dataset name (source=hf; tinystories defaults to roneneldan/TinyStories)."""
+    hf_name: Optional[str] = None
+    """Hugging Face dataset config name."""
+    hf_train_split: str = "train"
+    """Split used for training."""
+    hf_val_split: Optional[str] = "validation"
+    """Split used for validation; None: hold out val_fraction of the train documents."""
+    streaming: bool = False
+    """Stream the HF dataset instead of downloading it whole."""
+    val_fraction: float = 0.01
+    """Share of documents held out for validation when no validation split/files are given."""
+    num_docs: int = 20_000
+    """synthetic: number of stories to generate for train (validation gets num_docs // 50)."""
+    max_docs: Optional[int] = None
+    """Cap on train documents read from any source (None: all)."""
+    seed: int = 1234
+    """Seed for the synthetic corpus and the held-out split."""
+    num_workers: int = 2
+    """Worker processes that encode documents while packing."""
+    shard_tokens: int = 50_000_000
+    """Tokens per shard file."""
+    root: str = "data"
+    """Folder holding tokenizers/ and packed/."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    batch_size: int = 16
+    """Micro-batch size per device (sequences)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = batch_size x grad_accum x world)."""
+    seq_len: int = 128
+    """Tokens per training sequence (must not exceed model.max_position_embeddings)."""
+    precision: str = "auto"
+    """"auto" (bf16 on capable GPUs, fp16 on older GPUs, fp32 on CPU), "fp32", "bf16" or "fp16"."""
+    compile: bool = False
+    """Apply torch.compile to the model."""
+    grad_checkpointing: bool = False
+    """Recompute layer activations in backward to save memory."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    log_every: int = 10
+    """Steps between training log lines."""
+    nan_policy: str = "stop"
+    """On a NaN/inf loss: "stop" the run, or "skip" the step."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and wsd)."""
+    weight_decay: float = 0.1
+    """AdamW decay on matrices (not on norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 30
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """"cosine" (warmup + cosine), "wsd" (warmup-stable-decay) or "constant"."""
+    decay_fraction: float = 0.2
+    """wsd: share of the steps spent in the final decay."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_last: int = 2
+    """Number of recent checkpoints kept (the best by validation loss is kept too)."""
+    resume: str = "auto"
+    """"auto" (continue from runs/<name>/checkpoints/latest if present), "never", or a path."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Steps between evaluations during training."""
+    batches: int = 20
+    """Batches per evaluation during training (None-like 0: the whole validation split)."""
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    """"none" or "wandb" (console and metrics.jsonl are always on)."""
+    mode: str = "offline"
+    """wandb mode: "online", "offline" (no account needed) or "disabled"."""
+    project: str = "tinyllama"
+    """wandb project."""
+    group: Optional[str] = None
+    """wandb group (sweeps set one per sweep)."""
+    tags: List[str] = field(default_factory=list)
+    """wandb tags."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Run name; the run folder is runs/<name>/ unless dir is set."""
+    dir: Optional[str] = None
+    """Run folder (overrides runs/<name>/)."""
+    seed: int = 1337
+    """Seed for model init, data order and sampling."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu" or "cuda"."""
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "Once upon a time"
+    """Prompt text for sampling."""
+    prompt_file: Optional[str] = None
+    """File with one prompt per line (overrides prompt)."""
+    num_samples: int = 3
+    """Samples to draw (written to samples.txt at the end of training)."""
+    max_new_tokens: int = 200
+    """Tokens to generate per sample."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 is greedy."""
+    top_k: Optional[int] = None
+    """Keep only the k most likely tokens."""
+    top_p: Optional[float] = 0.95
+    """Nucleus sampling threshold."""
+    repetition_penalty: float = 1.0
+    """>1 discourages repeating tokens already present."""
+    seed: Optional[int] = None
+    """Sampling seed (None: run.seed)."""
+
+
+@dataclass
+class JobConfig:
+    """The root config of every stage (configs/train.yaml is its primary YAML)."""
+
+    model: LlamaConfig = field(default_factory=LlamaConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    init_from: Optional[str] = None
+    """Start from these weights only (a checkpoint folder, a run folder, or hf:<local HF folder>)."""
+
+
+def validate(job: JobConfig) -> None:
+    """Check values and their combinations; raise one ConfigError listing every problem."""
+    from tinyllama.errors import ConfigError
+
+    problems: List[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    t, o = job.train, job.optim
+    need(t.max_steps > 0, f"train.max_steps={t.max_steps}: must be > 0")
+    need(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0")
+    need(t.grad_accum > 0, f"train.grad_accum={t.grad_accum}: must be > 0")
+    need(t.seq_len > 0, f"train.seq_len={t.seq_len}: must be > 0")
+    need(t.seq_len <= job.model.max_position_embeddings,
+         f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+         f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context")
+    need(t.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"train.precision={t.precision!r}: choose auto, fp32, bf16 or fp16")
+    need(t.nan_policy in ("stop", "skip"), f"train.nan_policy={t.nan_policy!r}: choose stop or skip")
+    need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    need(o.schedule in ("cosine", "wsd", "constant"),
+         f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")
+    need(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    need(job.tokenizer.vocab_size <= job.model.vocab_size,
+         f"tokenizer.vocab_size={job.tokenizer.vocab_size} exceeds model.vocab_size="
+         f"{job.model.vocab_size}: the embedding table must cover every token id")
+    need(job.tokenizer.model_type in ("bpe", "unigram"),
+         f"tokenizer.model_type={job.tokenizer.model_type!r}: choose bpe or unigram")
+    need(job.data.source in ("synthetic", "tinystories", "text_files", "hf"),
+         f"data.source={job.data.source!r}: choose synthetic, tinystories, text_files or hf")
+    need(job.logger.name in ("none", "wandb"), f"logger.name={job.logger.name!r}: choose none or wandb")
+    need(job.logger.mode in ("online", "offline", "disabled"),
+         f"logger.mode={job.logger.mode!r}: choose online, offline or disabled")
+    need(job.run.device in ("auto", "cpu", "cuda") or job.run.device.startswith("cuda:"),
+         f"run.device={job.run.device!r}: choose auto, cpu or cuda")
+    need(job.checkpoint.every > 0, f"checkpoint.every={job.checkpoint.every}: must be > 0")
+    need(job.checkpoint.keep_last > 0, f"checkpoint.keep_last={job.checkpoint.keep_last}: must be > 0")
+    need(job.eval.every > 0, f"eval.every={job.eval.every}: must be > 0")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
