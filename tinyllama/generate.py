@@ -1,0 +1,179 @@
+"""Sampling from a causal LM with a preallocated KV cache.
+
+One prefill pass over the prompt fills the cache; each further step feeds one token per row,
+so a step costs one position, not a re-run of the prefix. The cache is sized for
+prompt + max_new_tokens up front and written in place, and the loop keeps per-token Python
+work to a handful of tensor ops (no mask rebuilds, no host syncs except the EOS check).
+
+    from tinyllama.generate import generate
+    ids = generate(model, input_ids, max_new_tokens=200, temperature=0.8, top_p=0.95, seed=0)
+
+Batches of prompts of different lengths are left-padded: pass `attention_mask` (1 for real
+tokens, 0 for padding) and each row gets the positions and the output it would get alone.
+`stream_tokens` yields the new tokens step by step (the sample CLI prints them as they come).
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from tinyllama.errors import ConfigError
+from tinyllama.model import KVCache
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = 0.95,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    seed: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Continue each prompt row of `input_ids` (B, T) by up to `max_new_tokens` tokens.
+
+    temperature 0 is greedy (argmax; top_k/top_p are then irrelevant). top_k keeps the k most
+    likely tokens, top_p the smallest set of most likely tokens whose probability reaches p.
+    repetition_penalty > 1 divides positive logits (multiplies negative ones) of every token
+    already in the row, prompt included, as transformers does. Generation stops once every row
+    has produced `eos_token_id`; a row that finished early is filled with it afterwards.
+    seed makes sampling reproducible (None: torch's global RNG).
+    attention_mask (B, T): 1 for real tokens, 0 for left padding.
+    Returns (B, T + n) int64, n <= max_new_tokens: the prompts followed by the new tokens.
+    """
+    B, T = input_ids.shape
+    out = input_ids.new_empty(B, T + max_new_tokens)
+    out[:, :T] = input_ids
+    n = 0
+    for n, tokens in enumerate(stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                                             repetition_penalty, eos_token_id, seed, attention_mask), 1):
+        out[:, T + n - 1] = tokens
+    return out[:, : T + n]
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = 0.95,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    seed: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) int64, one step at a time (arguments as `generate`)."""
+    _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if max_new_tokens == 0:
+        return
+    B, T = input_ids.shape
+    device = input_ids.device
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded:
+        # Left padding shifts each row's tokens right; positions count real tokens only, so a
+        # padded row sees the same RoPE angles it would see alone. The mask buffer covers the
+        # whole generation (new tokens are always real) and is sliced, never rebuilt.
+        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+        mask[:, :T] = attention_mask
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        next_position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
+    else:  # the model counts positions from the cache length itself (no host sync)
+        mask = position_ids = next_position = None
+    # Tokens already in each row, for the repetition penalty: (B, V) bool, padding excluded.
+    seen = None
+    if repetition_penalty != 1.0:
+        real = attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
+        counts = torch.zeros(B, config.vocab_size, dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, input_ids, real) > 0
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    cache = KVCache(config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=dtype)
+    logits = _last_logits(model, input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    for step in range(max_new_tokens):
+        tokens = _next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+        if eos_token_id is not None:
+            tokens = tokens.masked_fill(finished, eos_token_id)
+            finished |= tokens == eos_token_id
+        yield tokens
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        logits = _last_logits(model, tokens[:, None], mask[:, : T + step + 1] if padded else None,
+                              next_position, cache)
+        if padded:
+            next_position = next_position + 1
+
+
+def _last_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+    """Logits of the last position only, (B, V) float32: the backbone runs on all T positions
+    (filling the cache), but the (C -> V) head only on the last, so a prefill does not pay
+    T x V for logits it would throw away."""
+    hidden = model.model(input_ids, attention_mask, position_ids, cache, use_cache=True).last_hidden_state
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                repetition_penalty: float, seen: Optional[torch.Tensor],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Pick one token per row from float32 logits (B, V); the order follows transformers'
+    processors: repetition penalty, temperature, top-k, top-p. Returns (B,) int64."""
+    if seen is not None:
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        logits = _top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to >= top_p (the most
+    likely token always stays); the rest get -inf. logits (B, V) -> (B, V)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # A token stays if the tokens ranked above it sum to less than top_p.
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _check_args(input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], repetition_penalty: float) -> None:
+    """Reject values that would fail deep inside torch (or silently do something else)."""
+    problems: List[str] = []
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        problems.append(f"input_ids of shape {tuple(input_ids.shape)}: need (B, T) with T >= 1")
+    if max_new_tokens < 0:
+        problems.append(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    if temperature < 0:
+        problems.append(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        problems.append(f"top_k={top_k}: must be >= 1 (or None)")
+    if top_p is not None and not 0 < top_p <= 1:
+        problems.append(f"top_p={top_p}: must be in (0, 1] (or None)")
+    if repetition_penalty <= 0:
+        problems.append(f"repetition_penalty={repetition_penalty}: must be > 0 (1 disables it)")
+    if problems:
+        raise ConfigError("generate: " + "; ".join(problems))
