@@ -1,0 +1,67 @@
+"""KV cache: keys and values of past tokens, so each generated token costs one position, not a
+whole re-run of the prefix.
+
+Buffers are preallocated (B, H_kv, capacity, D) per layer and written in place; `update` returns
+views of the filled part, so decoding never concatenates tensors. A cache made by the model
+itself (use_cache=True without one) starts at the prompt's length and doubles when full; a
+generation loop that knows its total length makes one of that size up front:
+
+    cache = KVCache(config, batch_size=B, max_length=prompt_len + max_new_tokens,
+                    device=input_ids.device, dtype=torch.float32)
+    out = model(prompt_ids, past_key_values=cache, use_cache=True)      # prefill
+    out = model(next_ids, past_key_values=out.past_key_values, use_cache=True)  # one token at a time
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from tinyllama.model.config import LlamaConfig
+
+
+class KVCache:
+    """Per-layer key/value buffers of shape (B, H_kv, capacity, D), keys stored after RoPE.
+
+    With dtype=None the buffers are allocated at each layer's first update, in the dtype and on
+    the device of its keys (under autocast the projections' dtype is only known then).
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_length: int,
+                 device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> None:
+        self.shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
+        n = config.num_hidden_layers
+        self.keys: List[Optional[torch.Tensor]] = [None] * n
+        self.values: List[Optional[torch.Tensor]] = [None] * n
+        if dtype is not None:
+            self.keys = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(n)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+        # Tokens written so far, per layer: a forward pass updates layer 0 first, then 1, ...
+        self.lengths: List[int] = [0] * config.num_hidden_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of cached positions (the next token's cache index)."""
+        return self.lengths[layer_idx]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               layer_idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, H_kv, T, D) keys/values for one layer; return all (B, H_kv, past + T, D)."""
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx] = key_states.new_zeros(self.shape)
+            self.values[layer_idx] = value_states.new_zeros(self.shape)
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[2]
+        if end > self.keys[layer_idx].shape[2]:
+            self._grow(layer_idx, max(end, 2 * self.keys[layer_idx].shape[2]))
+        self.keys[layer_idx][:, :, start:end] = key_states
+        self.values[layer_idx][:, :, start:end] = value_states
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def _grow(self, layer_idx: int, capacity: int) -> None:
+        """Reallocate one layer's buffers to `capacity` positions (amortised: capacity doubles)."""
+        for buffers in (self.keys, self.values):
+            old = buffers[layer_idx]
+            new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, : old.shape[2]] = old
+            buffers[layer_idx] = new

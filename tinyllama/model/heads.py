@@ -1,0 +1,123 @@
+"""Task heads on the backbone: next-token prediction and sequence classification."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyllama.model.cache import KVCache
+from tinyllama.model.config import LlamaConfig
+from tinyllama.model.modeling import LlamaModel, LlamaPreTrainedModel, ModelParts
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    """(B, T, V): unnormalised scores of the next token at every position."""
+    loss: Optional[torch.Tensor] = None
+    """Scalar, when labels were given."""
+    past_key_values: Optional[KVCache] = None
+    """The updated cache (use_cache=True), to pass to the next call."""
+
+
+@dataclass
+class SequenceClassifierOutput:
+    logits: torch.Tensor
+    """(B, num_labels), read at each row's last non-pad token."""
+    loss: Optional[torch.Tensor] = None
+    """Scalar, when labels were given."""
+    past_key_values: Optional[KVCache] = None
+    """The updated cache (use_cache=True)."""
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy in float32 of logits (B, T, V) against ALREADY-ALIGNED targets (B, T):
+    targets[b, t] is the token that should follow position t. Targets equal to ignore_index are
+    left out of the mean. The train loop calls this with the loader's (x, y)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+class LlamaForCausalLM(LlamaPreTrainedModel):
+    """Backbone + lm_head (C -> V). With tie_word_embeddings the head reuses the embedding
+    matrix (one (V, C) tensor, saving V*C parameters), as small Llamas and Qwen2 do."""
+
+    def __init__(self, config: LlamaConfig, parts: ModelParts = ModelParts()) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, parts)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                past_key_values: Optional[KVCache] = None, use_cache: bool = False) -> CausalLMOutput:
+        """input_ids (B, T) -> logits (B, T, V). labels (B, T) are the inputs themselves (-100 to
+        ignore a position): they are shifted here, so position t is scored on token t + 1.
+        The other arguments are LlamaModel.forward's."""
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            # Shift left and pad the end with ignore: logits stay (B, T, V), no copy of a slice.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = causal_lm_loss(logits, targets)
+        return CausalLMOutput(logits, loss, out.past_key_values)
+
+
+class LlamaForSequenceClassification(LlamaPreTrainedModel):
+    """Backbone + score head (C -> num_labels) read at each row's last non-pad token: with
+    causal attention, only the last token has seen the whole sequence."""
+
+    def __init__(self, config: LlamaConfig, parts: ModelParts = ModelParts()) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, parts)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                past_key_values: Optional[KVCache] = None, use_cache: bool = False) -> SequenceClassifierOutput:
+        """input_ids (B, T) -> logits (B, num_labels). labels: (B,) class ids (single-label),
+        (B, num_labels) floats (multi-label, or regression), or (B,) floats (regression, 1 label)."""
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        bsz = input_ids.shape[0]
+        if self.config.pad_token_id is None:
+            if bsz != 1:
+                raise ValueError("sequence classification of a batch needs config.pad_token_id "
+                                 "to find each row's last token")
+            last = torch.full((1,), input_ids.shape[1] - 1, device=logits.device)
+        else:
+            # Rightmost non-pad index: works for left and right padding alike.
+            not_pad = (input_ids != self.config.pad_token_id).int()
+            last = (torch.arange(input_ids.shape[1], device=logits.device) * not_pad).argmax(-1)
+        pooled = logits[torch.arange(bsz, device=logits.device), last]  # (B, num_labels)
+        loss = None if labels is None else sequence_classification_loss(pooled, labels, self.config)
+        return SequenceClassifierOutput(pooled, loss, out.past_key_values)
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    """transformers' rule: problem_type, or inferred from num_labels and the labels' dtype:
+    1 label -> regression (MSE); integer labels -> single-label (CE); else multi-label (BCE)."""
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels)
