@@ -1,0 +1,155 @@
+"""Checkpoints: round trip, the one loader, atomicity under a killed save, keep-last-K + best,
+and clear errors for corrupt or incomplete folders."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from tinyllama import checkpoint as ckpt_mod
+from tinyllama.checkpoint import (Checkpointer, build_model, config_differences, load_checkpoint,
+                                  resolve_checkpoint, save_checkpoint)
+from tinyllama.config import CheckpointConfig, JobConfig
+from tinyllama.errors import CheckpointError
+from tinyllama.model import LlamaConfig, LlamaForCausalLM
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """(run_dir, model, save(step)) with a fake tokenizer file."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CFG)
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"sentencepiece-bytes")
+    job = JobConfig(model=CFG)
+    root = tmp_path / "run" / "checkpoints"
+
+    def save(step, val_loss=None, state=None):
+        return save_checkpoint(root, step, model, CFG, job, tok,
+                               {"tokens": step * 10, "val_loss": val_loss, "tokenizer_fingerprint": "fp"},
+                               state if state is not None else {"step": step, "x": torch.arange(3)})
+
+    return tmp_path / "run", model, save
+
+
+def test_round_trip_through_the_one_loader(run):
+    run_dir, model, save = run
+    save(5, val_loss=2.5)
+    ck = load_checkpoint(run_dir)  # a run folder resolves through checkpoints/latest
+    assert ck.path.name == "step_5" and ck.step == 5 and ck.tokens == 50 and ck.val_loss == 2.5
+    assert ck.model_config == CFG and ck.job.model == CFG
+    assert ck.tokenizer_path.read_bytes() == b"sentencepiece-bytes"
+    assert ck.tokenizer_fingerprint == "fp"
+    assert torch.equal(ck.train_state["x"], torch.arange(3))
+    assert set(ck.model_state) == set(model.state_dict())  # HF names, tied head filled back in
+    ids = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(build_model(ck)(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+    assert not build_model(ck).training
+
+
+def test_tied_head_is_stored_once_and_keys_have_no_wrapper_prefixes(run):
+    run_dir, _, save = run
+    from safetensors.torch import load_file
+
+    keys = set(load_file(save(1) / "model.safetensors"))
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+
+
+def test_weights_only_loading_skips_train_state(run):
+    run_dir, _, save = run
+    save(1)
+    (run_dir / "checkpoints" / "step_1" / "train_state.pt").unlink()
+    assert load_checkpoint(run_dir, train_state=False).train_state is None
+    with pytest.raises(CheckpointError, match="weights only.*init_from"):
+        load_checkpoint(run_dir)
+
+
+@pytest.mark.parametrize("victim, damage", [
+    ("model.safetensors", "truncate"), ("meta.json", "garbage"), ("train_state.pt", "truncate"),
+    ("config.yaml", "garbage"), ("model_config.json", "delete")])
+def test_corrupt_or_incomplete_checkpoints_raise_checkpoint_error(run, victim, damage):
+    run_dir, _, save = run
+    path = save(3) / victim
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_text("{not: [valid")
+    else:
+        path.unlink()
+    with pytest.raises(CheckpointError, match="step_3"):
+        load_checkpoint(run_dir)
+
+
+def test_missing_checkpoint_names_what_to_pass(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the save path may catch it and tidy up."""
+
+
+@pytest.mark.parametrize("target, call", [
+    ("torch.save", 1),     # halfway through writing the folder
+    ("os.replace", 1),     # before the folder is renamed into place
+    ("os.replace", 2),     # after the rename, before the latest pointer moves
+])
+def test_latest_names_a_loadable_checkpoint_when_a_save_is_killed(run, monkeypatch, target, call):
+    run_dir, _, save = run
+    save(1)
+    module, name = target.split(".")
+    real = getattr(getattr(ckpt_mod, module), name)
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(getattr(ckpt_mod, module), name, dying)
+    with pytest.raises(Killed):
+        save(2)
+    monkeypatch.undo()
+    ck = load_checkpoint(run_dir)
+    assert ck.step == 1 and ck.train_state is not None  # the pointer moves only at the very end
+    save(3)  # a later save cleans up after the killed one
+    assert load_checkpoint(run_dir).step == 3
+    assert not list((run_dir / "checkpoints").glob(".tmp_*"))
+
+
+def test_keep_last_k_and_the_best(run):
+    run_dir, _, save = run
+    losses = {10: 3.0, 20: 1.0, 30: 2.0, 40: None, 50: 2.5}
+    saver = Checkpointer(run_dir, CheckpointConfig(every=10, keep_last=2), True, 50,
+                         lambda root, step: save(step, val_loss=losses[step]))
+    for step in range(1, 51):
+        saver.maybe_save(step)
+    kept = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == [20, 40, 50]
+    assert resolve_checkpoint(run_dir / "checkpoints" / "best").name == "step_20"
+    assert resolve_checkpoint(run_dir).name == "step_50"
+    assert saver.maybe_save(50, force=True) is None  # never saved twice for one step
+
+
+def test_checkpointer_saves_at_the_end_and_when_forced(run):
+    run_dir, _, save = run
+    saved = []
+    saver = Checkpointer(run_dir, CheckpointConfig(every=4, keep_last=5), True, 10,
+                         lambda root, step: saved.append(step) or save(step))
+    for step in range(1, 11):
+        saver.maybe_save(step, force=step == 7)
+    assert saved == [4, 7, 8, 10]
+
+
+def test_config_differences_name_each_field():
+    other = LlamaConfig(**{**CFG.__dict__, "hidden_size": 64, "num_hidden_layers": 3})
+    assert config_differences(CFG, other) == ["model.hidden_size: checkpoint 32, config 64",
+                                              "model.num_hidden_layers: checkpoint 2, config 3"]

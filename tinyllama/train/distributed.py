@@ -1,0 +1,103 @@
+"""Distributed setup: the only module that reads the torchrun environment.
+
+`torchrun --nproc_per_node=N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them
+the run is a single process (rank 0 of 1) and no process group is created. NCCL joins GPUs,
+gloo joins CPU processes. Every other module asks a `DistEnv` instead of the environment.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tinyllama.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank among world_size processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files, prints progress and logs."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. per-rank RNG and loader states)."""
+        if not self.is_distributed:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+        if not self.is_distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"run.device={requested!r} but CUDA is not available: use run.device=cpu")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
+    return torch.device("cuda", local_rank)  # one GPU per process under torchrun
+
+
+def setup_distributed(requested_device: str = "auto") -> DistEnv:
+    """Read the torchrun environment, pick the device, and join the process group if launched
+    with more than one process. Call `teardown_distributed()` at the end."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+    """DistributedDataParallel around `model` when there are several processes, else `model`.
+
+    Gradients are averaged across ranks during backward; the loop skips that all-reduce on all
+    but the last micro-step of an accumulation with `model.no_sync()`.
+    """
+    if not env.is_distributed:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -1,0 +1,251 @@
+"""The training loop: one loop for every preset, from a laptop CPU to multi-node DDP.
+
+    run_training(job) -> final validation loss
+
+Components own their schedules: the loop calls `evaluator.maybe_eval(step)`,
+`checkpointer.maybe_save(step)` and `tracker.log_step(...)` after every optimizer step and
+never does cadence arithmetic itself. Resuming restores everything a step depends on (weights,
+optimizer, scaler, schedule, loader position, RNG states per rank), so losses after a resume
+equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from tinyllama.checkpoint import (Checkpointer, LoadedCheckpoint, config_differences,
+                                  load_checkpoint, save_checkpoint)
+from tinyllama.config import JobConfig
+from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.model import causal_lm_loss
+from tinyllama.train.build import build_training_model, prepare_data
+from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
+from tinyllama.train.evaluator import Evaluator
+from tinyllama.train.nan_guard import NanGuard, NonFiniteLossError
+from tinyllama.train.optim import build_optimizer, build_schedule
+from tinyllama.train.precision import resolve_precision
+from tinyllama.train.rng import rng_state, seed_everything, set_rng_state
+from tinyllama.train.samples import write_samples
+from tinyllama.train.signals import StopRequest
+from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
+from tinyllama.train.tracker import Tracker
+
+
+def run_dir_of(job: JobConfig) -> Path:
+    return Path(job.run.dir or Path("runs") / job.run.name)
+
+
+def run_training(job: JobConfig) -> float:
+    """Train, evaluate and sample as `job` says; returns the final validation loss."""
+    env = setup_distributed(job.run.device)
+    try:
+        return Trainer(job, env).fit()
+    finally:
+        teardown_distributed()
+
+
+class Trainer:
+    """Holds the state of one run. `model` is the plain LlamaForCausalLM (saved, evaluated and
+    sampled); `train_model` is what steps run through (compiled and/or DDP-wrapped)."""
+
+    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+        self.job, self.env, t = job, env, job.train
+        self.run_dir = run_dir_of(job)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+        seed_everything(job.run.seed)
+        self.tokenizer, self.packed_dir = prepare_data(job, env)
+        self.precision = resolve_precision(t.precision, env.device)
+        self.model = build_training_model(job, self.tokenizer, env.device)
+        self.optimizer = build_optimizer(self.model, job.optim, env.device)
+        self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
+        self.scaler = self.precision.grad_scaler()
+        self.guard = NanGuard(t.nan_policy)
+        from tinyllama.data import BatchLoader
+
+        self.loader = BatchLoader(self.packed_dir, "train", t.batch_size, t.seq_len,
+                                  seed=job.run.seed, rank=env.rank, world_size=env.world_size)
+        self.loader.check_compatible(self.tokenizer.fingerprint, self.tokenizer.vocab_size)
+        self.step, self.tokens = 0, 0
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
+        self.checkpointer = Checkpointer(self.run_dir, job.checkpoint, env.is_main, t.max_steps,
+                                         self.save)
+        resume = self._resume_source()
+        self.tracker = Tracker(self.run_dir, env.is_main, job.logger, t.log_every, t.max_steps,
+                               resume.step if resume else 0, OmegaConf.to_container(
+                                   OmegaConf.structured(job)))
+        self.evaluator = Evaluator(self.model, self.packed_dir, job.eval, t.batch_size, t.seq_len,
+                                   env, self.precision.autocast, t.max_steps, self.tracker.log_eval)
+        if resume:
+            self.load(resume)  # last: restores the RNG states everything above consumed
+        compiled = torch.compile(self.model) if t.compile else self.model
+        self.train_model = wrap_ddp(compiled, env)
+        self.throughput = Throughput(self.tokens_per_step, _flops_per_token(job), peak_flops(
+            env.device, self.precision.dtype), env.world_size)
+
+    # ---- resume ---------------------------------------------------------------------------
+    def _resume_source(self) -> Optional[LoadedCheckpoint]:
+        mode, latest = self.job.checkpoint.resume, self.checkpointer.latest()
+        if mode == "never":
+            if latest is not None:
+                raise ConfigError(f"{self.run_dir} already holds checkpoints ({latest.name}): "
+                                  "continue it with checkpoint.resume=auto, or pick another "
+                                  "run.name (nothing was overwritten)")
+            return None
+        if mode == "auto":
+            return load_checkpoint(latest) if latest is not None else None
+        return load_checkpoint(mode)
+
+    def load(self, ckpt: LoadedCheckpoint) -> None:
+        """Continue from `ckpt`: refused if the model, tokenizer or world size differ."""
+        diffs = config_differences(ckpt.model_config, self.job.model)
+        if ckpt.tokenizer_fingerprint != self.tokenizer.fingerprint:
+            diffs.append(f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, "
+                         f"config {self.tokenizer.fingerprint}")
+        state = ckpt.train_state
+        if state["world_size"] != self.env.world_size:
+            diffs.append(f"world size: checkpoint {state['world_size']}, now {self.env.world_size} "
+                         "(each rank resumes its own data stream)")
+        if diffs:
+            raise CheckpointError(f"cannot resume from {ckpt.path}:\n  " + "\n  ".join(diffs) +
+                                  "\nuse the run's original settings, or start a new run.name "
+                                  f"with init_from={ckpt.path} to reuse the weights only")
+        self.model.load_state_dict(ckpt.model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.evaluator.best_loss = state["best_val_loss"]
+        rank = state["ranks"][self.env.rank]
+        self.loader.load_state_dict(rank["loader"])
+        set_rng_state(rank["rng"])
+        self.tracker.print(f"resumed from {ckpt.path} at step {self.step}")
+
+    def save(self, root: Path, step: int) -> Path:
+        """Write a checkpoint of the current state (collective: every rank calls it)."""
+        ranks = self.env.all_gather_object({"loader": self.loader.state_dict(), "rng": rng_state()})
+        if self.env.is_main:
+            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                raise NonFiniteLossError(f"weights at step {step} are not finite: not saving them")
+            train_state = {
+                "step": step, "tokens": self.tokens, "world_size": self.env.world_size,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "best_val_loss": self.evaluator.best_loss,
+                "ranks": ranks,
+            }
+            meta = {"tokens": self.tokens, "val_loss": self.evaluator.loss_at(step),
+                    "tokenizer_fingerprint": self.tokenizer.fingerprint}
+            save_checkpoint(root, step, self.model, self.job.model, self.job,
+                            self.tokenizer.model_path, meta, train_state)
+        self.env.barrier()
+        return root / f"step_{step}"
+
+    # ---- one optimizer step ---------------------------------------------------------------
+    def forward_backward(self) -> Tuple[float, torch.Tensor]:
+        """grad_accum micro-steps; DDP all-reduces gradients only on the last one.
+        Returns (mean loss of the micro-batches on this rank, global gradient norm)."""
+        accum, device = self.job.train.grad_accum, self.env.device
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = self.loader.next_batch()  # (B, T) int64 each, y = x shifted by one
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            last = micro == accum - 1
+            no_sync = self.train_model.no_sync if self.env.is_distributed and not last \
+                else contextlib.nullcontext
+            with no_sync():
+                with self.precision.autocast():
+                    logits = self.train_model(x).logits  # (B, T, V)
+                loss = causal_lm_loss(logits, y) / accum  # so the summed grads are a mean
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
+        clip = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        return loss_sum.item(), grad_norm
+
+    def optimizer_step(self, loss: float, grad_norm: torch.Tensor) -> None:
+        """Apply the update unless the loss/gradients are not finite (see NanGuard). Under fp16 an
+        infinite gradient norm is the GradScaler's business (it skips and lowers the scale)."""
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        finite = not self.env.any(not finite)  # every rank takes the same decision
+        if not self.guard.should_skip(self.step + 1, finite, f"loss ({loss}) or gradient norm"):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> float:
+        """Train to train.max_steps (or a stop signal), then evaluate, sample and summarise."""
+        t0, start_step = time.perf_counter(), self.step
+        self._announce()
+        try:
+            with StopRequest(self.tracker.print) as stop:
+                if self.step == 0:
+                    self.evaluator.maybe_eval(0)  # the starting point, to see the run learn
+                while self.step < self.job.train.max_steps:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    loss, grad_norm = self.forward_backward()
+                    self.optimizer_step(loss, grad_norm)
+                    self.step += 1
+                    self.tokens += self.tokens_per_step
+                    self.throughput.step()
+                    if self.tracker.log_step(self.step, loss):
+                        perf = {**self.throughput.window(),
+                                "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
+                        self.tracker.write_step(self.step, lr, self.tokens, perf,
+                                                grad_norm=float(grad_norm))
+                    self.evaluator.maybe_eval(self.step)
+                    if self.env.any(stop.requested):
+                        self.checkpointer.maybe_save(self.step, force=True)
+                        self.tracker.print(f"stopped at step {self.step} by {stop.signal_name}; "
+                                           "run the same command again to resume")
+                        return self.evaluator.last_loss if self.evaluator.last_loss is not None \
+                            else float("nan")
+                    self.checkpointer.maybe_save(self.step)
+            final = self.evaluator.maybe_eval(self.step, force=True)
+            self.checkpointer.maybe_save(self.step, force=True)
+            if self.env.is_main:
+                write_samples(self.model, self.tokenizer, self.job.sample, self.job.run.seed,
+                              self.run_dir / "samples.txt", self.env.device, self.tracker.print)
+            self._summarise(final, time.perf_counter() - t0, self.step - start_step)
+            return final
+        finally:
+            self.tracker.close()
+
+    def _announce(self) -> None:
+        t, n = self.job.train, sum(p.numel() for p in self.model.parameters())
+        self.tracker.print(
+            f"model: {n / 1e6:.2f}M parameters | device {self.env.device} x {self.env.world_size} "
+            f"| precision {self.precision.name}\nglobal batch: {t.batch_size} sequences x "
+            f"{t.grad_accum} accumulation x {self.env.world_size} ranks = "
+            f"{t.batch_size * t.grad_accum * self.env.world_size} sequences of {t.seq_len} tokens "
+            f"({self.tokens_per_step} tokens per step) | run folder {self.run_dir}")
+
+    def _summarise(self, final: float, wall_s: float, steps: int) -> None:
+        summary = {
+            "final_val_loss": final, "best_val_loss": self.evaluator.best_loss,
+            "tokens_seen": self.tokens, "wall_time_s": wall_s,
+            "tok_per_s": steps * self.tokens_per_step / max(wall_s, 1e-9),
+            "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20,
+            "skipped_steps": self.guard.skipped,
+        }
+        self.tracker.print("summary:")
+        self.tracker.summary(summary)
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _flops_per_token(job: JobConfig) -> float:
+    """Training FLOPs per token from issue 2's counter (6N plus the attention term)."""
+    from tinyllama.inspect import flops_per_token
+
+    return flops_per_token(job.model, job.train.seq_len)["training"]
