@@ -1,0 +1,153 @@
+"""Batches (x, y) from packed token shards (memory-mapped, nothing is loaded whole).
+
+A split is one flat token stream (its shards end to end), cut into windows of seq_len + 1
+tokens; x is a window's first seq_len tokens and y the same window shifted by one.
+
+Training (`BatchLoader`) reads the windows of an epoch in a seeded random order; every epoch
+shifts the window grid by a random offset (< seq_len + 1), so the model sees new cuts of the
+text. The epoch's permutation is dealt to ranks round-robin, so ranks read disjoint windows,
+and the position (epoch, windows taken) is the same on every rank: `state_dict()` from rank 0
+resumes every rank exactly. Evaluation (`eval_batches`) reads non-overlapping windows in order.
+"""
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from tinyllama.data.pack import read_meta
+from tinyllama.errors import DataError
+
+
+class TokenStream:
+    """The shards of one split as a single read-only token sequence."""
+
+    def __init__(self, packed_dir: Path, meta: Dict, split: str):
+        if split not in meta["splits"]:
+            raise DataError(f"{packed_dir} has no split {split!r} (splits: {list(meta['splits'])})")
+        shards = meta["splits"][split]["shards"]
+        self.arrays = [np.memmap(Path(packed_dir) / s["file"], dtype=meta["dtype"], mode="r")
+                       for s in shards if s["tokens"]]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays]).tolist()  # offset of each shard
+        self.tokens = self.starts[-1]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length), joined across a shard boundary if needed."""
+        parts = []
+        i = bisect.bisect_right(self.starts, start) - 1
+        while length > 0:
+            local = start - self.starts[i]
+            piece = self.arrays[i][local:local + length]
+            parts.append(piece)
+            start, length, i = start + len(piece), length - len(piece), i + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _windows_per_rank(stream: TokenStream, packed_dir: Path, split: str, window: int, world_size: int) -> int:
+    per_rank = stream.tokens // window // world_size
+    if per_rank == 0:
+        raise DataError(
+            f"the {split} split of {packed_dir} has {stream.tokens} tokens, but one window of "
+            f"seq_len + 1 = {window} tokens" + (f" per rank ({world_size} ranks)" if world_size > 1 else "")
+            + f" needs at least {window * world_size}: give the source more text (data.num_docs, more "
+            f"files) or lower train.seq_len")
+    return per_rank
+
+
+def _to_xy(windows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, T + 1) token windows -> x (B, T), y (B, T) int64 tensors, y[:, t] = x[:, t + 1]."""
+    buf = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+class BatchLoader:
+    """Seeded random training batches from a packed split; see the module docstring."""
+
+    def __init__(self, packed_dir, split: str, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.packed_dir = Path(packed_dir)
+        self.meta = read_meta(self.packed_dir)
+        self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.stream = TokenStream(self.packed_dir, self.meta, split)
+        self.window = seq_len + 1
+        self.windows_per_rank = _windows_per_rank(self.stream, self.packed_dir, split, self.window, world_size)
+        self.epoch = 0
+        self.taken = 0  # windows of this epoch already returned (same count on every rank)
+        self._order: Optional[Tuple[int, np.ndarray]] = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["tokenizer"]["fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["tokenizer"]["vocab_size"]
+
+    def check_compatible(self, fingerprint: str, vocab_size: int) -> None:
+        """Refuse data made by another tokenizer, or with ids the model's embedding cannot hold."""
+        if fingerprint != self.fingerprint:
+            raise DataError(f"{self.packed_dir} was packed with tokenizer {self.fingerprint}, but the model "
+                            f"uses tokenizer {fingerprint}: repack the data with the model's tokenizer "
+                            f"(tokenizer.model_file) or train with the data's tokenizer")
+        if self.vocab_size > vocab_size:
+            raise DataError(f"{self.packed_dir} has vocab size {self.vocab_size}, larger than the model's "
+                            f"vocab_size={vocab_size}: raise model.vocab_size to at least {self.vocab_size}")
+
+    def _epoch_order(self) -> Tuple[int, np.ndarray]:
+        """(grid offset, this rank's window indices) for the current epoch, from (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n_windows = self.stream.tokens // self.window
+        offset = int(rng.integers(0, self.stream.tokens - n_windows * self.window + 1))
+        order = rng.permutation(n_windows)[: self.windows_per_rank * self.world_size]
+        return offset, order[self.rank::self.world_size]
+
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Next (x, y), both (B, T) int64 on the CPU; epochs roll over without a gap."""
+        windows = []
+        for _ in range(self.batch_size):
+            if self._order is None:
+                self._order = self._epoch_order()
+            offset, order = self._order
+            windows.append(self.stream.read(offset + int(order[self.taken]) * self.window, self.window))
+            self.taken += 1
+            if self.taken == len(order):
+                self.epoch, self.taken, self._order = self.epoch + 1, 0, None
+        return _to_xy(windows)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> Dict:
+        return {"epoch": self.epoch, "taken": self.taken, "seed": self.seed, "seq_len": self.seq_len,
+                "world_size": self.world_size, "split": self.split, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue where `state` left off; refuse a state that would not replay the same batches."""
+        for key in ("seed", "seq_len", "world_size", "split", "fingerprint"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "
+                                f"this run has {getattr(self, key)!r}; use the same {key} to resume")
+        self.epoch, self.taken, self._order = int(state["epoch"]), int(state["taken"]), None
+
+
+def eval_batches(packed_dir, split: str, batch_size: int, seq_len: int, max_batches: Optional[int] = None,
+                 rank: int = 0, world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential non-overlapping (x, y) batches, (B, T) each (the last may have fewer rows).
+    Each rank reads its own contiguous block of windows; all ranks yield the same batch count."""
+    packed_dir = Path(packed_dir)
+    stream = TokenStream(packed_dir, read_meta(packed_dir), split)
+    window = seq_len + 1
+    per_rank = _windows_per_rank(stream, packed_dir, split, window, world_size)
+    first = rank * per_rank
+    for b, i in enumerate(range(first, first + per_rank, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        stop = min(i + batch_size, first + per_rank)
+        yield _to_xy([stream.read(j * window, window) for j in range(i, stop)])
