@@ -1,0 +1,280 @@
+"""Hugging Face export and import: our checkpoints <-> `transformers` folders.
+
+Our state_dict keys are already Hugging Face's, so weights convert by copying tensors; the work
+is in the configs and the tokenizer. An exported folder holds:
+
+    config.json              LlamaForCausalLM (or Qwen2ForCausalLM for model_type=qwen2), RoPE included
+    model.safetensors        the weights (a tied lm_head stored once, as transformers does)
+    generation_config.json   bos/eos ids and the run's sampling settings
+    tokenizer.json           the SentencePiece model rebuilt for the `tokenizers` library
+    tokenizer_config.json    so `AutoTokenizer.from_pretrained(folder)` loads it offline
+    tokenizer.model          the original SentencePiece model
+
+`import_hf(folder)` reads a local Llama or Qwen2 safetensors folder (transformers 4.x or 5.x
+config.json) into our LlamaConfig and a float32 state_dict; `init_from=hf:<folder>` uses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.model.config import LlamaConfig
+
+TIED_HEAD = "lm_head.weight"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# RoPE types both sides implement; transformers' yarn/longrope/... have no counterpart here.
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> Dict[str, Any]:
+    """config.json contents for `cfg`. RoPE is written as rope_theta + rope_scaling, which
+    transformers 4.x reads as is and 5.x converts into its rope_parameters."""
+    out: Dict[str, Any] = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.resolved_num_key_value_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": cfg.hidden_act,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "attention_dropout": cfg.attention_dropout,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+    if cfg.model_type == "qwen2":  # q/k/v bias is implied by the architecture
+        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                   max_window_layers=cfg.max_window_layers)
+    else:
+        out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    return out
+
+
+def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
+    """LlamaConfig from a transformers config.json dict (Llama or Qwen2; 4.x or 5.x keys)."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
+        raise CheckpointError(f"model_type={model_type!r} ({arch}) is not supported: only Llama "
+                              f"(model_type=llama) and Qwen2 (model_type=qwen2) checkpoints import")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"RoPE type {rope_type!r} is not supported (choose among {', '.join(ROPE_TYPES)})")
+    rope.pop("type", None)
+    rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    bos = hf.get("bos_token_id")
+    sliding = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=hf.get("hidden_act", "silu"),
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+        attention_bias=hf.get("attention_bias", False) if model_type == "llama" else False,
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        mlp_bias=hf.get("mlp_bias", False), model_type=model_type,
+        sliding_window=sliding, max_window_layers=hf.get("max_window_layers", 0) if sliding else 0,
+        # transformers' default is untied: a config.json without the key means separate weights.
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        initializer_range=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=bos if bos is not None else (eos if eos is not None else 1),
+        eos_token_id=eos if eos is not None else 2,
+    )
+
+
+def export_hf(model: Union[nn.Module, "LoadedCheckpoint"], out_dir: Union[str, Path],
+              tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "float32",
+              generation: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
+    """Write a Hugging Face folder for `model` (a LlamaForCausalLM or a LoadedCheckpoint).
+
+    tokenizer_path: the SentencePiece .model (default: the checkpoint's copy); None with a bare
+    model writes no tokenizer. generation: sampling defaults for generation_config.json
+    (do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens).
+    The folder is built beside `out_dir` and renamed into place; an existing non-empty `out_dir`
+    is refused unless overwrite=True (then replaced only once the new folder is complete).
+    """
+    if hasattr(model, "model_state"):  # a LoadedCheckpoint
+        cfg, state = model.model_config, model.model_state
+        tokenizer_path = tokenizer_path or model.tokenizer_path
+    else:
+        cfg, state = model.config, model.state_dict()
+    if dtype not in DTYPES:
+        raise ConfigError(f"export dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{out_dir} already exists and is not empty; it is kept. Choose another "
+                          f"export.out_dir, or set export.overwrite=true to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()
+                   if not (cfg.tie_word_embeddings and k == TIED_HEAD)}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config(cfg, dtype))
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation or {})}
+        if cfg.pad_token_id is not None:
+            gen["pad_token_id"] = cfg.pad_token_id
+        _write_json(tmp / "generation_config.json", gen)
+        if tokenizer_path is not None:
+            write_hf_tokenizer(Path(tokenizer_path), tmp, cfg.max_position_embeddings)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Tensor]]:
+    """Read a local Hugging Face Llama/Qwen2 folder: (LlamaConfig, float32 state_dict with our keys).
+
+    Weights must be safetensors (model.safetensors, or shards listed in model.safetensors.index.json).
+    Raises CheckpointError naming the problem (missing files, another architecture, missing tensors).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = config_from_hf(hf)
+    except (ValueError, KeyError) as e:  # ConfigError is a ValueError: a config we cannot build
+        raise CheckpointError(f"{folder / 'config.json'} cannot be imported: {e}") from e
+    state = _read_safetensors(folder)
+    if cfg.tie_word_embeddings:
+        state[TIED_HEAD] = state["model.embed_tokens.weight"]
+    from tinyllama.model import LlamaForCausalLM
+
+    with torch.device("meta"):  # only the key names are needed, not the memory
+        expected = set(LlamaForCausalLM(cfg).state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: the weights do not match a {cfg.model_type} model of this "
+                              f"config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    return cfg, {k: v.float() for k, v in state.items()}
+
+
+def _read_safetensors(folder: Path) -> Dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder} holds no model.safetensors: only safetensors weights import "
+                              "(load the model in transformers and save_pretrained it to convert)")
+    state: Dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state.update(load_file(str(folder / name)))
+        except Exception as e:  # truncated or corrupt file
+            raise CheckpointError(f"{folder / name} is corrupt: {type(e).__name__}: {e}") from e
+    return state
+
+
+def _write_json(path: Path, obj: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+# SentencePiece piece types (sentencepiece_model.proto).
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+
+def write_hf_tokenizer(sp_model: Path, out_dir: Path, model_max_length: int, add_bos: bool = True) -> None:
+    """Write tokenizer.json, tokenizer_config.json and tokenizer.model for a SentencePiece model.
+
+    tokenizer.json rebuilds the SentencePiece pipeline in the `tokenizers` library: the same
+    vocabulary and ids, BPE merges ordered by piece score (SentencePiece merges the best-scoring
+    pair first) or the Unigram scores, byte fallback, and the normalizer spec (charsmap, extra
+    whitespace removal, the dummy "▁" prefix, spaces as "▁"). Loading it needs no conversion
+    (transformers 5 would otherwise rebuild a Llama tokenizer with its own normalization).
+    Known difference: a user-defined symbol at the very start of a text gets no lone "▁" before it.
+    add_bos: prepend <s> when encoding with special tokens, as the Llama tokenizer does.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
+        from tokenizers.models import BPE, Unigram
+    except ImportError as e:
+        raise ConfigError(f"exporting the tokenizer needs the `tokenizers` and `protobuf` packages ({e}): "
+                          "pip install transformers") from e
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    if spec.model_type == spec.BPE:
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        model = BPE(vocab, _bpe_merges(proto, vocab), unk_token=spec.unk_piece, fuse_unk=True,
+                    byte_fallback=spec.byte_fallback)
+    elif spec.model_type == spec.UNIGRAM:
+        model = Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
+    else:
+        raise ConfigError(f"{sp_model}: only BPE and unigram SentencePiece models export")
+    tok = Tokenizer(model)
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    strip = [decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []  # drop the dummy prefix
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()] + strip)
+    # Control pieces (<s>, </s>, <pad>) are special; user-defined symbols are never split.
+    tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
+                    for p in proto.pieces if p.type in (_CONTROL, _USER_DEFINED)])
+    bos, eos, unk = spec.bos_piece, spec.eos_piece, spec.unk_piece
+    if add_bos and spec.bos_id >= 0:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "unk_token": unk, "add_bos_token": add_bos, "add_eos_token": False,
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "padding_side": "left"}
+    if spec.pad_id >= 0:
+        config["pad_token"] = spec.pad_piece
+    _write_json(out_dir / "tokenizer_config.json", config)
+    shutil.copyfile(sp_model, out_dir / "tokenizer.model")
+
+
+def _bpe_merges(proto: Any, vocab: Dict[str, int]) -> list:
+    """Every split of a normal piece into two vocabulary pieces, best piece score first."""
+    merges = []
+    for i, p in enumerate(proto.pieces):
+        if p.type != _NORMAL:
+            continue
+        for k in range(1, len(p.piece)):
+            left, right = p.piece[:k], p.piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((-p.score, i, vocab[left], vocab[right], left, right))
+    return [(m[4], m[5]) for m in sorted(merges)]
