@@ -37,3 +37,27 @@ def tiny_data(tmp_path_factory):
     tok = TokenizerConfig(name="bpe_512", vocab_size=512, num_threads=1)
     ensure_packed(data, ensure_tokenizer(tok, data))
     return data, tok
+
+
+@pytest.fixture
+def tiny_job(tiny_data, tmp_path):
+    """JobConfig for a seconds-long CPU run: a ~0.1M-parameter model on tiny_data's tokenizer and
+    packed shards, 20 steps of 8 x 32 tokens, evaluation and checkpoints every 10 steps, a log line
+    every step, run.dir = tmp_path/run. Tests change fields in place (it is a fresh object)."""
+    from tinyllama.config import (CheckpointConfig, EvalConfig, JobConfig, OptimConfig, RunConfig,
+                                  SampleConfig, TrainConfig)
+    from tinyllama.model import LlamaConfig
+
+    data, tok = tiny_data
+    return JobConfig(
+        model=LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64),
+        tokenizer=tok, data=data,
+        train=TrainConfig(max_steps=20, batch_size=8, seq_len=32, precision="fp32", log_every=1),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5),
+        checkpoint=CheckpointConfig(every=10, keep_last=2),
+        eval=EvalConfig(every=10, batches=4),
+        run=RunConfig(name="tiny", dir=str(tmp_path / "run"), seed=1, device="cpu"),
+        sample=SampleConfig(num_samples=1, max_new_tokens=16),
+    )

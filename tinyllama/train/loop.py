@@ -213,6 +213,7 @@ class Trainer:
                     self.checkpointer.maybe_save(self.step)
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
+            self.tracker.end_progress()
             if self.env.is_main:
                 write_samples(self.model, self.tokenizer, self.job.sample, self.job.run.seed,
                               self.run_dir / "samples.txt", self.env.device, self.tracker.print)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -88,13 +89,17 @@ class Tracker:
         self._write({"step": step, "val_loss": val_loss, "val_ppl": ppl})
         self.print(f"step {step}: val_loss {val_loss:.4f} (ppl {ppl:.2f})")
 
+    def end_progress(self) -> None:
+        """Close the progress bar (training is over; what follows prints plain lines)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def summary(self, values: Dict[str, Any]) -> None:
         """Final figures: printed, and set as the wandb run summary."""
         if not self.is_main:
             return
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.end_progress()
         for key, value in values.items():
             self.print(f"  {key:<16} {value:.4g}" if isinstance(value, float) else f"  {key:<16} {value}")
         if self._wandb is not None:
@@ -103,8 +108,7 @@ class Tracker:
     def close(self) -> None:
         if not self.is_main:
             return
-        if self._bar is not None:
-            self._bar.close()
+        self.end_progress()
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
@@ -116,7 +120,7 @@ def _start_wandb(run_dir: Path, logger: LoggerConfig, config: Dict[str, Any]):
     import wandb
 
     id_file = run_dir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(
         project=logger.project, group=logger.group, tags=list(logger.tags) or None,
