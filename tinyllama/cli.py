@@ -83,3 +83,12 @@ def prepare_main(job: JobConfig) -> None:
 
     tok = ensure_tokenizer(job.tokenizer, job.data)
     print(f"packed data: {ensure_packed(job.data, tok)}")
+
+
+@_stage("inspect")
+def inspect_main(job: JobConfig) -> None:
+    """Course tooling for `model`: module tree, parameter/FLOP counts, memory, shape trace.
+    Builds the model on the meta device, so any preset (7B included) prints in seconds."""
+    from tinyllama.inspect import inspect_report
+
+    print(inspect_report(job.model, job.inspect, job.run.seed))

@@ -195,6 +195,24 @@ class SampleConfig:
 
 
 @dataclass
+class InspectConfig:
+    """Options of the course tooling (scripts/inspect_model.py)."""
+
+    seq_len: Optional[int] = None
+    """Sequence length T of the attention term in FLOPs per token; None: model.max_position_embeddings."""
+    tree: bool = True
+    """Print the module tree as PyTorch prints it."""
+    trace: bool = False
+    """Run one forward pass on random input_ids and print the tensor shape at each step."""
+    trace_seq_len: Optional[int] = None
+    """Length of the traced input; None: drawn in [4, 30] from run.seed."""
+    trace_batch_size: int = 1
+    """Batch size B of the traced input."""
+    trace_device: str = "auto"
+    """"auto" (cpu up to 200M parameters, else meta), "cpu", or "meta" (shapes only, no weights)."""
+
+
+@dataclass
 class JobConfig:
     """The root config of every stage (configs/train.yaml is its primary YAML)."""
 
@@ -208,6 +226,7 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     init_from: Optional[str] = None
     """Start from these weights only (a checkpoint folder, a run folder, or hf:<local HF folder>)."""
 
@@ -252,5 +271,10 @@ def validate(job: JobConfig) -> None:
     need(job.checkpoint.every > 0, f"checkpoint.every={job.checkpoint.every}: must be > 0")
     need(job.checkpoint.keep_last > 0, f"checkpoint.keep_last={job.checkpoint.keep_last}: must be > 0")
     need(job.eval.every > 0, f"eval.every={job.eval.every}: must be > 0")
+    ins = job.inspect
+    need(ins.trace_device in ("auto", "cpu", "meta"),
+         f"inspect.trace_device={ins.trace_device!r}: choose auto, cpu or meta")
+    need(all(v is None or v > 0 for v in (ins.seq_len, ins.trace_seq_len, ins.trace_batch_size)),
+         "inspect.seq_len, inspect.trace_seq_len and inspect.trace_batch_size must be > 0")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

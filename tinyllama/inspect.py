@@ -1,0 +1,332 @@
+"""Course tooling: look inside a model without training it.
+
+    python scripts/inspect_model.py model=llama2_7b                  # tree, counts, FLOPs, memory
+    python scripts/inspect_model.py model=tiny inspect.trace=true    # + tensor shapes of one forward
+
+Big presets are built on PyTorch's ``meta`` device: every parameter has a shape and a dtype but
+no storage, so a 7B model "exists" in a second and a few megabytes.
+
+FLOPs (a multiply-add counts as 2 FLOPs), per token, for a causal LM at sequence length T:
+
+    N        = non-embedding parameters, with the LM head counted even when it is tied to the
+               embedding (the lookup is free, the (C -> V) head matmul is not; nanoGPT does the same)
+    forward  = 2 N + 4 L H D T'      2 N: every weight multiplies every token once;
+                                     4 L H D T': Q K^T and softmax(.) V, each 2 H D T' per layer
+    training = 6 N + 12 L H D T'     backward costs twice the forward (grads of inputs and weights)
+
+L layers, H query heads of width D, T' = T (or the sliding window, where smaller). Like PaLM's
+appendix B and nanoGPT's MFU, the attention term counts the full T x T score matrix although the
+causal mask makes half of it useless work; norms, softmax and SiLU are ignored (a few % at most).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from tinyllama.config import InspectConfig
+from tinyllama.errors import ConfigError
+from tinyllama.model import LlamaConfig, LlamaForCausalLM, apply_rotary_pos_emb, repeat_kv
+from tinyllama.model.attention import eager_attention
+
+COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
+# Above this many parameters (0.8 GB in fp32) a shape trace runs on the meta device instead.
+TRACE_CPU_MAX_PARAMS = 200_000_000
+
+
+def build_meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+    """The model with shapes but no storage: seconds and no memory even for 7B parameters."""
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def _component(name: str) -> str:
+    """Which part of the architecture a parameter name (Hugging Face naming) belongs to."""
+    if "embed_tokens" in name:
+        return "embeddings"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if "norm" in name:  # input_layernorm, post_attention_layernorm, model.norm
+        return "norms"
+    if name.startswith(("lm_head.", "score.")):
+        return "head"
+    raise ValueError(f"parameter {name!r} belongs to no known component {COMPONENTS}")
+
+
+def count_parameters(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str, int]:
+    """Exact parameter counts: total, non_embedding, and one entry per component.
+
+    A tied LM head shares the embedding's tensor, so it is counted once, under embeddings
+    (``head`` is then 0), as ``sum(p.numel() for p in model.parameters())`` does.
+    """
+    model = config_or_model
+    if isinstance(config_or_model, LlamaConfig):
+        model = build_meta_model(config_or_model)
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, p in model.named_parameters():  # yields a shared (tied) tensor once
+        counts[_component(name)] += p.numel()
+    counts["total"] = sum(counts[c] for c in COMPONENTS)
+    counts["non_embedding"] = counts["total"] - counts["embeddings"]
+    return counts
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> Dict[str, float]:
+    """FLOPs per token of a causal LM at ``seq_len`` (formula in the module docstring).
+
+    Returns forward, training (forward + backward), n (the N of 6N) and attention_forward
+    (the 4 L H D T' part of forward). The train loop divides training x tokens/s by the
+    hardware peak to report MFU.
+    """
+    counts = count_parameters(config)
+    head_matmul = config.vocab_size * config.hidden_size
+    n = counts["non_embedding"] - counts["head"] + head_matmul
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    attention = 0
+    for layer in range(config.num_hidden_layers):
+        windowed = config.sliding_window is not None and layer >= config.max_window_layers
+        context = min(seq_len, config.sliding_window) if windowed else seq_len
+        attention += 4 * config.num_attention_heads * head_dim * context
+    return {
+        "forward": 2 * n + attention,
+        "training": 6 * n + 3 * attention,
+        "n": n,
+        "attention_forward": attention,
+        "seq_len": seq_len,
+    }
+
+
+def memory_estimate(config: LlamaConfig) -> Dict[str, object]:
+    """Bytes for weights, gradients and AdamW state (two moments per parameter), per dtype.
+
+    "bf16" stores all three in bf16 (pure bf16 training). Mixed precision (``train.precision=bf16``
+    autocast) keeps fp32 weights, gradients and moments: read the fp32 row. Activations are not
+    included: they grow with batch x seq_len (gradient checkpointing trades them for compute).
+    """
+    total = count_parameters(config)["total"]
+    estimate: Dict[str, object] = {"parameters": total}
+    for dtype, nbytes in BYTES_PER_VALUE.items():
+        row = {"weights": total * nbytes, "gradients": total * nbytes, "adamw": 2 * total * nbytes}
+        row["total"] = sum(row.values())
+        estimate[dtype] = row
+    return estimate
+
+
+def attention_steps(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """Replay, step by step, what ``attn`` does between its projections and ``o_proj``.
+
+    q (B, T, H*D), k and v (B, T, KV*D) are the projection outputs; cos, sin (B, T, D) the
+    rotary tables of the positions. Plain causal attention (no padding, no window, no cache)
+    in the eager formulas, whichever implementation the model itself runs.
+    """
+    B, T, _ = q.shape
+    heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+    q = q.view(B, T, heads, head_dim).transpose(1, 2)     # (B, H, T, D)
+    k = k.view(B, T, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+    v = v.view(B, T, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
+    steps = [("q_heads", q), ("k_heads", k), ("v_heads", v)]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    steps += [("q_rope", q), ("k_rope", k)]
+    k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)  # (B, H, T, D)
+    steps += [("k_repeat_kv", k), ("v_repeat_kv", v)]
+    output, weights = eager_attention(q, k, v, None, attn.scaling)  # (B, H, T, D), (B, H, T, T)
+    return steps + [("attn_weights", weights), ("attn_output_heads", output)]
+
+
+def trace_tensors(model: LlamaForCausalLM, input_ids: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """Run one forward pass of ``model`` on ``input_ids`` (B, T) and return (name, tensor) in
+    execution order: forward hooks on the named submodules, plus the inner attention steps
+    replayed by :func:`attention_steps` just before each ``o_proj`` runs."""
+    steps: List[Tuple[str, torch.Tensor]] = [("input_ids", input_ids)]
+    rope: Dict[str, torch.Tensor] = {}
+    proj: Dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module, args, output):
+            steps.append((name, output[0] if isinstance(output, tuple) else output))
+        return hook
+
+    def record_input(name: str):
+        def hook(module, args):
+            steps.append((name, args[0]))
+        return hook
+
+    def keep_rope(module, args, output):
+        rope["cos"], rope["sin"] = output
+
+    def keep_proj(key: str):
+        def hook(module, args, output):
+            proj[key] = output
+        return hook
+
+    def replay(prefix: str, attn: nn.Module):
+        def hook(module, args):
+            for name, tensor in attention_steps(attn, proj["q"], proj["k"], proj["v"],
+                                                rope["cos"], rope["sin"]):
+                steps.append((f"{prefix}.{name}", tensor))
+            steps.append((f"{prefix}.attn_output", args[0]))  # heads merged: (B, T, H*D)
+        return hook
+
+    backbone = model.model
+    hooks = [backbone.embed_tokens.register_forward_hook(record("model.embed_tokens")),
+             backbone.rotary_emb.register_forward_hook(keep_rope)]
+    for i, layer in enumerate(backbone.layers):
+        p, attn, mlp = f"model.layers.{i}", layer.self_attn, layer.mlp
+        hooks.append(layer.input_layernorm.register_forward_hook(record(f"{p}.input_layernorm")))
+        for key in "qkv":
+            module = getattr(attn, f"{key}_proj")
+            hooks.append(module.register_forward_hook(keep_proj(key)))
+            hooks.append(module.register_forward_hook(record(f"{p}.self_attn.{key}_proj")))
+        hooks.append(attn.o_proj.register_forward_pre_hook(replay(f"{p}.self_attn", attn)))
+        hooks.append(attn.o_proj.register_forward_hook(record(f"{p}.self_attn.o_proj")))
+        # The input of the second norm is the residual stream after attention: x + attn(x).
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(record_input(f"{p}.residual_attn")))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(record(f"{p}.post_attention_layernorm")))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            hooks.append(getattr(mlp, name).register_forward_hook(record(f"{p}.mlp.{name}")))
+        hooks.append(layer.register_forward_hook(record(f"{p}.residual_mlp")))
+    hooks.append(backbone.norm.register_forward_hook(record("model.norm")))
+    hooks.append(model.lm_head.register_forward_hook(record("lm_head")))
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return steps
+
+
+def trace_shapes(config: LlamaConfig, seq_len: Optional[int] = None, seed: int = 0,
+                 batch_size: int = 1, device: str = "cpu") -> List[Tuple[str, Tuple[int, ...]]]:
+    """Shapes at each step of one forward pass on random input_ids (the course's exercise).
+
+    seq_len None draws a length in [4, 30] from ``seed``; ids are uniform below vocab_size.
+    ``device="meta"`` propagates shapes without allocating any weight (any model size).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if seq_len is None:
+        seq_len = int(torch.randint(4, 31, (1,), generator=gen))
+    input_ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    return [(name, tuple(t.shape)) for name, t in trace_tensors(model, input_ids.to(device))]
+
+
+# ---- the printed report (scripts/inspect_model.py) ----------------------------------------------
+
+# Each traced step's shape in the course notes' letters (suffix of the step name -> shape).
+SYMBOLIC = {
+    "input_ids": "(B, T)", "embed_tokens": "(B, T, C)", "input_layernorm": "(B, T, C)",
+    "q_proj": "(B, T, H*D)", "k_proj": "(B, T, KV*D)", "v_proj": "(B, T, KV*D)",
+    "q_heads": "(B, H, T, D)", "k_heads": "(B, KV, T, D)", "v_heads": "(B, KV, T, D)",
+    "q_rope": "(B, H, T, D)", "k_rope": "(B, KV, T, D)",
+    "k_repeat_kv": "(B, H, T, D)", "v_repeat_kv": "(B, H, T, D)",
+    "attn_weights": "(B, H, T, T)", "attn_output_heads": "(B, H, T, D)", "attn_output": "(B, T, H*D)",
+    "o_proj": "(B, T, C)", "residual_attn": "(B, T, C)", "post_attention_layernorm": "(B, T, C)",
+    "gate_proj": "(B, T, I)", "up_proj": "(B, T, I)", "down_proj": "(B, T, C)",
+    "residual_mlp": "(B, T, C)", "norm": "(B, T, C)", "lm_head": "(B, T, V)",
+}
+
+
+def format_parameters(config: LlamaConfig) -> str:
+    counts = count_parameters(config)
+    total = counts["total"]
+    lines = [f"parameters: {total:,} ({total / 1e9:.3f} B)"]
+    for name in COMPONENTS + ("non_embedding",):
+        note = "  (tied to embeddings)" if name == "head" and config.tie_word_embeddings else ""
+        lines.append(f"  {name:<14}{counts[name]:>16,}  {100 * counts[name] / total:5.1f}%{note}")
+    return "\n".join(lines)
+
+
+def format_flops(config: LlamaConfig, seq_len: int) -> str:
+    f = flops_per_token(config, seq_len)
+    return "\n".join([
+        f"FLOPs per token at T={seq_len} (multiply-add = 2 FLOPs; see tinyllama/inspect.py):",
+        f"  N (non-embedding, LM head included) = {f['n']:,}",
+        f"  forward  = 2N + 4LHDT   = {f['forward'] / 1e9:10.3f} GFLOP"
+        f"  (attention {100 * f['attention_forward'] / f['forward']:.1f}%)",
+        f"  training = 6N + 12LHDT  = {f['training'] / 1e9:10.3f} GFLOP",
+    ])
+
+
+def format_memory(config: LlamaConfig) -> str:
+    est = memory_estimate(config)
+    gib = 2 ** 30
+    lines = ["memory for training state in GiB (activations not included; mixed-precision "
+             "autocast keeps fp32 state: read fp32):",
+             f"  {'dtype':<6}{'weights':>10}{'gradients':>11}{'AdamW (m, v)':>14}{'total':>10}"]
+    for dtype in BYTES_PER_VALUE:
+        row = est[dtype]
+        lines.append(f"  {dtype:<6}{row['weights'] / gib:>10.2f}{row['gradients'] / gib:>11.2f}"
+                     f"{row['adamw'] / gib:>14.2f}{row['total'] / gib:>10.2f}")
+    return "\n".join(lines)
+
+
+def format_trace(config: LlamaConfig, trace: List[Tuple[str, Tuple[int, ...]]], device: str) -> str:
+    B, T = trace[0][1]
+    heads = config.num_attention_heads
+    kv = config.num_key_value_heads or heads
+    head_dim = config.head_dim or config.hidden_size // heads
+    lines = [f"shape trace of one forward pass on random input_ids (device {device}):",
+             f"  B={B} T={T} C={config.hidden_size} H={heads} KV={kv} D={head_dim} "
+             f"I={config.intermediate_size} V={config.vocab_size} L={config.num_hidden_layers}"]
+    width = max(len(name) for name, _ in trace) + 2
+    for name, shape in _collapse_repeated_layers(trace):
+        symbolic = SYMBOLIC.get(name.rsplit(".", 1)[-1], "")
+        lines.append(f"  {name:<{width}}{str(shape):<22}{symbolic}".rstrip())
+    return "\n".join(lines)
+
+
+def _collapse_repeated_layers(trace: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[str, object]]:
+    """Layers 1..L-1 whose shapes equal layer 0's become one line, as PyTorch's module tree
+    prints "(0-31): 32 x DecoderLayer"."""
+    def layer_of(name: str) -> Optional[int]:
+        return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+    per_layer: Dict[int, List[Tuple[str, Tuple[int, ...]]]] = {}
+    for name, shape in trace:
+        if layer_of(name) is not None:
+            per_layer.setdefault(layer_of(name), []).append((name.split(".", 3)[3], shape))
+    same = [i for i in sorted(per_layer) if i > 0 and per_layer[i] == per_layer[0]]
+    if not same:
+        return list(trace)
+    out: List[Tuple[str, object]] = [(n, s) for n, s in trace if layer_of(n) not in same]
+    last0 = max(i for i, (n, _) in enumerate(out) if layer_of(n) == 0)
+    note = f"model.layers.{same[0]}-{same[-1]}" if len(same) > 1 else f"model.layers.{same[0]}"
+    out.insert(last0 + 1, (note, "same shapes as model.layers.0"))
+    return out
+
+
+def choose_trace_device(config: LlamaConfig, requested: str) -> str:
+    """"auto" traces real tensors on the CPU for small models and shapes on meta for big ones."""
+    total = count_parameters(config)["total"]
+    if requested == "auto":
+        return "cpu" if total <= TRACE_CPU_MAX_PARAMS else "meta"
+    if requested == "cpu" and total > TRACE_CPU_MAX_PARAMS:
+        raise ConfigError(
+            f"inspect.trace_device=cpu would allocate {4 * total / 1e9:.1f} GB of fp32 weights for "
+            f"{total:,} parameters (limit {TRACE_CPU_MAX_PARAMS:,}): use inspect.trace_device=meta "
+            f"(shapes only, no memory) or a small preset such as model=tiny")
+    return requested
+
+
+def inspect_report(config: LlamaConfig, options: InspectConfig, seed: int) -> str:
+    """Everything scripts/inspect_model.py prints, as one string."""
+    sections = [str(build_meta_model(config))] if options.tree else []
+    sections += [format_parameters(config),
+                 format_flops(config, options.seq_len or config.max_position_embeddings),
+                 format_memory(config)]
+    if options.trace:
+        device = choose_trace_device(config, options.trace_device)
+        trace = trace_shapes(config, options.trace_seq_len, seed, options.trace_batch_size, device)
+        text = format_trace(config, trace, device)
+        if device == "meta":
+            text += ("\n  (meta device: the model is too big to allocate here, so only shapes were "
+                     "propagated; no weights or values exist)")
+        sections.append(text)
+    return "\n\n".join(sections)
