@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     add_workspace(sp)
     sp.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    sp.add_argument("--data-root", default="data",
-                    help="folder for the tokenizer and packed data (default ./data)")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="config overrides as for train.py, e.g. train.batch_size=8 "
+                         "model.num_hidden_layers=2 (default preset: model=tiny, data=synthetic)")
     return p
 
 
@@ -90,10 +91,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from tinyllama.course.final import train_with_learner_pieces
 
-        result = train_with_learner_pieces(workspace, seconds=args.seconds,
-                                           max_steps=args.max_steps, data_root=args.data_root)
+        print("final exercise: the tiny model built from your pieces")
+        result = train_with_learner_pieces(_compose_job(args.overrides), workspace,
+                                           seconds=args.seconds, max_steps=args.max_steps)
         return 0 if result.loss_fell else 1
     raise AssertionError(args.command)  # argparse only lets the commands above through
+
+
+def _compose_job(overrides: List[str]):
+    """The JobConfig that `python train.py <overrides>` would run (same YAML tree and checks)."""
+    from hydra import compose, initialize_config_dir
+
+    from tinyllama.cli import CONFIG_DIR, to_job
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return to_job(compose(config_name="train", overrides=list(overrides)))
 
 
 if __name__ == "__main__":

@@ -144,8 +144,9 @@ def compare(got: object, expected: torch.Tensor, *, what: str, dims: Sequence[st
         raise Mismatch(f"{what} has shape {_shape(got.shape, ())}, expected "
                        f"{_shape(expected.shape, dims)}{extra}")
     if got.dtype != expected.dtype:
-        raise Mismatch(f"{what} has dtype {got.dtype}, expected {expected.dtype}: return the "
-                       f"input's dtype (compute in float32 if needed, then cast back with .to(dtype))")
+        fix = ("compute it in float32 (.float()) and return that" if expected.dtype == torch.float32
+               else f"compute in float32 if needed, then cast back with .to({expected.dtype})")
+        raise Mismatch(f"{what} has dtype {got.dtype}, expected {expected.dtype}: {fix}")
     bad_got = ~torch.isfinite(got) & torch.isfinite(expected)
     if bad_got.any():
         where = _position(bad_got, dims)
