@@ -44,9 +44,10 @@ def test_llama_attention_and_mlp_bias_explicit_head_dim(impl, tiny_config, check
     LLAMA3,
 ], ids=["default", "linear", "dynamic", "llama3"])
 def test_rope_scaling_beyond_max_position_embeddings(scaling, tiny_config, check_causal_lm):
-    # theta 100 with head_dim 16 puts llama3's wavelengths in all three bands (kept, smoothed, scaled).
-    cfg = tiny_config(hidden_size=64, rope_theta=100.0, rope_scaling=scaling, max_position_embeddings=16)
-    check_causal_lm(cfg, seq_len=40)  # 40 > 16: the cos/sin cache grows, dynamic NTK kicks in
+    # theta 10 with head_dim 16 gives wavelengths of 6.3 to 47 tokens, so llama3 (original
+    # context 32) keeps one band, smooths the middle ones and divides the longest by its factor.
+    cfg = tiny_config(hidden_size=64, rope_theta=10.0, rope_scaling=scaling, max_position_embeddings=48)
+    check_causal_lm(cfg, seq_len=64)  # 64 > 48: the cos/sin cache grows, dynamic NTK kicks in
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
