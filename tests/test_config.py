@@ -1,0 +1,96 @@
+"""Every shipped config composes with Hydra's compose API and validates; typos and wrong types are
+reported by name before anything runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from tinyllama.cli import CONFIG_DIR, to_job
+from tinyllama.config import JobConfig
+from tinyllama.errors import ConfigError
+
+CONFIGS = Path(CONFIG_DIR)
+PRIMARY = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+# Every option of every group (model, data, tokenizer, logger, experiment, hparams_search, ...).
+OPTIONS = sorted((g.name, p.stem) for g in CONFIGS.iterdir() if g.is_dir() for p in g.glob("*.yaml"))
+
+
+def _compose(config_name: str = "train", overrides=(), config_dir: str = CONFIG_DIR):
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def test_the_shipped_tree_is_found():
+    assert "train" in PRIMARY
+    groups = {g for g, _ in OPTIONS}
+    assert {"model", "data", "tokenizer", "logger"} <= groups
+    assert ("model", "tiny") in OPTIONS and ("logger", "wandb") in OPTIONS
+
+
+@pytest.mark.parametrize("config_name", PRIMARY)
+def test_every_primary_config_composes_and_validates(config_name):
+    job = to_job(_compose(config_name))
+    assert isinstance(job, JobConfig)
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "tokenizer":  # a bigger vocabulary needs a model embedding that covers it
+        overrides.append(f"model.vocab_size={_compose('train', overrides).tokenizer.vocab_size}")
+    job = to_job(_compose("train", overrides))
+    if group == "logger":
+        assert job.logger.name == option
+
+
+def test_the_default_is_the_cpu_demo():
+    job = to_job(_compose())
+    assert job.model.hidden_size == 128 and job.data.source == "synthetic"
+    assert job.train.precision == "auto" and job.logger.name == "none"
+    assert job.run.dir == "runs/demo"  # one folder for every rank, no timestamp
+
+
+@pytest.mark.parametrize("override, name", [
+    ("train.max_step=5", "max_step"),         # misspelt existing group key
+    ("optim.learning_rate=1", "learning_rate"),
+    ("model.hiden_size=64", "hiden_size"),
+])
+def test_misspelt_keys_are_reported_by_name(override, name):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
+        to_job(_compose("train", [override]))
+    assert name in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("override, name", [
+    ("train.max_steps=ten", "max_steps"),
+    ("optim.lr=fast", "lr"),
+    ("train.compile=maybe", "compile"),
+])
+def test_wrong_types_are_reported_by_name(override, name):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        to_job(_compose("train", [override]))
+    assert name in str(e.value) + str(e.value.__cause__)
+
+
+def test_a_typo_inside_a_yaml_file_is_reported_by_name(tmp_path):
+    (tmp_path / "mine.yaml").write_text(
+        "defaults:\n  - train\n  - _self_\ntrain:\n  max_stepz: 3\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        with pytest.raises(Exception) as e:
+            compose(config_name="mine", overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]"])
+    assert "max_stepz" in str(e.value) + str(e.value.__cause__)
+
+
+def test_bad_values_are_all_reported_at_once():
+    cfg = _compose("train", ["train.seq_len=100000", "optim.schedule=linear", "train.precision=fp8",
+                             "checkpoint.keep_last=0"])
+    with pytest.raises(ConfigError) as e:
+        to_job(cfg)
+    msg = str(e.value)
+    for key in ("train.seq_len=100000", "optim.schedule='linear'", "train.precision='fp8'",
+                "checkpoint.keep_last=0"):
+        assert key in msg
