@@ -13,11 +13,11 @@ with U+FFFD and counted).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import socket
 import warnings
-import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List
 from urllib.parse import urlparse
@@ -107,9 +107,10 @@ def _hold_out(docs: Iterator[str], cfg: DataConfig, split: str) -> Iterator[str]
         if split == "train":
             yield from docs
         return
-    cut = int(cfg.val_fraction * 2**32)
+    cut = int(cfg.val_fraction * 2**64)
     for i, doc in enumerate(docs):
-        in_val = zlib.crc32(f"{cfg.seed}:{i}".encode()) < cut
+        key = hashlib.blake2b(f"{cfg.seed}:{i}".encode(), digest_size=8).digest()
+        in_val = int.from_bytes(key, "little") < cut
         if in_val == (split == "val"):
             yield doc
 
