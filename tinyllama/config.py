@@ -156,6 +156,9 @@ class LoggerConfig:
     """wandb project."""
     group: Optional[str] = None
     """wandb group (sweeps set one per sweep)."""
+    run_name: Optional[str] = None
+    """wandb run name; None: the run folder's name. train.yaml sets run.name plus the job's
+    command-line overrides, so the jobs of a sweep are told apart."""
     tags: List[str] = field(default_factory=list)
     """wandb tags."""
 
