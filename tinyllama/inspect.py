@@ -246,7 +246,8 @@ def format_parameters(config: LlamaConfig) -> str:
 def format_flops(config: LlamaConfig, seq_len: int) -> str:
     f = flops_per_token(config, seq_len)
     return "\n".join([
-        f"FLOPs per token at T={seq_len} (multiply-add = 2 FLOPs; see tinyllama/inspect.py):",
+        f"FLOPs per token at T={seq_len} (inspect.seq_len; multiply-add = 2 FLOPs; formula in "
+        "tinyllama/inspect.py):",
         f"  N (non-embedding, LM head included) = {f['n']:,}",
         f"  forward  = 2N + 4LHDT   = {f['forward'] / 1e9:10.3f} GFLOP"
         f"  (attention {100 * f['attention_forward'] / f['forward']:.1f}%)",
@@ -256,14 +257,14 @@ def format_flops(config: LlamaConfig, seq_len: int) -> str:
 
 def format_memory(config: LlamaConfig) -> str:
     est = memory_estimate(config)
-    gib = 2 ** 30
-    lines = ["memory for training state in GiB (activations not included; mixed-precision "
+    unit, size = ("GiB", 2 ** 30) if est["fp32"]["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
+    lines = [f"memory for training state in {unit} (activations not included; mixed-precision "
              "autocast keeps fp32 state: read fp32):",
              f"  {'dtype':<6}{'weights':>10}{'gradients':>11}{'AdamW (m, v)':>14}{'total':>10}"]
     for dtype in BYTES_PER_VALUE:
         row = est[dtype]
-        lines.append(f"  {dtype:<6}{row['weights'] / gib:>10.2f}{row['gradients'] / gib:>11.2f}"
-                     f"{row['adamw'] / gib:>14.2f}{row['total'] / gib:>10.2f}")
+        lines.append(f"  {dtype:<6}{row['weights'] / size:>10.2f}{row['gradients'] / size:>11.2f}"
+                     f"{row['adamw'] / size:>14.2f}{row['total'] / size:>10.2f}")
     return "\n".join(lines)
 
 
@@ -275,6 +276,9 @@ def format_trace(config: LlamaConfig, trace: List[Tuple[str, Tuple[int, ...]]], 
     lines = [f"shape trace of one forward pass on random input_ids (device {device}):",
              f"  B={B} T={T} C={config.hidden_size} H={heads} KV={kv} D={head_dim} "
              f"I={config.intermediate_size} V={config.vocab_size} L={config.num_hidden_layers}"]
+    if device == "meta":
+        lines.insert(1, "  meta device: shapes only, no weights or values exist (big models would not "
+                        "fit in memory; inspect.trace_device=cpu forces real tensors)")
     width = max(len(name) for name, _ in trace) + 2
     for name, shape in _collapse_repeated_layers(trace):
         symbolic = SYMBOLIC.get(name.rsplit(".", 1)[-1], "")
@@ -324,9 +328,5 @@ def inspect_report(config: LlamaConfig, options: InspectConfig, seed: int) -> st
     if options.trace:
         device = choose_trace_device(config, options.trace_device)
         trace = trace_shapes(config, options.trace_seq_len, seed, options.trace_batch_size, device)
-        text = format_trace(config, trace, device)
-        if device == "meta":
-            text += ("\n  (meta device: the model is too big to allocate here, so only shapes were "
-                     "propagated; no weights or values exist)")
-        sections.append(text)
+        sections.append(format_trace(config, trace, device))
     return "\n\n".join(sections)
