@@ -93,14 +93,15 @@ def _count_hint(key: str, c: LlamaConfig) -> str:
 
 
 def _case_meta(learner: ModuleType) -> None:
-    config = LlamaConfig(**LLAMA2_7B)
-    model = learner_attr(learner, "meta_model")(config)
-    if not isinstance(model, LlamaForCausalLM):
-        raise Mismatch(f"meta_model returned {type(model).__name__}, expected a LlamaForCausalLM")
-    devices = {p.device.type for p in model.parameters()}
-    if devices != {"meta"}:
-        raise Mismatch(f"parameters live on {sorted(devices)}: build the model inside "
-                       "`with torch.device('meta'):` so 7B parameters take no memory")
+    # A small config first: a meta_model that allocates real memory must not get 27 GB of 7B.
+    for config in (LlamaConfig(**CONFIGS["tiny GQA, tied head"]), LlamaConfig(**LLAMA2_7B)):
+        model = learner_attr(learner, "meta_model")(config)
+        if not isinstance(model, LlamaForCausalLM):
+            raise Mismatch(f"meta_model returned {type(model).__name__}, expected a LlamaForCausalLM")
+        devices = {p.device.type for p in model.parameters()}
+        if devices != {"meta"}:
+            raise Mismatch(f"parameters live on {sorted(devices)}: build the model inside "
+                           "`with torch.device('meta'):` so 7B parameters take no memory")
     total = sum(p.numel() for p in model.parameters())
     if total != 6_738_415_616:
         raise Mismatch(f"your Llama-2-7B has {total:,} parameters, expected 6,738,415,616")

@@ -38,7 +38,7 @@ def _case_pieces(learner: ModuleType, tokenizer) -> None:
 
 
 def _case_bytes(learner: ModuleType, tokenizer) -> None:
-    texts = list(iter_stories(5, seed=7))
+    texts = list(iter_stories(5, seed=7)) + TEXTS  # with non-ASCII text: bytes are not characters
     got = learner_attr(learner, "bytes_per_token")(tokenizer, texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
