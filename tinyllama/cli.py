@@ -92,3 +92,28 @@ def inspect_main(job: JobConfig) -> None:
     from tinyllama.inspect import inspect_report
 
     print(inspect_report(job.model, job.inspect, job.run.seed))
+
+
+@_stage("evaluate")
+def evaluate_main(job: JobConfig) -> dict:
+    """Loss, perplexity, bits per byte and loss by position of a checkpoint (checkpoint_path or
+    run.dir) on its validation split or any text (evaluate.source=data); JSON into <run>/eval/."""
+    from tinyllama.evaluate import run_evaluation
+
+    return run_evaluation(job)
+
+
+@_stage("sample")
+def sample_main(job: JobConfig) -> None:
+    """Stream continuations of `prompt` (or sample.prompt_file, or stdin with sample.interactive)."""
+    from tinyllama.generate import run_sampling
+
+    run_sampling(job)
+
+
+@_stage("export")
+def export_main(job: JobConfig) -> None:
+    """Write a checkpoint as a Hugging Face folder (export.out_dir, default <run>/hf) and verify it."""
+    from tinyllama.export import run_export
+
+    run_export(job)

@@ -195,6 +195,52 @@ class SampleConfig:
     """>1 discourages repeating tokens already present."""
     seed: Optional[int] = None
     """Sampling seed (None: run.seed)."""
+    interactive: bool = False
+    """scripts/sample.py: read prompts from standard input, one per line, until end of input."""
+    stream: bool = True
+    """scripts/sample.py: print tokens as they are generated."""
+    trim_prompt: bool = False
+    """Cut a prompt that leaves no room for max_new_tokens in the context from the left
+    (keeping its end) instead of refusing it."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of scripts/evaluate.py (results go to <run>/eval/)."""
+
+    source: str = "run"
+    """"run": the packed split of the data the checkpoint was trained on; "data": the `data`
+    group of this command line read as text (e.g. data=text_files data.val_files=[notes.txt])."""
+    split: str = "val"
+    """Split to evaluate: "val" or "train"."""
+    seq_len: Optional[int] = None
+    """Tokens per window; None: the run's train.seq_len. May exceed the training length."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    max_batches: Optional[int] = None
+    """Cap on the batches evaluated; None: the whole split."""
+    rope_type: Optional[str] = None
+    """Evaluate with this RoPE scaling instead of the trained one (long-context checks):
+    "linear", "dynamic" or "llama3" (low/high frequency factors 1 and 4 as in Llama 3.1, the
+    trained max_position_embeddings as the original context); None: as trained."""
+    rope_factor: float = 4.0
+    """Context stretch of rope_type, e.g. 4 to read 1024 tokens with a model trained on 256."""
+    plot: bool = True
+    """Write the loss-by-position plot (PNG) next to the JSON."""
+
+
+@dataclass
+class ExportConfig:
+    """Options of scripts/export_hf.py."""
+
+    out_dir: Optional[str] = None
+    """Folder to write; None: <run>/hf. An existing non-empty folder is refused unless overwrite."""
+    dtype: str = "float32"
+    """Weight dtype in model.safetensors: float32, bfloat16 or float16."""
+    overwrite: bool = False
+    """Replace an existing out_dir (only once the new folder is complete)."""
+    verify: bool = True
+    """Reload the folder with transformers (when installed) and compare logits and greedy text."""
 
 
 @dataclass
@@ -230,8 +276,15 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     init_from: Optional[str] = None
     """Start from these weights only (a checkpoint folder, a run folder, or hf:<local HF folder>)."""
+    checkpoint_path: Optional[str] = None
+    """evaluate/sample/export: the checkpoint to load (a run folder, checkpoints/latest or best, or a
+    checkpoints/step_<N> folder); None: run.dir."""
+    prompt: Optional[str] = None
+    """scripts/sample.py shorthand for sample.prompt (python scripts/sample.py prompt="Once")."""
 
 
 def validate(job: JobConfig) -> None:
@@ -279,5 +332,15 @@ def validate(job: JobConfig) -> None:
          f"inspect.trace_device={ins.trace_device!r}: choose auto, cpu or meta")
     need(all(v is None or v > 0 for v in (ins.seq_len, ins.trace_seq_len, ins.trace_batch_size)),
          "inspect.seq_len, inspect.trace_seq_len and inspect.trace_batch_size must be > 0")
+    ev, ex = job.evaluate, job.export
+    need(ev.source in ("run", "data"), f"evaluate.source={ev.source!r}: choose run or data")
+    need(ev.split in ("train", "val"), f"evaluate.split={ev.split!r}: choose val or train")
+    need(ev.rope_type in (None, "linear", "dynamic", "llama3"),
+         f"evaluate.rope_type={ev.rope_type!r}: choose linear, dynamic or llama3 (or null)")
+    need(ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
+         "evaluate.batch_size and evaluate.seq_len must be > 0")
+    need(ex.dtype in ("float32", "bfloat16", "float16"),
+         f"export.dtype={ex.dtype!r}: choose float32, bfloat16 or float16")
+    need(job.sample.max_new_tokens >= 0, f"sample.max_new_tokens={job.sample.max_new_tokens}: must be >= 0")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -278,3 +278,58 @@ def _bpe_merges(proto: Any, vocab: Dict[str, int]) -> list:
             if left in vocab and right in vocab:
                 merges.append((-p.score, i, vocab[left], vocab[right], left, right))
     return [(m[4], m[5]) for m in sorted(merges)]
+
+
+def run_export(job) -> Path:
+    """The export stage: the checkpoint (job.checkpoint_path or run.dir) -> export.out_dir
+    (default <run>/hf), with the run's sampling settings as generation defaults; then, with
+    export.verify and transformers installed, reload the folder and compare. Returns the folder."""
+    from tinyllama.evaluate import load_for_inference
+
+    ckpt, model, tokenizer, _ = load_for_inference(job)
+    ex, s = job.export, job.sample
+    out = Path(ex.out_dir or ckpt.path.parent.parent / "hf")
+    generation: Dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens}
+    if s.temperature > 0:
+        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                    "repetition_penalty": s.repetition_penalty}
+        generation.update({k: v for k, v in sampling.items() if v is not None})
+    export_hf(ckpt, out, dtype=ex.dtype, generation=generation, overwrite=ex.overwrite)
+    print(f"exported {ckpt.path} -> {out}")
+    if ex.verify:
+        try:
+            import transformers  # noqa: F401  (a dev dependency)
+        except ImportError:
+            print("verify skipped: transformers is not installed (pip install transformers)")
+            return out
+        report = verify_with_transformers(out, model.cpu(), tokenizer)
+        print("verified with transformers: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+        if ex.dtype == "float32" and not (report["max_rel_logit_error"] < 1e-5 and report["same_greedy_text"]
+                                          and report["same_token_ids"]):
+            raise CheckpointError(f"{out} does not reproduce the model in transformers ({report})")
+    return out
+
+
+def verify_with_transformers(folder: Path, model: nn.Module, tokenizer,
+                             text: str = "Once upon a time, there was a little robot.") -> Dict[str, Any]:
+    """Load `folder` with transformers (float32) and compare it with our model on `text`: the
+    largest logit difference relative to the largest logit, the greedy continuation (20 tokens)
+    and the tokenizer's ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tinyllama.generate import generate
+
+    hf_logging.disable_progress_bar()
+
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf_ids = AutoTokenizer.from_pretrained(folder)(text).input_ids
+    ids = torch.tensor([tokenizer.encode(text, bos=True)])
+    with torch.no_grad():
+        ours_logits, their_logits = model(ids).logits, theirs(ids).logits
+    greedy = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                             eos_token_id=None, pad_token_id=tokenizer.eos_id)
+    rel = ((ours_logits - their_logits).abs().max() / their_logits.abs().max()).item()
+    return {"max_rel_logit_error": float(f"{rel:.2e}"),
+            "same_greedy_text": torch.equal(generate(model, ids, 20, temperature=0.0), greedy),
+            "same_token_ids": hf_ids == ids[0].tolist()}

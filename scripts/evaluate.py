@@ -1,0 +1,14 @@
+"""Evaluate a checkpoint: loss, perplexity, bits per byte, loss by position (table and plot).
+
+    python scripts/evaluate.py run.dir=runs/demo
+    python scripts/evaluate.py checkpoint_path=runs/demo/checkpoints/step_300
+    python scripts/evaluate.py run.dir=runs/demo evaluate.source=data data=text_files data.val_files=[notes.txt]
+    python scripts/evaluate.py run.dir=runs/demo evaluate.seq_len=1024 evaluate.rope_type=linear evaluate.rope_factor=4
+
+Results are printed and written to <run>/eval/. Options: `evaluate.*` in tinyllama/config.py
+(EvaluateConfig). Same as `tinyllama-evaluate`.
+"""
+from tinyllama.cli import evaluate_main
+
+if __name__ == "__main__":
+    evaluate_main()
