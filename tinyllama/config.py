@@ -75,7 +75,7 @@ class DataConfig:
     seed: int = 1234
     """Seed for the synthetic corpus and the held-out split."""
     num_workers: int = 2
-    """Worker processes that encode documents while packing."""
+    """Worker processes that encode documents while packing; 0 encodes in the main process."""
     shard_tokens: int = 50_000_000
     """Tokens per shard file."""
     root: str = "data"
@@ -319,6 +319,13 @@ def validate(job: JobConfig) -> None:
          f"tokenizer.model_type={job.tokenizer.model_type!r}: choose bpe or unigram")
     need(job.data.source in ("synthetic", "tinystories", "text_files", "hf"),
          f"data.source={job.data.source!r}: choose synthetic, tinystories, text_files or hf")
+    d, tk = job.data, job.tokenizer
+    need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    need(d.num_docs > 0, f"data.num_docs={d.num_docs}: must be > 0")
+    need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0 (0: encode in-process)")
+    need(d.shard_tokens > 0, f"data.shard_tokens={d.shard_tokens}: must be > 0")
+    need(0.0 < tk.character_coverage <= 1.0,
+         f"tokenizer.character_coverage={tk.character_coverage}: must be in (0, 1]")
     need(job.logger.name in ("none", "wandb"), f"logger.name={job.logger.name!r}: choose none or wandb")
     need(job.logger.mode in ("online", "offline", "disabled"),
          f"logger.mode={job.logger.mode!r}: choose online, offline or disabled")

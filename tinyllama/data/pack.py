@@ -8,7 +8,7 @@ Layout of data/packed/<data.name>/<tokenizer fingerprint>/ (the loader reads onl
     val/00000.bin ...
 
 Each document is written as BOS + tokens + EOS, so a model learns where a story starts and
-ends. Worker processes encode ~1 MB chunks of documents (Pool.imap keeps them in order, so the
+ends. Worker processes encode ~256 KB chunks of documents (Pool.imap keeps them in order, so the
 output does not depend on the number of workers) while this process writes shards as results
 arrive: memory stays flat however large the corpus. The folder is built under a temporary
 name and renamed into place, so an interrupted run never leaves a complete-looking output.
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # keep worker processes free of torch: they import only this 
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
-CHUNK_BYTES = 1 << 20  # text per worker task: large enough to amortise pickling, small for memory
+CHUNK_BYTES = 1 << 18  # text per worker task: amortises pickling, keeps workers evenly loaded
 
 
 def packed_dir(data_cfg: "DataConfig", tokenizer: "Tokenizer") -> Path:
