@@ -17,6 +17,12 @@ from typing import List, Optional
 from tinyllama.errors import TinyLlamaError
 from tinyllama.course.lessons import LESSONS, get_lesson, learner_file, start_lesson, workspace_dir
 
+# The demo's tiny model and synthetic stories, with smaller batches and a shorter warmup than
+# `python train.py`, so that a one-minute run on a laptop CPU takes enough steps to show the
+# loss falling. The learner's own overrides come after these, so they win.
+FINAL_OVERRIDES = ["model=tiny", "data=synthetic", "train.batch_size=8", "train.seq_len=64",
+                   "optim.lr=3e-3", "optim.warmup_steps=10", "train.log_every=10"]
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tinyllama.course",
@@ -49,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                    help="config overrides as for train.py, e.g. train.batch_size=8 "
-                         "model.num_hidden_layers=2 (default preset: model=tiny, data=synthetic)")
+                    help="config overrides as for train.py, e.g. train.batch_size=16 "
+                         "model.num_hidden_layers=2 (applied after: " + " ".join(FINAL_OVERRIDES) + ")")
     return p
 
 
@@ -99,13 +105,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compose_job(overrides: List[str]):
-    """The JobConfig that `python train.py <overrides>` would run (same YAML tree and checks)."""
+    """The JobConfig that `python train.py <FINAL_OVERRIDES> <overrides>` would run (same YAML
+    tree, same validation)."""
     from hydra import compose, initialize_config_dir
 
     from tinyllama.cli import CONFIG_DIR, to_job
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_job(compose(config_name="train", overrides=list(overrides)))
+        return to_job(compose(config_name="train", overrides=FINAL_OVERRIDES + list(overrides)))
 
 
 if __name__ == "__main__":
