@@ -2,7 +2,8 @@
 
     python scripts/evaluate.py run.dir=runs/demo
     python scripts/evaluate.py checkpoint_path=runs/demo/checkpoints/step_300
-    python scripts/evaluate.py run.dir=runs/demo evaluate.source=data data=text_files data.val_files=[notes.txt]
+    python scripts/evaluate.py run.dir=runs/demo evaluate.files=[notes.txt]          # your own text
+    python scripts/evaluate.py run.dir=runs/demo evaluate.source=data data=tinystories  # another source
     python scripts/evaluate.py run.dir=runs/demo evaluate.seq_len=1024 evaluate.rope_type=linear evaluate.rope_factor=4
 
 Results are printed and written to <run>/eval/. Options: `evaluate.*` in tinyllama/config.py

@@ -210,7 +210,10 @@ class EvaluateConfig:
 
     source: str = "run"
     """"run": the packed split of the data the checkpoint was trained on; "data": the `data`
-    group of this command line read as text (e.g. data=text_files data.val_files=[notes.txt])."""
+    group of this command line, read as text (e.g. data=tinystories)."""
+    files: List[str] = field(default_factory=list)
+    """Evaluate on these local text files (globs; read as data=text_files reads them, documents
+    split by data.doc_separator) instead of `source`."""
     split: str = "val"
     """Split to evaluate: "val" or "train"."""
     seq_len: Optional[int] = None

@@ -160,14 +160,15 @@ def run_evaluation(job) -> Dict[str, object]:
               "rope_scaling": dict(rope) if rope else None, **result, "loss_by_position": by_position}
     name = f"step_{ckpt.step}-{source.replace('/', '_')}-T{seq_len}"
     if rope:
-        name += f"-{rope['rope_type']}{rope.get('factor', '')}"
+        name += f"-{rope['rope_type']}{rope.get('factor', 1):g}"
     out = ckpt.path.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     table = loss_by_position_table(by_position)
     (out / f"{name}.tsv").write_text(table, encoding="utf-8")
     if ev.plot:
-        plot_loss_by_position(by_position, out / f"{name}.png", title=f"{ckpt.path.parent.parent.name} {name}")
+        plot_loss_by_position(by_position, out / f"{name}.png", f"{ckpt.path.parent.parent.name} {name}",
+                              trained_len=ckpt.job.train.seq_len)
     print(f"{source} ({result['tokens']} tokens, {result['bytes']} bytes, seq_len {seq_len}): "
           f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"bits/byte {result['bits_per_byte']:.4f}\nloss by position:\n{table}written {out / name}.json")
@@ -176,14 +177,17 @@ def run_evaluation(job) -> Dict[str, object]:
 
 def _batches(job, ckpt, tokenizer, seq_len: int) -> Tuple[Iterator[Batch], str]:
     """The evaluated windows and a name for their source."""
-    ev = job.evaluate
-    if ev.source == "data":
-        from tinyllama.data import iter_documents
+    from tinyllama.data import ensure_packed, eval_batches, iter_documents
 
+    ev = job.evaluate
+    if ev.files:  # the user's own files, whole (no held-out fraction)
+        data = dataclasses.replace(job.data, source="text_files", train_files=list(ev.files),
+                                   val_files=list(ev.files))
+        docs = iter_documents(data, "val")
+        return text_batches(tokenizer, docs, ev.batch_size, seq_len, ev.max_batches), Path(ev.files[0]).stem
+    if ev.source == "data":
         docs = iter_documents(job.data, ev.split)
         return text_batches(tokenizer, docs, ev.batch_size, seq_len, ev.max_batches), f"{job.data.name}/{ev.split}"
-    from tinyllama.data import ensure_packed, eval_batches
-
     packed = ensure_packed(ckpt.job.data, tokenizer)  # the run's data: reused, or packed again if gone
     return eval_batches(packed, ev.split, ev.batch_size, seq_len, ev.max_batches), ev.split
 
@@ -200,8 +204,10 @@ def loss_by_position_table(losses: List[float], rows: int = 16) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_loss_by_position(losses: List[float], path: Path, title: str = "") -> None:
-    """Line plot of the mean loss at each position of the window (PNG, headless)."""
+def plot_loss_by_position(losses: List[float], path: Path, title: str = "",
+                          trained_len: Optional[int] = None) -> None:
+    """Line plot of the mean loss at each position of the window (PNG, headless), with a marker
+    at the training length when the window is longer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,6 +215,9 @@ def plot_loss_by_position(losses: List[float], path: Path, title: str = "") -> N
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(len(losses)), losses, linewidth=1)
+    if trained_len is not None and trained_len < len(losses):
+        ax.axvline(trained_len, color="gray", linestyle="--", linewidth=1, label="training length")
+        ax.legend()
     ax.set_xlabel("position in window (tokens)")
     ax.set_ylabel("mean loss (nats)")
     ax.set_title(title, fontsize=9)

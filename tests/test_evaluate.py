@@ -1,0 +1,124 @@
+"""Evaluation: figures equal a direct computation, bits per byte by hand, the stage writes its
+results into the run folder and refuses missing or corrupt checkpoints without writing."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyllama.checkpoint import save_checkpoint
+from tinyllama.errors import CheckpointError
+from tinyllama.evaluate import TokenBytes, evaluate_loss, run_evaluation, text_batches
+from tinyllama.model import LlamaForCausalLM
+from tinyllama.tokenizer import ensure_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = "Once upon a time, a café served naïve robots 3 crêpes — and one 🤖 smiled.\n  The end. "
+
+
+@pytest.fixture
+def saved_run(tiny_job):
+    """tiny_job with a checkpoint at step 20 in its run folder (random weights, no training).
+    job.data is the session's tiny_data config: tests replace it, never change it in place."""
+    tiny_job.data = dataclasses.replace(tiny_job.data)
+    tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_job.model)
+    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, model, tiny_job.model, tiny_job,
+                    tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
+    return tiny_job, model.eval(), tok
+
+
+def test_loss_and_loss_by_position_equal_a_direct_computation(saved_run):
+    job, model, tok = saved_run
+    docs = [TEXT, "Tom had a red ball. He liked it.", "The sun was hot and the sea was blue."] * 3
+    windows = torch.cat([x for x, _ in text_batches(tok, docs, batch_size=2, seq_len=16)])  # (N, 16)
+    result = evaluate_loss(model, text_batches(tok, docs, 2, 16), "cpu", token_bytes=TokenBytes(tok),
+                           by_position=True)
+    ids = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
+    full = torch.tensor(ids[: windows.shape[0] * 17]).view(-1, 17)  # x and its next tokens
+    with torch.no_grad():  # the model's own shifted-label loss, one window at a time
+        per_window = [model(w[None], labels=w[None]).loss for w in full]
+        logp = model(full[:, :-1]).logits.log_softmax(-1)  # (N, 16, V)
+    nll = -logp.gather(-1, full[:, 1:, None])[..., 0]  # (N, 16)
+    assert result["tokens"] == full.shape[0] * 16
+    assert result["loss"] == pytest.approx(torch.stack(per_window).mean().item(), rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+    assert result["loss_by_position"] == pytest.approx(nll.mean(0).tolist(), rel=1e-5)
+
+
+def test_bits_per_byte_by_hand_on_a_small_text(saved_run):
+    _, model, tok = saved_run
+    ids = torch.tensor([tok.encode(TEXT, bos=True, eos=True)])  # one window: <s> text </s>
+    with torch.no_grad():
+        nats = model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+    expected = nats / (math.log(2) * len(TEXT.encode("utf-8")))
+    result = evaluate_loss(model, text_batches(tok, [TEXT], 1, ids.shape[1] - 1), "cpu",
+                           token_bytes=TokenBytes(tok))
+    assert result["bytes"] == len(TEXT.encode("utf-8"))
+    assert result["bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_token_bytes_of_a_packed_stream_sum_to_the_text_bytes(tiny_data):
+    from tinyllama.data import iter_documents
+
+    data, tok_cfg = tiny_data
+    tok = ensure_tokenizer(tok_cfg, data)
+    docs = list(iter_documents(data, "val"))[:30] + [TEXT, " leading space", "", "digits 2024"]
+    stream = torch.tensor([i for d in docs for i in tok.encode(d, bos=True, eos=True)])
+    counted = TokenBytes(tok).count(stream[None, :-1], stream[None, 1:])
+    assert counted.item() == sum(len(d.encode("utf-8")) for d in docs)
+
+
+def test_stage_writes_results_into_the_run_folder(saved_run):
+    job, model, tok = saved_run
+    job.evaluate.max_batches, job.evaluate.seq_len = 2, 48  # longer than the trained 32
+    job.evaluate.rope_type, job.evaluate.rope_factor = "linear", 2.0
+    result = run_evaluation(job)
+    out = Path(job.run.dir) / "eval" / "step_20-val-T48-linear2"
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["loss"] == result["loss"] and saved["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert len(saved["loss_by_position"]) == 48 and saved["tokens"] == 2 * 8 * 48
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert out.with_suffix(".tsv").read_text().startswith("position\tloss\n0-2\t")
+
+
+def test_stage_evaluates_the_users_own_text_files(saved_run, tmp_path):
+    job, model, tok = saved_run
+    notes = tmp_path / "notes.txt"
+    docs = [f"Story {i}: Tom had a red ball, and the café was naïve." for i in range(12)]
+    notes.write_text("\n\n".join(docs), encoding="utf-8")
+    job.data.doc_separator = "blank_lines"
+    job.evaluate.files = [str(notes)]
+    result = run_evaluation(job)
+    expected = evaluate_loss(model, text_batches(tok, docs, 8, 32), "cpu", token_bytes=TokenBytes(tok))
+    assert result["source"] == "notes" and result["tokens"] == expected["tokens"]
+    assert result["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-6)
+    assert (Path(job.run.dir) / "eval" / "step_20-notes-T32.json").is_file()
+
+
+def test_missing_or_corrupt_checkpoints_are_refused_without_writing(saved_run, tmp_path):
+    job, _, _ = saved_run
+    run = Path(job.run.dir)
+    (run / "checkpoints" / "step_20" / "model.safetensors").write_bytes(b"\x00" * 100)  # truncated
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run_evaluation(job)
+    job.run.dir = str(tmp_path / "empty_run")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run_evaluation(job)
+    assert not (run / "eval").exists() and not (tmp_path / "empty_run").exists()
+
+
+def test_cli_prints_one_clear_error_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), f"run.dir={tmp_path / 'nope'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no checkpoint at") and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder, no .hydra/, no outputs/
