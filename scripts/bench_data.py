@@ -9,7 +9,8 @@ by <|endoftext|> lines) and a bpe_4k tokenizer is trained once. Then, in the sam
     same documents in one process, text already in memory (what one core can do);
   - pack: ensure_packed(data=text_files on those files) with N worker processes, in a fresh
     child process, end to end (reading, encoding, shard writing), with the peak RSS of the
-    packing process, of each worker, and of all of them together (sampled every 0.1 s);
+    packing process and of each worker, and the PSS of all of them together (sampled every 0.1 s;
+    forked workers share the parent's pages, which PSS counts once);
   - pack (synthetic source): the same stories generated on the fly by the packing process.
 Throughput is reported in tokens/s and MB/s of UTF-8 text.
 """
@@ -29,37 +30,27 @@ from pathlib import Path
 STORY_BYTES = 700  # rough mean size of a synthetic story, to turn MB into a story count
 
 
-def _rss_mb(pid) -> float:
-    """Current resident set of a process (Linux /proc), 0 if it is gone."""
+def _memory_mb(pid, field: str = "Rss") -> float:
+    """Rss or Pss (shared pages split among the processes sharing them) of a process, from
+    /proc/<pid>/smaps_rollup (Linux); 0 if it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
     except (OSError, StopIteration):
         return 0.0
 
 
-def _workers(pid: int):
-    """Pids of the spawned worker processes (a child that has not exec'd yet is still a copy of
-    this process sharing its pages, so it is skipped rather than counted twice)."""
+def _children(pid: int):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
+            return [int(c) for c in f.read().split()]
     except OSError:
         return []
-    workers = []
-    for c in children:
-        try:
-            with open(f"/proc/{c}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    workers.append(c)
-        except OSError:
-            pass
-    return workers
 
 
 class TreeMemory(threading.Thread):
-    """Samples (every 0.1 s) the RSS of this process and of its worker processes. ru_maxrss
-    cannot be used for spawned workers: it counts the parent's pages shared at fork, before exec."""
+    """Samples, every 0.1 s, the packing process's RSS, each worker's RSS, and the real total of
+    the tree: the sum of PSS, since forked workers share most of their pages with the parent."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -69,10 +60,10 @@ class TreeMemory(threading.Thread):
     def run(self) -> None:
         me = os.getpid()
         while self.running:
-            own, workers = _rss_mb(me), [_rss_mb(c) for c in _workers(me)]
-            self.peak_self = max(self.peak_self, own)
-            self.peak_worker = max([self.peak_worker] + workers)
-            self.peak_total = max(self.peak_total, own + sum(workers))
+            workers = _children(me)
+            self.peak_self = max(self.peak_self, _memory_mb(me))
+            self.peak_worker = max([self.peak_worker] + [_memory_mb(w) for w in workers])
+            self.peak_total = max(self.peak_total, sum(_memory_mb(p, "Pss") for p in [me] + workers))
             time.sleep(0.1)
 
 
@@ -92,7 +83,7 @@ def child_pack(args) -> None:
 
     tok = Tokenizer.load(args.model)
     cfg = data_cfg(args)
-    rss_imports = _rss_mb(os.getpid())
+    rss_imports = _memory_mb(os.getpid())
     memory = TreeMemory()
     memory.start()
     t0 = time.perf_counter()
@@ -197,7 +188,7 @@ def main() -> None:
         docs = read_docs(files)
         print(f"corpus: {len(docs)} synthetic stories, {mb:.1f} MB; tokenizer bpe_4k; cpus: {os.cpu_count()}; "
               f"load: {os.getloadavg()}")
-        print("| run | MB | tokens | s | tokens/s | MB/s | vs encode | peak RSS main | per worker | all |")
+        print("| run | MB | tokens | s | tokens/s | MB/s | vs encode | peak RSS main | RSS per worker | PSS all |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         base = bench_encode(model, docs)
         del docs

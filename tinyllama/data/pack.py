@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
@@ -142,8 +143,10 @@ def _encoder(model_path: Path, dtype: np.dtype, num_workers: int):
         _init_worker(str(model_path), dtype.name)
         yield lambda chunks: map(_encode_chunk, chunks)
         return
-    # spawn: workers start clean (no copy of a parent holding torch threads or large buffers)
-    ctx = multiprocessing.get_context("spawn")
+    # fork on Linux: workers start at once and share the parent's pages (as torch's DataLoader
+    # workers do); they run only SentencePiece and numpy. "spawn" elsewhere, where fork is unsafe;
+    # it re-imports the launching script in every worker, so startup takes seconds there.
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ctx.Pool(num_workers, _init_worker, (str(model_path), dtype.name)) as pool:
         yield lambda chunks: pool.imap(_encode_chunk, chunks)
 
