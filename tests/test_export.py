@@ -127,3 +127,28 @@ def test_export_never_writes_over_an_existing_folder(tmp_path):
     export_hf(tiny_model(), out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
+
+
+def test_export_stage_writes_a_verified_folder_from_a_run(tiny_job, capsys):
+    from pathlib import Path
+
+    from tinyllama.checkpoint import save_checkpoint
+    from tinyllama.export import run_export
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
+    torch.manual_seed(0)
+    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, LlamaForCausalLM(tiny_job.model), tiny_job.model,
+                    tiny_job, tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
+    tiny_job.sample.temperature, tiny_job.sample.top_k = 0.7, 40
+    out = run_export(tiny_job)
+    assert out == Path(tiny_job.run.dir) / "hf"
+    assert "same_greedy_text True, same_token_ids True" in capsys.readouterr().out
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["do_sample"] and gen["temperature"] == 0.7 and gen["top_k"] == 40
+    tiny_job.export.out_dir, tiny_job.export.dtype = str(out.parent / "hf_bf16"), "bfloat16"
+    bf16 = run_export(tiny_job)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(bf16)
+    assert theirs.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="already exists"):
+        run_export(tiny_job)
