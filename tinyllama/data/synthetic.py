@@ -79,7 +79,9 @@ WEATHER = ["The sun was warm and bright.", "The sky was gray and full of clouds.
            "Leaves of red and gold fell from the trees.", "The air smelled of fresh grass."]
 GOOD = ["happy", "glad", "proud", "excited", "thankful", "calm", "cheerful", "joyful"]
 BAD = ["sad", "scared", "worried", "upset", "lonely", "angry", "nervous", "grumpy"]
-SAID = ["said", "asked", "whispered", "shouted", "called", "replied", "cried", "laughed"]
+SAID = ["said", "said", "said", "whispered", "replied", "explained", "answered"]
+ASKED = ["asked", "asked", "wondered", "whispered"]
+EXCLAIMED = ["said", "shouted", "cried", "called"]
 OPENINGS = ["Once upon a time, there was a {trait} {kind} named {name}.",
             "Once upon a time, in {place}, there lived a {trait} {kind} named {name}.",
             "One day, a {trait} {kind} named {name} woke up early.",
@@ -111,8 +113,9 @@ def _cap(s: str) -> str:
 
 
 def _say(rng: random.Random, who: Character, words: str) -> str:
-    """One line of dialogue; the speaker tag goes before or after the quote."""
-    verb = "asked" if words.endswith("?") else rng.choice(SAID[:1] * 4 + SAID[2:])
+    """One line of dialogue; the verb fits the punctuation, the tag goes before or after."""
+    verbs = ASKED if words.endswith("?") else EXCLAIMED if words.endswith("!") else SAID
+    verb = rng.choice(verbs)
     if rng.random() < 0.5:
         # A statement quoted before its tag ends with a comma: "I can," said Mia.
         quote = words[:-1] + "," if words.endswith(".") else words
