@@ -112,3 +112,14 @@ def test_model_file_and_missing_model(tok, tmp_path):
     assert ensure_tokenizer(TokenizerConfig(model_file=str(tok.model_path)), data).fingerprint == tok.fingerprint
     with pytest.raises(DataError, match="does not exist"):
         Tokenizer.load(tmp_path / "nope.model")
+
+
+def test_foreign_folder_is_not_overwritten(tmp_path):
+    data = DataConfig(name="syn", num_docs=50, root=str(tmp_path))
+    cfg = TokenizerConfig(name="mine", vocab_size=340)
+    folder = tokenizer_dir(cfg, data)
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="holds no tokenizer.model"):
+        ensure_tokenizer(cfg, data)
+    assert (folder / "notes.txt").read_text() == "keep me"

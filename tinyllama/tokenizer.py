@@ -34,7 +34,8 @@ _MAX_SENTENCE_BYTES = 4192
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the special ids and a fingerprint of the model file."""
+    """A loaded SentencePiece model with its special ids and a fingerprint: the first 16 hex
+    digits of the model file's sha256, which names the packed data and checkpoints made with it."""
 
     def __init__(self, model_path: Union[str, Path]):
         self.model_path = Path(model_path)
@@ -44,7 +45,6 @@ class Tokenizer:
         blob = self.model_path.read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=blob)
         self.fingerprint: str = hashlib.sha256(blob).hexdigest()[:16]
-        """First 16 hex digits of the model file's sha256; keys packed data and checkpoints."""
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Tokenizer":
@@ -108,6 +108,9 @@ def ensure_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> Tokenize
         return Tokenizer.load(tok_cfg.model_file)
     out = tokenizer_dir(tok_cfg, data_cfg)
     wanted = json.loads(json.dumps(training_settings(tok_cfg, data_cfg)))  # tuples -> lists
+    if out.exists() and not (out / MODEL_FILE).is_file():
+        raise DataError(f"{out} exists but holds no {MODEL_FILE}: it was not made by a tokenizer run. "
+                        f"Move it away, or pick another tokenizer.name.")
     if (out / MODEL_FILE).is_file():
         saved = _read_settings(out)
         if saved != wanted:
@@ -132,7 +135,11 @@ def train_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, out: Path) -
         _run_trainer(tok_cfg, sentences, tmp / "tokenizer")
         settings = training_settings(tok_cfg, data_cfg)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished the same tokenizer first: keep theirs
+            if not (out / MODEL_FILE).is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -184,7 +191,7 @@ class _Counted:
     def __next__(self) -> str:
         s = next(self.it)
         self.n += 1
-        self.bytes += len(s)
+        self.bytes += len(s.encode("utf-8"))
         return s
 
 

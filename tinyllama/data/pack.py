@@ -61,7 +61,10 @@ def ensure_packed(data_cfg: "DataConfig", tokenizer: "Tokenizer") -> Path:
     try:
         meta = _pack(data_cfg, tokenizer, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first: use its output if it is complete
+            _check_same(read_meta(out), out, data_cfg, tokenizer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
