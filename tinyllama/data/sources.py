@@ -5,7 +5,8 @@
     text_files   your own .txt / .jsonl / .json / .parquet files or globs
     hf           any Hugging Face dataset by name (or a local folder / save_to_disk folder)
 
-Files are read line by line, so memory does not grow with their size. Bad input gets a clear
+Files are read line by line, so memory does not grow with their size (a .json file, a single
+JSON value, is read whole: use .jsonl for large corpora). Bad input gets a clear
 error (a glob matching nothing, no documents at all, a missing text field) or a warning that
 says what was done about it (an empty file is skipped; bytes that are not UTF-8 are replaced
 with U+FFFD and counted).
