@@ -121,7 +121,8 @@ def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 
         loss = causal_lm_loss(model(x).logits, y)  # logits (B, T, V), y aligned (B, T)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip or float("inf"))
+        if job.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
         optimizer.step()
         schedule.step()
         result.losses.append(loss.item())

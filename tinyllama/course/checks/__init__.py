@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from tinyllama.course.grading import Grader, Mismatch, Report, load_learner_module
+from tinyllama.course.grading import CaseResult, Grader, Mismatch, Report, load_learner_module
 from tinyllama.course.lessons import Lesson
 
 
@@ -19,14 +19,9 @@ def run_check(lesson: Lesson, path: Path) -> Report:
     try:
         learner = load_learner_module(path)
     except Mismatch as e:
-        grader.report.results.append(_import_failure(str(e)))
+        grader.report.results.append(CaseResult("import your file", False, str(e)))
         return grader.report
     checks = importlib.import_module(f"tinyllama.course.checks.{lesson.slug}")
     checks.check(grader, learner)
     return grader.report
 
-
-def _import_failure(hint: str):
-    from tinyllama.course.grading import CaseResult
-
-    return CaseResult("import your file", False, hint)
