@@ -40,8 +40,9 @@ def _with_half_hint(fn, head_dim: int) -> None:
         fn()
     except Mismatch as e:
         if f"from index {head_dim // 2} of D on" in str(e):
-            raise Mismatch(f"{e}: only the second half is wrong, did you rotate the wrong half "
-                           f"(x2 = x[..., D/2:] is the half that gets the minus sign)?") from None
+            raise Mismatch(f"{e}: only the second half is wrong, did you rotate the wrong half? "
+                           f"rotate_half(x) = [-x2, x1]: the minus sign goes on x2 = x[..., D/2:] in "
+                           f"the first half, and x1 = x[..., :D/2] comes second, unchanged") from None
         raise
 
 
