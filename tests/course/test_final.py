@@ -64,3 +64,19 @@ def test_training_with_the_learners_pieces_lowers_the_loss(workspace, tiny_job):
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5
     assert any("your pieces learn!" in line for line in logged)
     assert any(line.startswith("sample: ") for line in logged)
+
+
+def test_train_command_composes_the_tiny_preset_and_trains(workspace, tmp_path, capsys):
+    from tinyllama.course.__main__ import _compose_job, main
+
+    job = _compose_job(["train.batch_size=4"])
+    assert (job.model.hidden_size, job.model.num_hidden_layers) == (128, 4)  # configs/model/tiny.yaml
+    assert (job.train.batch_size, job.train.seq_len) == (4, 64)  # the learner's override wins
+    # End to end through the CLI, on a small corpus and vocabulary built in tmp_path.
+    rc = main(["train", "--workspace", str(workspace), "--seconds", "60", "--max-steps", "12",
+               f"data.root={tmp_path / 'data'}", "data.num_docs=300", "data.num_workers=0",
+               "tokenizer.vocab_size=512", "tokenizer.num_threads=1", "model.vocab_size=512",
+               "optim.warmup_steps=2", "train.log_every=4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "attention yours" in out and "step   12" in out and "your pieces learn!" in out
