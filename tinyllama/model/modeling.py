@@ -83,7 +83,7 @@ class LlamaPreTrainedModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.padding_idx is not None:
                     module.weight.data[module.padding_idx].zero_()
-            elif hasattr(module, "weight") and "norm" in type(module).__name__.lower():
+            elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
