@@ -195,3 +195,22 @@ def test_replacement_parts_are_used(tiny_config, assert_close):
     ids = torch.randint(0, 97, (1, 5))
     assert_close(swapped(ids).logits, reference(ids).logits)
     assert len(calls) == 2 * cfg.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_bf16_autocast_and_bf16_weights_with_padding(impl, tiny_config):
+    """Tiny shapes only (bf16 matmuls are slow on CPU): the boolean mask serves every dtype."""
+    model = LlamaForCausalLM(tiny_config(attn_implementation=impl, pad_token_id=0)).eval()
+    ids = torch.randint(1, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ref = model(ids, attention_mask=mask, position_ids=positions).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = model(ids, attention_mask=mask, position_ids=positions, use_cache=True).logits
+    cast = model.to(torch.bfloat16)(ids, attention_mask=mask, position_ids=positions).logits
+    for logits in (auto, cast):
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+        real = mask.bool()
+        err = (logits.float()[real] - ref[real]).norm() / ref[real].norm()
+        assert err < 0.05
