@@ -3,7 +3,7 @@ against tinyllama/generate.py, and the top-k / top-p filters (the rules generate
 from __future__ import annotations
 
 from types import ModuleType
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -36,14 +36,25 @@ def _case_greedy(learner: ModuleType, kv_heads: int, seed: int) -> None:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(seed))
-    fed: List[int] = []
-    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: fed.append(args[0].shape[1]))
+    calls: List[Tuple[int, bool]] = []  # (tokens fed, a KVCache was passed) per backbone call
+
+    def record(module, args, kwargs):
+        has_cache = any(isinstance(a, KVCache) for a in list(args) + list(kwargs.values()))
+        calls.append((args[0].shape[1], has_cache))
+
+    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         got = learner_attr(learner, "greedy_generate")(model, prompt.clone(), 6)
     finally:
         hook.remove()
+    uncached = [i for i, (n, has_cache) in enumerate(calls) if i > 0 and n == 1 and not has_cache]
+    if uncached:
+        raise Mismatch(f"call {uncached[0]} fed one token without a cache, so the model saw only that "
+                       "token: pass use_cache=True on every call (the prefill too) and "
+                       "past_key_values=out.past_key_values from the previous call")
     expected = generate(model, prompt, max_new_tokens=6, temperature=0.0)
     compare(got, expected, what="greedy_generate(prompt (2, 5), 6 new tokens)", dims=("B", "T"), atol=0, rtol=0)
+    fed = [n for n, _ in calls]
     later = [n for n in fed[1:] if n != 1]
     if later:
         raise Mismatch(f"the tokens are right, but the model was fed {fed} tokens per call: after the "

@@ -120,9 +120,24 @@ def _case_module(learner: ModuleType, scaling: Optional[dict], max_position: int
     if not isinstance(got, tuple) or len(got) != 2:
         raise Mismatch("RotaryEmbedding.forward must return a tuple (cos, sin)")
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    for name, g, e in (("cos", got[0], expected[0]), ("sin", got[1], expected[1])):
-        compare(g, e, what=f"RotaryEmbedding {name} ({scaling}, positions up to {max_position - 1}, "
-                f"{dtype})", dims=("B", "T", "D"), **tol)
+    setting = f"({scaling}, positions up to {max_position - 1}, {dtype})"
+    try:
+        for name, g, e in (("cos", got[0], expected[0]), ("sin", got[1], expected[1])):
+            compare(g, e, what=f"RotaryEmbedding {name} {setting}", dims=("B", "T", "D"), **tol)
+    except Mismatch as e:
+        if dtype != torch.float32 and _right_in_float32(learner, config, position_ids, expected, dtype):
+            raise Mismatch(f"{e}; your tables are right for float32 input, so the angles were computed "
+                           f"in {dtype}: position * inv_freq needs float32 (bf16 keeps about 3 significant "
+                           "digits, an angle of 40 rad is off by a tenth); compute cos/sin in float32 "
+                           "and cast only the result to x.dtype") from None
+        raise
+
+
+def _right_in_float32(learner: ModuleType, config: LlamaConfig, position_ids: torch.Tensor,
+                      expected, dtype: torch.dtype) -> bool:
+    cos, sin = learner_attr(learner, "RotaryEmbedding")(config)(torch.empty(0), position_ids)
+    return all(torch.allclose(g.to(dtype).float(), e.float(), atol=1e-2, rtol=1e-2)
+               for g, e in ((cos, expected[0]), (sin, expected[1])))
 
 
 def check(grader: Grader, learner: ModuleType) -> None:
