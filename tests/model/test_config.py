@@ -60,6 +60,10 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_valid_edge_cases():
+    from tinyllama.model.config import ACTIVATIONS
+    from tinyllama.model.mlp import ACT2CLS
+
+    assert set(ACTIVATIONS) == set(ACT2CLS)  # every accepted hidden_act can be built
     LlamaConfig(num_key_value_heads=None)  # MHA
     LlamaConfig(hidden_size=100, head_dim=16)  # explicit head_dim frees hidden_size from heads
     LlamaConfig(rope_scaling=LLAMA3)

@@ -14,7 +14,7 @@ ROPE_SCALING_KEYS = {
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")  # the keys of mlp.ACT2CLS
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
