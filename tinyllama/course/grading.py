@@ -98,10 +98,12 @@ class Grader:
             fn()
         except Mismatch as e:
             self.report.results.append(CaseResult(name, False, str(e)))
-        except NotImplementedError:
+        except NotImplementedError as e:
+            frame = _learner_frame(e, self.path)
+            where = f"`{frame.name}` (line {frame.lineno}) " if frame else ""
             self.report.results.append(CaseResult(
-                name, False, "not implemented yet: replace the `raise NotImplementedError` in your "
-                             f"file {self.path.name} with your code"))
+                name, False, f"not implemented yet: {where}still raises NotImplementedError; replace "
+                             f"it with your code in {self.path.name}"))
         except Exception as e:  # the learner's code crashed: show where, in their file
             self.report.results.append(CaseResult(name, False, _describe(e, self.path)))
         else:
@@ -110,13 +112,18 @@ class Grader:
         return False
 
 
-def _describe(e: BaseException, path: Path) -> str:
-    """`TypeError: ... (your file line 12: `return x @ w`)`: the learner's own frame, if any."""
-    where = ""
+def _learner_frame(e: BaseException, path: Path) -> Optional[traceback.FrameSummary]:
+    """The innermost frame of the traceback that lies in the learner's file, if any."""
     for frame in reversed(traceback.extract_tb(e.__traceback__)):
         if Path(frame.filename).resolve() == path.resolve():
-            where = f" (your file {path.name}, line {frame.lineno}: `{(frame.line or '').strip()}`)"
-            break
+            return frame
+    return None
+
+
+def _describe(e: BaseException, path: Path) -> str:
+    """`TypeError: ... (your file line 12: `return x @ w`)`: the learner's own frame, if any."""
+    frame = _learner_frame(e, path)
+    where = f" (your file {path.name}, line {frame.lineno}: `{(frame.line or '').strip()}`)" if frame else ""
     return f"{type(e).__name__}: {e}{where}"
 
 
