@@ -73,7 +73,7 @@ class Trainer:
 
         self.loader = BatchLoader(self.packed_dir, "train", t.batch_size, t.seq_len,
                                   seed=job.run.seed, rank=env.rank, world_size=env.world_size)
-        self.loader.check_compatible(self.tokenizer.fingerprint, self.tokenizer.vocab_size)
+        self.loader.check_compatible(self.tokenizer.fingerprint, job.model.vocab_size)
         self.step, self.tokens = 0, 0
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         self.checkpointer = Checkpointer(self.run_dir, job.checkpoint, env.is_main, t.max_steps,
