@@ -39,6 +39,15 @@ def to_job(cfg: DictConfig) -> JobConfig:
     return job
 
 
+def compose_job(overrides: list[str] | None = None, config_name: str = "train") -> JobConfig:
+    """The validated JobConfig that `python train.py <overrides>` would run, composed without
+    starting a Hydra app (for the course trainer, notebooks and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return to_job(compose(config_name=config_name, overrides=list(overrides or [])))
+
+
 def _stage(config_name: str) -> Callable[[Callable[[JobConfig], Any]], Callable[[], Any]]:
     """Wrap `fn(job)` as a Hydra app reading configs/<config_name>.yaml."""
 

@@ -107,12 +107,9 @@ def _run(args: argparse.Namespace) -> int:
 def _compose_job(overrides: List[str]):
     """The JobConfig that `python train.py <FINAL_OVERRIDES> <overrides>` would run (same YAML
     tree, same validation)."""
-    from hydra import compose, initialize_config_dir
+    from tinyllama.cli import compose_job
 
-    from tinyllama.cli import CONFIG_DIR, to_job
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_job(compose(config_name="train", overrides=FINAL_OVERRIDES + list(overrides)))
+    return compose_job(FINAL_OVERRIDES + list(overrides))
 
 
 if __name__ == "__main__":
