@@ -132,12 +132,15 @@ def test_nan_policy_skip_skips_the_step(tiny_job, monkeypatch):
 def test_resume_refuses_another_model_naming_the_field(tiny_job):
     tiny_job.train.max_steps = 2
     run_training(tiny_job)
+    run = loop.run_dir_of(tiny_job)
+    before = {p.name: p.read_bytes() for p in (run / "config.yaml", run / "metrics.jsonl")}
     tiny_job.model.num_hidden_layers = 3
     with pytest.raises(CheckpointError, match="model.num_hidden_layers: checkpoint 2, config 3"):
         run_training(tiny_job)
     tiny_job.checkpoint.resume = "never"
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         run_training(tiny_job)
+    assert before == {p.name: p.read_bytes() for p in (run / "config.yaml", run / "metrics.jsonl")}
 
 
 def test_init_from_loads_weights_only(tiny_job, tmp_path):

@@ -58,9 +58,6 @@ class Trainer:
     def __init__(self, job: JobConfig, env: DistEnv) -> None:
         self.job, self.env, t = job, env, job.train
         self.run_dir = run_dir_of(job)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
         seed_everything(job.run.seed)
         self.tokenizer, self.packed_dir = prepare_data(job, env)
         self.precision = resolve_precision(t.precision, env.device)
@@ -78,7 +75,10 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         self.checkpointer = Checkpointer(self.run_dir, job.checkpoint, env.is_main, t.max_steps,
                                          self.save)
-        resume = self._resume_source()
+        resume = self._resume_source()  # refusals happen here, before anything is written
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
         self.tracker = Tracker(self.run_dir, env.is_main, job.logger, t.log_every, t.max_steps,
                                resume.step if resume else 0, OmegaConf.to_container(
                                    OmegaConf.structured(job)))
@@ -100,12 +100,14 @@ class Trainer:
                                   "continue it with checkpoint.resume=auto, or pick another "
                                   "run.name (nothing was overwritten)")
             return None
-        if mode == "auto":
-            return load_checkpoint(latest) if latest is not None else None
-        return load_checkpoint(mode)
+        if mode == "auto" and latest is None:
+            return None  # a fresh run
+        ckpt = load_checkpoint(latest if mode == "auto" else mode)
+        self._check_resumable(ckpt)
+        return ckpt
 
-    def load(self, ckpt: LoadedCheckpoint) -> None:
-        """Continue from `ckpt`: refused if the model, tokenizer or world size differ."""
+    def _check_resumable(self, ckpt: LoadedCheckpoint) -> None:
+        """Refuse `ckpt` if its model, tokenizer or world size differ, naming each difference."""
         diffs = config_differences(ckpt.model_config, self.job.model)
         if ckpt.tokenizer_fingerprint != self.tokenizer.fingerprint:
             diffs.append(f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, "
@@ -118,12 +120,19 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {ckpt.path}:\n  " + "\n  ".join(diffs) +
                                   "\nuse the run's original settings, or start a new run.name "
                                   f"with init_from={ckpt.path} to reuse the weights only")
+
+    def load(self, ckpt: LoadedCheckpoint) -> None:
+        """Continue from `ckpt` (checked by _check_resumable): weights, optimizer, scaler, schedule,
+        counters, this rank's loader position and RNG states."""
+        state = ckpt.train_state
         self.model.load_state_dict(ckpt.model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.evaluator.best_loss = state["best_val_loss"]
+        if ckpt.val_loss is not None:  # a run resumed at its end is not evaluated twice
+            self.evaluator.last_step, self.evaluator.last_loss = ckpt.step, ckpt.val_loss
         rank = state["ranks"][self.env.rank]
         self.loader.load_state_dict(rank["loader"])
         set_rng_state(rank["rng"])

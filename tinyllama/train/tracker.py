@@ -125,5 +125,5 @@ def _start_wandb(run_dir: Path, logger: LoggerConfig, config: Dict[str, Any]):
     return wandb.init(
         project=logger.project, group=logger.group, tags=list(logger.tags) or None,
         mode=logger.mode, dir=str(run_dir), id=run_id, resume="allow",
-        name=run_dir.name, config=config,
+        name=logger.run_name or run_dir.name, config=config,
     )
