@@ -75,6 +75,7 @@ def test_flops_match_torch_flop_counter():
     model = LlamaForCausalLM(config)
     norms = count_parameters(config)["norms"]
     f = flops_per_token(config, T)
+    assert flops_per_token(model, T) == f  # the train loop passes its built model
     with FlopCounterMode(display=False) as forward:
         logits = model(torch.randint(0, 10, (B, T))).logits
     assert forward.get_total_flops() == B * T * (f["forward"] - 2 * norms)

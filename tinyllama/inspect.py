@@ -61,7 +61,10 @@ def count_parameters(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str
     """Exact parameter counts: total, non_embedding, and one entry per component.
 
     A tied LM head shares the embedding's tensor, so it is counted once, under embeddings
-    (``head`` is then 0), as ``sum(p.numel() for p in model.parameters())`` does.
+    (``head`` is then 0), as ``sum(p.numel() for p in model.parameters())`` does. Given a
+    config, the model is built on the meta device (the first meta build in a process takes a
+    few seconds: torch imports its compiler stack for meta initialisers); given a model, its
+    own parameters are counted at once.
     """
     model = config_or_model
     if isinstance(config_or_model, LlamaConfig):
@@ -74,22 +77,21 @@ def count_parameters(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str
     return counts
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int) -> Dict[str, float]:
+def flops_per_token(config_or_model: Union[LlamaConfig, nn.Module], seq_len: int) -> Dict[str, float]:
     """FLOPs per token of a causal LM at ``seq_len`` (formula in the module docstring).
 
     Returns forward, training (forward + backward), n (the N of 6N) and attention_forward
     (the 4 L H D T' part of forward). The train loop divides training x tokens/s by the
-    hardware peak to report MFU.
+    hardware peak to report MFU (pass it the built model: no meta build needed).
     """
-    counts = count_parameters(config)
+    counts = count_parameters(config_or_model)
+    config = config_or_model if isinstance(config_or_model, LlamaConfig) else config_or_model.config
     head_matmul = config.vocab_size * config.hidden_size
     n = counts["non_embedding"] - counts["head"] + head_matmul
-    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
     attention = 0
     for layer in range(config.num_hidden_layers):
-        windowed = config.sliding_window is not None and layer >= config.max_window_layers
-        context = min(seq_len, config.sliding_window) if windowed else seq_len
-        attention += 4 * config.num_attention_heads * head_dim * context
+        context = min(seq_len, config.sliding_window) if config.uses_sliding_window(layer) else seq_len
+        attention += 4 * config.num_attention_heads * config.resolved_head_dim * context
     return {
         "forward": 2 * n + attention,
         "training": 6 * n + 3 * attention,
@@ -99,14 +101,14 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> Dict[str, float]:
     }
 
 
-def memory_estimate(config: LlamaConfig) -> Dict[str, object]:
+def memory_estimate(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str, object]:
     """Bytes for weights, gradients and AdamW state (two moments per parameter), per dtype.
 
     "bf16" stores all three in bf16 (pure bf16 training). Mixed precision (``train.precision=bf16``
     autocast) keeps fp32 weights, gradients and moments: read the fp32 row. Activations are not
     included: they grow with batch x seq_len (gradient checkpointing trades them for compute).
     """
-    total = count_parameters(config)["total"]
+    total = count_parameters(config_or_model)["total"]
     estimate: Dict[str, object] = {"parameters": total}
     for dtype, nbytes in BYTES_PER_VALUE.items():
         row = {"weights": total * nbytes, "gradients": total * nbytes, "adamw": 2 * total * nbytes}
@@ -233,18 +235,18 @@ SYMBOLIC = {
 }
 
 
-def format_parameters(config: LlamaConfig) -> str:
-    counts = count_parameters(config)
+def format_parameters(model: LlamaForCausalLM) -> str:
+    counts = count_parameters(model)
     total = counts["total"]
     lines = [f"parameters: {total:,} ({total / 1e9:.3f} B)"]
     for name in COMPONENTS + ("non_embedding",):
-        note = "  (tied to embeddings)" if name == "head" and config.tie_word_embeddings else ""
+        note = "  (tied to embeddings)" if name == "head" and model.config.tie_word_embeddings else ""
         lines.append(f"  {name:<14}{counts[name]:>16,}  {100 * counts[name] / total:5.1f}%{note}")
     return "\n".join(lines)
 
 
-def format_flops(config: LlamaConfig, seq_len: int) -> str:
-    f = flops_per_token(config, seq_len)
+def format_flops(model: LlamaForCausalLM, seq_len: int) -> str:
+    f = flops_per_token(model, seq_len)
     return "\n".join([
         f"FLOPs per token at T={seq_len} (inspect.seq_len; multiply-add = 2 FLOPs; formula in "
         "tinyllama/inspect.py):",
@@ -255,8 +257,8 @@ def format_flops(config: LlamaConfig, seq_len: int) -> str:
     ])
 
 
-def format_memory(config: LlamaConfig) -> str:
-    est = memory_estimate(config)
+def format_memory(model: LlamaForCausalLM) -> str:
+    est = memory_estimate(model)
     unit, size = ("GiB", 2 ** 30) if est["fp32"]["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
     lines = [f"memory for training state in {unit} (activations not included; mixed-precision "
              "autocast keeps fp32 state: read fp32):",
@@ -270,11 +272,9 @@ def format_memory(config: LlamaConfig) -> str:
 
 def format_trace(config: LlamaConfig, trace: List[Tuple[str, Tuple[int, ...]]], device: str) -> str:
     B, T = trace[0][1]
-    heads = config.num_attention_heads
-    kv = config.num_key_value_heads or heads
-    head_dim = config.head_dim or config.hidden_size // heads
     lines = [f"shape trace of one forward pass on random input_ids (device {device}):",
-             f"  B={B} T={T} C={config.hidden_size} H={heads} KV={kv} D={head_dim} "
+             f"  B={B} T={T} C={config.hidden_size} H={config.num_attention_heads} "
+             f"KV={config.resolved_num_key_value_heads} D={config.resolved_head_dim} "
              f"I={config.intermediate_size} V={config.vocab_size} L={config.num_hidden_layers}"]
     if device == "meta":
         lines.insert(1, "  meta device: shapes only, no weights or values exist (big models would not "
@@ -306,9 +306,9 @@ def _collapse_repeated_layers(trace: List[Tuple[str, Tuple[int, ...]]]) -> List[
     return out
 
 
-def choose_trace_device(config: LlamaConfig, requested: str) -> str:
+def choose_trace_device(config_or_model: Union[LlamaConfig, nn.Module], requested: str) -> str:
     """"auto" traces real tensors on the CPU for small models and shapes on meta for big ones."""
-    total = count_parameters(config)["total"]
+    total = count_parameters(config_or_model)["total"]
     if requested == "auto":
         return "cpu" if total <= TRACE_CPU_MAX_PARAMS else "meta"
     if requested == "cpu" and total > TRACE_CPU_MAX_PARAMS:
@@ -321,12 +321,13 @@ def choose_trace_device(config: LlamaConfig, requested: str) -> str:
 
 def inspect_report(config: LlamaConfig, options: InspectConfig, seed: int) -> str:
     """Everything scripts/inspect_model.py prints, as one string."""
-    sections = [str(build_meta_model(config))] if options.tree else []
-    sections += [format_parameters(config),
-                 format_flops(config, options.seq_len or config.max_position_embeddings),
-                 format_memory(config)]
+    model = build_meta_model(config)
+    sections = [str(model)] if options.tree else []
+    sections += [format_parameters(model),
+                 format_flops(model, options.seq_len or config.max_position_embeddings),
+                 format_memory(model)]
     if options.trace:
-        device = choose_trace_device(config, options.trace_device)
+        device = choose_trace_device(model, options.trace_device)
         trace = trace_shapes(config, options.trace_seq_len, seed, options.trace_batch_size, device)
         sections.append(format_trace(config, trace, device))
     return "\n\n".join(sections)
