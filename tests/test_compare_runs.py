@@ -34,6 +34,7 @@ def make_run(folder: Path, overrides, losses, val_losses, tok_per_s=500.0, confi
     each (1000 tokens per line), an evaluation line after every second training line."""
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    (folder / ".hydra" / "config.yaml").write_text("{}\n")  # Hydra's snapshot: not a run folder
     if config:
         (folder / "config.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL, "run": {"name": "x"}}))
     lines = []

@@ -88,7 +88,9 @@ def test_grid_sweep_gives_each_job_its_own_run_folder(tiny_data, tmp_path):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["final_val_loss"] == _final_val_loss(job)  # the value train_main returns
     assert not (sweep / "metrics.jsonl").exists()
-    table = markdown_table(load_runs([sweep]))
+    runs = load_runs([sweep])
+    assert sorted(r.name for r in runs) == ["0", "1"]  # the jobs, not their .hydra/ snapshots
+    table = markdown_table(runs)
     assert "`optim.lr=0.001`" in table and "`optim.lr=0.003`" in table
 
 

@@ -74,15 +74,19 @@ def find_run_dirs(paths: Iterable[os.PathLike]) -> List[Path]:
         if is_run_dir(path):
             runs = [path]
         else:
-            # checkpoints/ never holds a run folder; skipping it keeps large sweeps fast.
             runs = sorted({p.parent for p in path.rglob("*")
-                           if p.name in (METRICS, CONFIG) and "checkpoints" not in p.parts},
+                           if p.name in (METRICS, CONFIG) and not _inside_a_run(p.relative_to(path))},
                           key=_natural_key)
         if not runs:
             raise DataError(f"{path}: no run folder inside (a run folder holds {CONFIG} and "
                             f"{METRICS}); did the run or sweep start?")
         found.extend(r for r in runs if r not in found)
     return found
+
+
+def _inside_a_run(relative: Path) -> bool:
+    """Hydra's .hydra/ snapshot and checkpoints/ hold a config.yaml but are not run folders."""
+    return any(part.startswith(".") or part == "checkpoints" for part in relative.parts[:-1])
 
 
 def _natural_key(path: Path) -> List[object]:
