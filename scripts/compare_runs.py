@@ -1,8 +1,8 @@
 """Compare runs from their folders alone (config.yaml, metrics.jsonl): no wandb needed.
 
-    python scripts/compare_runs.py runs/sweeps/lr              # every job of a sweep
+    python scripts/compare_runs.py runs/lr                     # every job of a sweep
     python scripts/compare_runs.py runs/a runs/b --top 3       # chosen runs; plot the best 3
-    python scripts/compare_runs.py runs/sweeps/lr --plot lr.png --table lr.md
+    python scripts/compare_runs.py runs/lr --plot lr.png --table lr.md
 
 Prints a Markdown table (name, overrides, parameters, tokens, final train and validation
 loss, tokens/s, wall time) sorted by validation loss, and writes a PNG of the loss curves

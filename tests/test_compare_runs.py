@@ -48,7 +48,7 @@ def make_run(folder: Path, overrides, losses, val_losses, tok_per_s=500.0, confi
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
-    root = tmp_path / "sweeps" / "lr"
+    root = tmp_path / "lr"
     make_run(root / "0_optim.lr=0.001", ["optim.lr=0.001", "train.max_steps=40"],
              [5.0, 4.0, 3.5, 3.2], [4.1, 3.4])
     make_run(root / "1_optim.lr=0.003", ["optim.lr=0.003", "train.max_steps=40"],
@@ -100,6 +100,13 @@ def test_script_writes_table_and_png_for_chosen_runs(sweep: Path, tmp_path: Path
 def test_script_defaults_write_beside_the_sweep(sweep: Path):
     assert _compare_script().main([str(sweep), "--top", "1"]) == 0
     assert (sweep / "compare.md").is_file() and (sweep / "loss_curves.png").is_file()
+
+
+def test_a_run_folder_holding_sweep_jobs_lists_both(tmp_path: Path):
+    make_run(tmp_path / "demo", [], [5.0, 4.0], [4.5])         # python train.py
+    make_run(tmp_path / "demo" / "0", ["optim.lr=0.01"], [5.0, 3.0], [3.5])  # then a sweep, same name
+    runs = load_runs([tmp_path / "demo"])
+    assert [r.name for r in runs] == ["demo", "0"] and runs[1].val_loss == 3.5
 
 
 def test_clear_errors_for_empty_or_missing_folders(tmp_path: Path, capsys):

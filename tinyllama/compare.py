@@ -4,7 +4,7 @@ A run folder (DESIGN.md) holds `config.yaml` (the resolved config) and `metrics.
 (training lines: step, loss, lr, tokens, tok_per_s; evaluation lines: step, val_loss);
 Hydra adds `.hydra/overrides.yaml`, the command-line overrides that made the run. From those:
 
-    runs = [load_run(p) for p in find_run_dirs(["runs/sweeps/lr"])]
+    runs = [load_run(p) for p in find_run_dirs(["runs/lr"])]   # a sweep folder
     print(markdown_table(runs))            # sorted by final validation loss, best first
     plot_loss_curves(runs, "curves.png")   # train and validation loss against tokens
 
@@ -63,20 +63,18 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_run_dirs(paths: Iterable[os.PathLike]) -> List[Path]:
-    """Each path is a run folder, or a folder (a sweep) searched recursively for run folders.
-    Raises DataError naming the path when nothing is found there."""
+    """Each path is a run folder or a sweep folder (runs/<name>/ holding runs/<name>/<job>/),
+    searched recursively: a folder is listed with every run folder inside it. Raises
+    DataError naming the path when it holds no run folder."""
     found: List[Path] = []
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
             raise DataError(f"{path}: no such folder; pass run folders (runs/<name>) or a sweep "
-                            f"folder (runs/sweeps/<name>)")
-        if is_run_dir(path):
-            runs = [path]
-        else:
-            runs = sorted({p.parent for p in path.rglob("*")
-                           if p.name in (METRICS, CONFIG) and not _inside_a_run(p.relative_to(path))},
-                          key=_natural_key)
+                            f"folder (runs/<sweep name>)")
+        runs = sorted({p.parent for p in path.rglob("*")
+                       if p.name in (METRICS, CONFIG) and not _inside_a_run(p.relative_to(path))},
+                      key=_natural_key)
         if not runs:
             raise DataError(f"{path}: no run folder inside (a run folder holds {CONFIG} and "
                             f"{METRICS}); did the run or sweep start?")
@@ -99,8 +97,8 @@ def load_runs(paths: Iterable[os.PathLike]) -> List[RunSummary]:
     """find_run_dirs + load_run, with names relative to the folders' common parent."""
     dirs = find_run_dirs(paths)
     root = Path(os.path.commonpath([d.resolve() for d in dirs])) if len(dirs) > 1 else None
-    return [load_run(d, name=str(d.resolve().relative_to(root)) if root else d.name)
-            for d in dirs]
+    names = [str(d.resolve().relative_to(root)) if root else "." for d in dirs]
+    return [load_run(d, name=d.name if name == "." else name) for d, name in zip(dirs, names)]
 
 
 def load_run(path: os.PathLike, name: Optional[str] = None) -> RunSummary:
