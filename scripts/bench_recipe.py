@@ -2,8 +2,9 @@
 
     flock /tmp/bench.lock python scripts/bench_recipe.py --minutes 6 12            # cpu_quick
     flock /tmp/bench.lock python scripts/bench_recipe.py --steps 430 --recipe cpu_quick
-    python scripts/bench_recipe.py --steps 350 -- model=llama2c_15m model.vocab_size=4096 \
-        optim.lr=5e-4 optim.min_lr_ratio=0 optim.warmup_steps=0     # llama2.c's recipe, the mark
+    python scripts/bench_recipe.py --steps 350 -- model.hidden_size=288 model.intermediate_size=768 \
+        model.num_hidden_layers=6 model.num_attention_heads=6 model.num_key_value_heads=6 \
+        optim.lr=5e-4 optim.min_lr_ratio=0        # llama2.c's 7M "OG" recipe on this data: the mark
 
 Each budget is its own run, so the schedule ends where the budget does:
 `train.py experiment=<recipe> train.max_steps=<steps> run.name=bench_<recipe>_<steps>`, then
