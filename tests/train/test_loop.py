@@ -152,6 +152,17 @@ def test_init_from_loads_weights_only(tiny_job, tmp_path):
     assert val_losses(second)[0] == pytest.approx(first, abs=1e-6)  # starts where the first ended
     assert min(train_losses(second)) == 1  # but a fresh run: step 1, fresh optimizer
 
+    from tinyllama.export import export_hf
+
+    hf = export_hf(load_checkpoint(tiny_job.run.dir), tmp_path / "hf")
+    third = copy.deepcopy(second)
+    third.run.dir, third.init_from = str(tmp_path / "c"), f"hf:{hf}"
+    run_training(third)
+    assert val_losses(third)[0] == pytest.approx(first, abs=1e-5)
+    third.run.dir, third.model.hidden_size = str(tmp_path / "d"), 32
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64, config 32"):
+        run_training(third)
+
 
 def test_wandb_offline_keeps_one_run_id_across_a_resume(tiny_job, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
