@@ -206,19 +206,10 @@ class Trainer:
                     self.optimizer_step(loss, grad_norm)
                     self.step += 1
                     self.tokens += self.tokens_per_step
-                    self.throughput.step()
-                    if self.tracker.log_step(self.step, loss):
-                        perf = {**self.throughput.window(),
-                                "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
-                        self.tracker.write_step(self.step, lr, self.tokens, perf,
-                                                grad_norm=float(grad_norm))
+                    self._log_step(loss, lr, grad_norm)
                     self.evaluator.maybe_eval(self.step)
-                    if self.env.any(stop.requested):
-                        self.checkpointer.maybe_save(self.step, force=True)
-                        self.tracker.print(f"stopped at step {self.step} by {stop.signal_name}; "
-                                           "run the same command again to resume")
-                        return self.evaluator.last_loss if self.evaluator.last_loss is not None \
-                            else float("nan")
+                    if self.env.any(stop.requested):  # all ranks stop after the same step
+                        return self._stop(stop.signal_name)
                     self.checkpointer.maybe_save(self.step)
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
@@ -230,6 +221,20 @@ class Trainer:
             return final
         finally:
             self.tracker.close()
+
+    def _log_step(self, loss: float, lr: float, grad_norm: torch.Tensor) -> None:
+        self.throughput.step()
+        if self.tracker.log_step(self.step, loss):
+            perf = {**self.throughput.window(),
+                    "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
+            self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=float(grad_norm))
+
+    def _stop(self, signal_name: Optional[str]) -> float:
+        """Preemption or Ctrl-C: save now and return the last validation loss (nan if none)."""
+        self.checkpointer.maybe_save(self.step, force=True)
+        self.tracker.print(f"stopped at step {self.step} by {signal_name}; "
+                           "run the same command again to resume")
+        return self.evaluator.last_loss if self.evaluator.last_loss is not None else float("nan")
 
     def _announce(self) -> None:
         t, n = self.job.train, sum(p.numel() for p in self.model.parameters())
