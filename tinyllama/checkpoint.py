@@ -44,6 +44,12 @@ TIED_HEAD = "lm_head.weight"
 
 @dataclass
 class LoadedCheckpoint:
+    """Everything one checkpoint folder holds, read by `load_checkpoint`.
+
+    model_state has every key of LlamaForCausalLM.state_dict() (a tied lm_head.weight is the
+    embedding tensor again); train_state is None when loaded with train_state=False.
+    """
+
     path: Path
     step: int
     tokens: int
