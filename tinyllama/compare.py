@@ -252,7 +252,7 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
 def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike,
                      title: Optional[str] = None) -> Path:
     """Two panels, training and validation loss against training tokens, one colour per run
-    (the same in both panels). Writes a PNG and returns its path; raises DataError when no
+    (the same in both panels), labelled with its name and the overrides that differ. Writes a PNG and returns its path; raises DataError when no
     run has a single logged loss to draw."""
     import matplotlib
 
@@ -263,13 +263,15 @@ def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike,
     if not drawable:
         raise DataError("no run has logged a loss yet: nothing to plot "
                         "(metrics.jsonl is missing or empty in every run folder)")
+    shared = set(common_overrides(drawable))
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for i, r in enumerate(drawable):
         color = f"C{i % 10}"
+        label = " ".join([r.name, *(o for o in r.overrides if o not in shared)])
         if r.train_curve:
-            ax_train.plot(*zip(*r.train_curve), color=color, lw=1.2, label=r.name)
+            ax_train.plot(*zip(*r.train_curve), color=color, lw=1.2, label=label)
         if r.val_curve:
-            ax_val.plot(*zip(*r.val_curve), color=color, lw=1.5, marker="o", ms=3, label=r.name)
+            ax_val.plot(*zip(*r.val_curve), color=color, lw=1.5, marker="o", ms=3, label=label)
     for ax, what in ((ax_train, "training loss"), (ax_val, "validation loss")):
         ax.set_title(what)
         ax.set_xlabel("training tokens")
