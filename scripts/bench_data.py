@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-STORY_BYTES = 700  # rough mean size of a synthetic story, to turn MB into a story count
+STORY_BYTES = 625  # rough mean size of a synthetic story, to turn MB into a story count
 
 
 def _memory_mb(pid, field: str = "Rss") -> float:
@@ -38,6 +38,12 @@ def _memory_mb(pid, field: str = "Rss") -> float:
             return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
     except (OSError, StopIteration):
         return 0.0
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished child processes."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _children(pid: int):
@@ -87,13 +93,16 @@ def child_pack(args) -> None:
     memory = TreeMemory()
     memory.start()
     t0 = time.perf_counter()
+    cpu0 = _cpu_seconds()
     out = ensure_packed(cfg, tok)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0  # this process and its (joined) workers
     memory.running = False
     memory.join()
     meta = read_meta(out)
     print(json.dumps({
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
         "rss_imports_mb": rss_imports,
         "rss_peak_mb": max(memory.peak_self, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -130,9 +139,9 @@ def bench_encode(model: str, docs) -> dict:
 
     sp = spm.SentencePieceProcessor(model_file=model)
     chunks = list(_chunks(iter(docs), CHUNK_BYTES))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tokens = sum(len(ids) + 2 for chunk in chunks for ids in sp.encode(chunk, num_threads=1))
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0, "tokens": tokens}
 
 
 def run_pack(model: str, workers: int, root: Path, files=None, num_docs: int = 0) -> dict:
@@ -155,12 +164,16 @@ def train_tokenizer(files, root: Path) -> str:
     return str(ensure_tokenizer(TokenizerConfig(name="bpe_4k", max_train_bytes=5_000_000), data).model_path)
 
 
-def row(name: str, r: dict, mb: float, base: float = None) -> str:
+def row(name: str, r: dict, mb: float, base: dict = None) -> str:
+    """One table line; "vs encode" compares wall-clock rates, "CPU vs encode" the CPU seconds
+    spent per token (1.00 = no overhead over bare encoding; independent of other load)."""
     tps = r["tokens"] / r["seconds"]
-    speed = f"{tps / base:.2f}x" if base else "1.00x"
+    speed = f"{tps / (base['tokens'] / base['seconds']):.2f}x" if base else "1.00x"
+    cpu = f"{(r['cpu_seconds'] / r['tokens']) / (base['cpu_seconds'] / base['tokens']):.2f}" if base else "1.00"
     mem = (f"{r['rss_peak_mb']:.0f} MB | {r['rss_worker_peak_mb']:.0f} MB | {r['rss_total_peak_mb']:.0f} MB"
            if "rss_peak_mb" in r else "- | - | -")
-    return f"| {name} | {mb:.1f} | {r['tokens'] / 1e6:.2f} M | {r['seconds']:.2f} | {tps / 1e6:.2f} M | {mb / r['seconds']:.2f} | {speed} | {mem} |"
+    return (f"| {name} | {mb:.1f} | {r['tokens'] / 1e6:.2f} M | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+            f"{tps / 1e6:.2f} M | {mb / r['seconds']:.2f} | {speed} | {cpu} | {mem} |")
 
 
 def main() -> None:
@@ -188,26 +201,27 @@ def main() -> None:
         docs = read_docs(files)
         print(f"corpus: {len(docs)} synthetic stories, {mb:.1f} MB; tokenizer bpe_4k; cpus: {os.cpu_count()}; "
               f"load: {os.getloadavg()}")
-        print("| run | MB | tokens | s | tokens/s | MB/s | vs encode | peak RSS main | RSS per worker | PSS all |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| run | MB | tokens | s | CPU s | tokens/s | MB/s | vs encode | CPU vs encode | peak RSS main | "
+              "RSS per worker | PSS all |")
+        print("|" + "---|" * 12)
         base = bench_encode(model, docs)
         del docs
         print(row("SentencePiece encode, 1 process (text in memory)", base, mb), flush=True)
-        base_tps = base["tokens"] / base["seconds"]
         for w in args.workers:
             r = run_pack(model, w, root, files=files)
-            print(row(f"ensure_packed from files, {w} worker{'s' * (w > 1)}", r, mb, base_tps), flush=True)
+            print(row(f"ensure_packed from files, {w} worker{'s' * (w > 1)}", r, mb, base), flush=True)
         r = run_pack(model, args.workers[-1], root, num_docs=num_docs)
         print(row(f"ensure_packed, synthetic source (generation included), {args.workers[-1]} workers", r, mb,
-                  base_tps), flush=True)
+                  base), flush=True)
         for size in args.memory_mb:
             paths, size_mb = write_corpus(int(size * 1e6 / STORY_BYTES), root)
             r = run_pack(model, args.memory_workers, root, files=paths)
             print(row(f"memory check: from files, {args.memory_workers} workers (imports alone: "
-                      f"{r['rss_imports_mb']:.0f} MB)", r, size_mb, base_tps), flush=True)
+                      f"{r['rss_imports_mb']:.0f} MB)", r, size_mb, base), flush=True)
             for p in paths:
                 os.remove(p)
         print(f"load after: {os.getloadavg()}")
+
 
 if __name__ == "__main__":
     main()

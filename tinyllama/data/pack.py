@@ -16,6 +16,7 @@ name and renamed into place, so an interrupted run never leaves a complete-looki
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -194,7 +195,7 @@ def _init_worker(model_path: str, dtype_name: str) -> None:
 def _encode_chunk(docs: List[str]) -> Tuple[np.ndarray, int]:
     """Documents -> (flat token array: BOS ids EOS BOS ids EOS ..., number of documents)."""
     ids = _SP.encode(docs, add_bos=True, add_eos=True, num_threads=1)
-    flat = np.fromiter((t for doc in ids for t in doc), dtype=_DTYPE, count=sum(map(len, ids)))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_DTYPE, count=sum(map(len, ids)))
     return flat, len(docs)
 
 
