@@ -35,9 +35,10 @@ GPU_PEAK_FLOPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+def measured_cpu_flops(n: int = 1024, repeats: int = 20) -> float:
     """FLOP/s of an n x n float32 matmul on this CPU with torch's current thread count
-    (best of `repeats`, after one warm-up)."""
+    (best of `repeats`, after one warm-up: ~0.5 s; the best survives other processes' load
+    better than the mean, but on a busy machine the figure, and so MFU, is still noisy)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = float("inf")
