@@ -1,6 +1,6 @@
 """Benchmark packing: throughput against single-process SentencePiece encode, and peak memory.
 
-    flock /tmp/bench.lock python scripts/bench_data.py                   # 20 MB: 1 and 2 workers; 80 MB: 2
+    flock /tmp/bench.lock python scripts/bench_data.py     # 20 MB: 0 (in-process), 1, 2 workers; 80 MB: 2
     python scripts/bench_data.py --mb 20 --workers 1 2 4 --memory-mb 20 80 320
 
 The synthetic stories are written once to .txt files (train and validation, stories separated
@@ -179,7 +179,7 @@ def row(name: str, r: dict, mb: float, base: dict = None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=20, help="corpus size for the throughput comparison")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0: encode in the packing process")
     p.add_argument("--memory-mb", type=float, nargs="+", default=[20, 80], help="sizes for the memory check")
     p.add_argument("--memory-workers", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -209,7 +209,7 @@ def main() -> None:
         print(row("SentencePiece encode, 1 process (text in memory)", base, mb), flush=True)
         for w in args.workers:
             r = run_pack(model, w, root, files=files)
-            print(row(f"ensure_packed from files, {w} worker{'s' * (w > 1)}", r, mb, base), flush=True)
+            print(row(f"ensure_packed from files, {w or 'no'} worker{'s' * (w != 1)}", r, mb, base), flush=True)
         r = run_pack(model, args.workers[-1], root, num_docs=num_docs)
         print(row(f"ensure_packed, synthetic source (generation included), {args.workers[-1]} workers", r, mb,
                   base), flush=True)
