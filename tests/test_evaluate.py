@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tinyllama.checkpoint import save_checkpoint
 from tinyllama.errors import CheckpointError

@@ -15,13 +15,12 @@ config.json) into our LlamaConfig and a float32 state_dict; `init_from=hf:<folde
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +28,9 @@ from torch import nn
 
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.model.config import LlamaConfig
+
+if TYPE_CHECKING:
+    from tinyllama.checkpoint import LoadedCheckpoint
 
 TIED_HEAD = "lm_head.weight"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -112,7 +114,7 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     )
 
 
-def export_hf(model: Union[nn.Module, "LoadedCheckpoint"], out_dir: Union[str, Path],
+def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Path],
               tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "float32",
               generation: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
     """Write a Hugging Face folder for `model` (a LlamaForCausalLM or a LoadedCheckpoint).
