@@ -2,9 +2,6 @@
 and clear errors for corrupt or incomplete folders."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
 
 import pytest
 import torch

@@ -20,12 +20,11 @@ from typing import Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from tinyllama.checkpoint import (Checkpointer, LoadedCheckpoint, config_differences,
-                                  load_checkpoint, save_checkpoint)
+from tinyllama.checkpoint import Checkpointer, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from tinyllama.config import JobConfig
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.model import causal_lm_loss
-from tinyllama.train.build import build_training_model, prepare_data
+from tinyllama.train.build import build_training_model, prepare_data, weight_differences
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
 from tinyllama.train.nan_guard import NanGuard, NonFiniteLossError
@@ -108,7 +107,7 @@ class Trainer:
 
     def _check_resumable(self, ckpt: LoadedCheckpoint) -> None:
         """Refuse `ckpt` if its model, tokenizer or world size differ, naming each difference."""
-        diffs = config_differences(ckpt.model_config, self.job.model)
+        diffs = weight_differences(ckpt.model_config, self.job.model)  # sdpa/eager may change
         if ckpt.tokenizer_fingerprint != self.tokenizer.fingerprint:
             diffs.append(f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, "
                          f"config {self.tokenizer.fingerprint}")
