@@ -2,7 +2,6 @@
 and clear errors for corrupt or incomplete folders."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
