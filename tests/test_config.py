@@ -92,10 +92,10 @@ def test_a_typo_inside_a_yaml_file_is_reported_by_name(tmp_path):
 
 def test_bad_values_are_all_reported_at_once():
     cfg = _compose("train", ["train.seq_len=100000", "optim.schedule=linear", "train.precision=fp8",
-                             "checkpoint.keep_last=0"])
+                             "checkpoint.keep_last=0", "optim.beta2=1.5", "train.log_every=0"])
     with pytest.raises(ConfigError) as e:
         to_job(cfg)
     msg = str(e.value)
     for key in ("train.seq_len=100000", "optim.schedule='linear'", "train.precision='fp8'",
-                "checkpoint.keep_last=0"):
+                "checkpoint.keep_last=0", "optim.beta2=1.5", "train.log_every=0"):
         assert key in msg

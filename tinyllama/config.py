@@ -315,6 +315,14 @@ def validate(job: JobConfig) -> None:
     need(o.schedule in ("cosine", "wsd", "constant"),
          f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")
     need(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    need(t.log_every > 0, f"train.log_every={t.log_every}: must be > 0")
+    need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
+    need(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction}: must be in (0, 1]")
+    need(o.weight_decay >= 0 and o.eps > 0, "optim.weight_decay must be >= 0 and optim.eps > 0")
+    need(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0,
+         f"optim.beta1={o.beta1}, optim.beta2={o.beta2}: each must be in [0, 1)")
+    need(job.eval.batches >= 0, f"eval.batches={job.eval.batches}: must be >= 0 (0: the whole split)")
     need(job.tokenizer.vocab_size <= job.model.vocab_size,
          f"tokenizer.vocab_size={job.tokenizer.vocab_size} exceeds model.vocab_size="
          f"{job.model.vocab_size}: the embedding table must cover every token id")
