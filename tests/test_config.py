@@ -99,3 +99,16 @@ def test_bad_values_are_all_reported_at_once():
     for key in ("train.seq_len=100000", "optim.schedule='linear'", "train.precision='fp8'",
                 "checkpoint.keep_last=0", "optim.beta2=1.5", "train.log_every=0"):
         assert key in msg
+
+
+def test_keys_added_with_plus_are_refused_not_dropped():
+    # `+key=value` passes Hydra's struct check; OmegaConf.to_object would silently drop it.
+    with pytest.raises(ConfigError, match=r"train\.max_step\b.*\bfoo\b"):
+        to_job(_compose(overrides=["+train.max_step=5", "+foo=1"]))
+
+
+def test_rope_scaling_can_be_set_from_the_command_line():
+    job = to_job(_compose(overrides=["model.rope_scaling={rope_type:linear,factor:2.0}"]))
+    assert job.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope_scaling=5: must be a mapping"):
+        to_job(_compose(overrides=["model.rope_scaling=5"]))

@@ -2,6 +2,7 @@
 (and `transformers`' LlamaConfig / Qwen2Config) side by side with this file."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -48,7 +49,9 @@ class LlamaConfig:
     """Activation of the MLP gate (SwiGLU uses silu)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    rope_scaling: Optional[Dict[str, Any]] = None
+    # Typed Any, not Optional[Dict]: OmegaConf cannot merge a dict into a None-valued typed dict,
+    # so `model.rope_scaling={rope_type:linear,factor:2.0}` on the command line would fail.
+    rope_scaling: Any = None
     """None, or {"rope_type": "linear"|"dynamic"|"llama3", "factor": ..., ...}; llama3 also needs
     low_freq_factor, high_freq_factor and original_max_position_embeddings."""
     attention_bias: bool = False
@@ -155,6 +158,8 @@ def _problems(c: LlamaConfig) -> List[str]:
 def _rope_scaling_problems(rs: Optional[Dict[str, Any]]) -> List[str]:
     if rs is None:
         return []
+    if not isinstance(rs, Mapping):
+        return [f"rope_scaling={rs!r}: must be a mapping such as {{rope_type: linear, factor: 2.0}}"]
     kind = rs.get("rope_type")
     if kind not in ROPE_SCALING_KEYS:
         hint = " (rename the key \"type\" to \"rope_type\")" if "type" in rs else ""
