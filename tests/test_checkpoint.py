@@ -149,3 +149,21 @@ def test_config_differences_name_each_field():
     other = LlamaConfig(**{**CFG.__dict__, "hidden_size": 64, "num_hidden_layers": 3})
     assert config_differences(CFG, other) == ["model.hidden_size: checkpoint 32, config 64",
                                               "model.num_hidden_layers: checkpoint 2, config 3"]
+
+
+def test_a_checkpoint_from_an_older_schema_loads_with_a_warning(run):
+    # A key later removed from the config (or the model config) must not make old runs unloadable.
+    run_dir, model, save = run
+    folder = save(3)
+    with open(folder / "config.yaml", "a") as f:
+        f.write("retired_key: 1\n")
+    cfg_text = (folder / "config.yaml").read_text().replace("train:\n", "train:\n  old_knob: 7\n", 1)
+    (folder / "config.yaml").write_text(cfg_text)
+    import json
+    mc = json.loads((folder / "model_config.json").read_text())
+    (folder / "model_config.json").write_text(json.dumps({**mc, "retired_field": True}))
+    with pytest.warns(UserWarning) as record:
+        ck = load_checkpoint(run_dir)
+    messages = " ".join(str(w.message) for w in record)
+    assert all(k in messages for k in ("retired_field", "train.old_knob", "retired_key"))
+    assert ck.model_config == CFG and ck.job.model == CFG

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -30,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from tinyllama.config import CheckpointConfig, JobConfig
+from tinyllama.config import CheckpointConfig, JobConfig, split_unknown
 from tinyllama.errors import CheckpointError
 from tinyllama.model.config import LlamaConfig
 
@@ -85,6 +86,15 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable or corrupt ({e})") from e
 
 
+def _known_keys(data: Dict[str, Any], schema: type, folder: Path) -> Dict[str, Any]:
+    """Drop (with a warning) config keys this version no longer has, so older checkpoints load."""
+    known, unknown = split_unknown(data, schema)
+    if unknown:
+        warnings.warn(f"checkpoint {folder}: ignoring config keys this version does not know: "
+                      f"{', '.join(unknown)}")
+    return known
+
+
 def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpoint:
     """Load a checkpoint (see `resolve_checkpoint` for what `path` may be).
 
@@ -97,10 +107,11 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
         raise CheckpointError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
                               "use an older checkpoints/step_<N> folder")
     meta = _read_json(folder / META)
-    model_config = LlamaConfig(**_read_json(folder / MODEL_CONFIG))
+    model_config = LlamaConfig(**_known_keys(_read_json(folder / MODEL_CONFIG), LlamaConfig, folder))
     try:
-        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig),
-                                                  OmegaConf.load(folder / RUN_CONFIG)))
+        run_config = _known_keys(OmegaConf.to_container(OmegaConf.load(folder / RUN_CONFIG)),
+                                 JobConfig, folder)
+        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), run_config))
         state = load_file(folder / WEIGHTS)
     except Exception as e:  # truncated safetensors, bad YAML, wrong field types
         raise CheckpointError(f"checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e

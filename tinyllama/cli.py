@@ -14,7 +14,6 @@ turns it into dataclasses, validates it, and calls the library. Errors a user ca
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from tinyllama.config import JobConfig, validate
+from tinyllama.config import JobConfig, split_unknown, validate
 from tinyllama.errors import ConfigError, TinyLlamaError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -35,29 +34,13 @@ ConfigStore.instance().store(name="job_schema", node=JobConfig)
 
 def to_job(cfg: DictConfig) -> JobConfig:
     """DictConfig (composed by Hydra or by the compose API in tests) -> validated JobConfig."""
-    unknown = _unknown_keys(cfg)
+    _, unknown = split_unknown(OmegaConf.to_container(cfg, resolve=False))
     if unknown:  # `+key=value` gets past Hydra's struct check, and to_object would drop it
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}; see tinyllama/config.py "
                           "for the keys each group takes (a misspelling?)")
     job = OmegaConf.to_object(cfg)
     validate(job)
     return job
-
-
-def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted paths of keys that no dataclass field of the schema declares."""
-    schema = OmegaConf.get_type(node)
-    if not dataclasses.is_dataclass(schema):
-        return []  # a free-form dict field such as model.rope_scaling
-    fields = {f.name for f in dataclasses.fields(schema)}
-    unknown = []
-    for key in node.keys():
-        child = node._get_node(key)
-        if key not in fields:
-            unknown.append(f"{prefix}{key}")
-        elif isinstance(child, DictConfig) and not child._is_none():
-            unknown += _unknown_keys(child, f"{prefix}{key}.")
-    return unknown
 
 
 def compose_job(overrides: list[str] | None = None, config_name: str = "train") -> JobConfig:

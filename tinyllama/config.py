@@ -7,8 +7,10 @@ or a wrong type is rejected by OmegaConf against this schema before anything run
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from tinyllama.model.config import LlamaConfig
 
@@ -288,6 +290,28 @@ class JobConfig:
     checkpoints/step_<N> folder); None: run.dir."""
     prompt: Optional[str] = None
     """scripts/sample.py shorthand for sample.prompt (python scripts/sample.py prompt="Once")."""
+
+
+def split_unknown(data: Dict[str, Any], schema: type = JobConfig,
+                  prefix: str = "") -> Tuple[Dict[str, Any], List[str]]:
+    """Separate the keys of a plain nested dict that `schema` declares from those it does not.
+
+    Returns (the known part, dotted paths of the unknown keys). The CLI refuses unknown keys;
+    the checkpoint loader drops them with a warning, so a run saved before a config key was
+    removed or renamed still loads.
+    """
+    hints = typing.get_type_hints(schema)
+    known: Dict[str, Any] = {}
+    unknown: List[str] = []
+    for key, value in data.items():
+        if key not in hints:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            known[key], deeper = split_unknown(value, hints[key], f"{prefix}{key}.")
+            unknown += deeper
+        else:
+            known[key] = value
+    return known, unknown
 
 
 def validate(job: JobConfig) -> None:
