@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from tinyllama.config import OptimConfig
 from tinyllama.inspect import flops_per_token
 from tinyllama.model import LlamaConfig, LlamaForCausalLM, causal_lm_loss
+from tinyllama.train.optim import build_optimizer
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "model" / "llama2c_15m.yaml"
 
@@ -71,8 +73,8 @@ class Variant:
 
     def __init__(self, name: str, model: torch.nn.Module):
         self.name, self.model = name, model.train()
-        # Same optimizer for all variants; foreach batches the per-parameter updates.
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        # The train loop's AdamW (decay groups, CPU kernel choice), the same for every variant.
+        self.optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
