@@ -1,6 +1,7 @@
 """Behaviour of the model on its own: cache, padding, eager vs sdpa, checkpointing, init, parts."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -214,3 +215,32 @@ def test_bf16_autocast_and_bf16_weights_with_padding(impl, tiny_config):
         real = mask.bool()
         err = (logits.float()[real] - ref[real]).norm() / ref[real].norm()
         assert err < 0.05
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_chunked_loss_under_checkpointing_equals_full_logits_loss(tied, tiny_config, assert_close, monkeypatch):
+    """Checkpointing + training + targets: the loss is computed 5 positions at a time (a ragged last
+    chunk, one chunk all -100) without logits, with the full-logits loss's value and gradients."""
+    from tinyllama.model import heads
+    monkeypatch.setattr(heads, "chunked_causal_lm_loss",
+                        functools.partial(heads.chunked_causal_lm_loss, chunk_tokens=5))
+    cfg = tiny_config(tie_word_embeddings=tied)
+    plain, chunked = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    chunked.load_state_dict(plain.state_dict())
+    chunked.model.gradient_checkpointing = True
+    ids, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))  # 24 positions: 5+5+5+5+4
+    y[0, 5:10] = -100  # the whole second chunk
+    y[1, 3] = -100
+    ref, out = plain(ids, shift_labels=y), chunked(ids, shift_labels=y)
+    assert out.logits is None
+    torch.testing.assert_close(ref.loss, causal_lm_loss(ref.logits, y))
+    torch.testing.assert_close(out.loss, ref.loss)
+    ref.loss.backward()
+    out.loss.backward()
+    for p, q in zip(plain.parameters(), chunked.parameters()):
+        assert_close(q.grad, p.grad)
+    # labels= keeps its shift in the chunked mode; outside training the logits come back.
+    torch.testing.assert_close(chunked(ids, labels=ids).loss, plain(ids, labels=ids).loss)
+    assert chunked.eval()(ids, shift_labels=y).logits is not None
+    with pytest.raises(ValueError, match="not both"):
+        chunked(ids, labels=ids, shift_labels=y)

@@ -12,6 +12,7 @@ import torch
 from tinyllama.checkpoint import build_model, load_checkpoint
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.evaluate import evaluate_loss
+from tinyllama.model import heads
 from tinyllama.train import loop
 from tinyllama.train.loop import Trainer, run_training
 from tinyllama.train.nan_guard import NonFiniteLossError
@@ -100,8 +101,9 @@ def test_bf16_autocast_path_runs(tiny_job):
 
 
 def _nan_at(monkeypatch, steps):
-    """Make causal_lm_loss return NaN during the given optimizer steps (1-based)."""
-    real = loop.causal_lm_loss
+    """Make causal_lm_loss return NaN during the given optimizer steps (1-based): the loop gets
+    its loss from model(x, shift_labels=y), which calls heads.causal_lm_loss."""
+    real = heads.causal_lm_loss
     calls = {"n": 0}
 
     def loss(logits, y):
@@ -109,7 +111,7 @@ def _nan_at(monkeypatch, steps):
         out = real(logits, y)
         return out * float("nan") if calls["n"] in steps else out
 
-    monkeypatch.setattr(loop, "causal_lm_loss", loss)
+    monkeypatch.setattr(heads, "causal_lm_loss", loss)
 
 
 def test_nan_loss_stops_and_keeps_the_good_checkpoint(tiny_job, monkeypatch):

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tinyllama.model.cache import KVCache
 from tinyllama.model.config import LlamaConfig
@@ -15,10 +16,11 @@ from tinyllama.model.modeling import LlamaModel, LlamaPreTrainedModel, ModelPart
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
-    """(B, T, V): unnormalised scores of the next token at every position."""
+    logits: Optional[torch.Tensor]
+    """(B, T, V): unnormalised scores of the next token at every position. None when the loss
+    was computed in chunks (gradient checkpointing, training, with targets): see LlamaForCausalLM."""
     loss: Optional[torch.Tensor] = None
-    """Scalar, when labels were given."""
+    """Scalar, when labels or shift_labels were given."""
     past_key_values: Optional[KVCache] = None
     """The updated cache (use_cache=True), to pass to the next call."""
 
@@ -33,12 +35,33 @@ class SequenceClassifierOutput:
     """The updated cache (use_cache=True)."""
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                   reduction: str = "mean") -> torch.Tensor:
     """Mean cross-entropy in float32 of logits (B, T, V) against ALREADY-ALIGNED targets (B, T):
     targets[b, t] is the token that should follow position t. Targets equal to ignore_index are
-    left out of the mean. The train loop calls this with the loader's (x, y)."""
+    left out of the mean. reduction="sum" gives the sum instead (chunked_causal_lm_loss adds up
+    chunks, then divides once). The train loop gets it as model(x, shift_labels=y).loss."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index)
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                           chunk_tokens: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+    """causal_lm_loss(lm_head(hidden_states), targets), same value and gradients, without ever
+    holding the (B, T, V) logits: hidden_states (B, T, C), targets (B, T) already aligned.
+
+    Why: at V = 32000 the float32 logits, the log-softmax and the logits' gradient are ~3x
+    B*T*V*4 bytes (3 GB at 32 x 256 tokens), more than all the layers' activations, so
+    checkpointing the layers alone saves little. Here each chunk of `chunk_tokens` positions goes
+    through lm_head + a summed cross-entropy inside a checkpoint: forward keeps only the scalar,
+    backward recomputes that chunk's logits, so at most one chunk's (chunk_tokens, V) exists."""
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (N, C), (N,) -> summed CE
+        return causal_lm_loss(lm_head(h), t, ignore_index, reduction="sum")
+
+    hidden, flat_targets = hidden_states.reshape(-1, hidden_states.shape[-1]), targets.reshape(-1)
+    total = sum(checkpoint(chunk_loss, h, t, use_reentrant=False)
+                for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens)))
+    return total / (flat_targets != ignore_index).sum()  # mean over the non-ignored targets
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel):
@@ -56,17 +79,28 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None, use_cache: bool = False) -> CausalLMOutput:
-        """input_ids (B, T) -> logits (B, T, V). labels (B, T) are the inputs themselves (-100 to
-        ignore a position): they are shifted here, so position t is scored on token t + 1.
-        The other arguments are LlamaModel.forward's."""
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
+                past_key_values: Optional[KVCache] = None, use_cache: bool = False,
+                shift_labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """input_ids (B, T) -> logits (B, T, V), and the causal-LM loss given either of:
+        labels (B, T): the inputs themselves (-100 to ignore a position), shifted here so position
+            t is scored on token t + 1;
+        shift_labels (B, T): targets already aligned (no shift), e.g. the loader's y; the name of
+            transformers' loss keyword for the same thing.
+        With `model.gradient_checkpointing` on, in training mode and with targets, the loss is
+        computed in chunks (chunked_causal_lm_loss) and logits is None: keeping them would undo the
+        memory saving. The other arguments are LlamaModel.forward's."""
+        if labels is not None and shift_labels is not None:
+            raise ValueError("pass labels (shifted here) or shift_labels (already aligned), not both")
         if labels is not None:
-            # Shift left and pad the end with ignore: logits stay (B, T, V), no copy of a slice.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = causal_lm_loss(logits, targets)
+            # Shift left and pad the end with ignore: targets stay (B, T), no copy of the logits.
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        hidden_states = out.last_hidden_state  # (B, T, C)
+        if shift_labels is not None and self.model.gradient_checkpointing and self.training:
+            return CausalLMOutput(None, chunked_causal_lm_loss(hidden_states, self.lm_head, shift_labels),
+                                  out.past_key_values)
+        logits = self.lm_head(hidden_states)
+        loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels)
         return CausalLMOutput(logits, loss, out.past_key_values)
 
 

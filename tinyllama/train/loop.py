@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 from tinyllama.checkpoint import Checkpointer, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from tinyllama.config import JobConfig
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.model import causal_lm_loss
 from tinyllama.train.build import build_training_model, prepare_data, weight_differences
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
@@ -170,8 +169,9 @@ class Trainer:
                 else contextlib.nullcontext
             with no_sync():
                 with self.precision.autocast():
-                    logits = self.train_model(x).logits  # (B, T, V)
-                loss = causal_lm_loss(logits, y) / accum  # so the summed grads are a mean
+                    # The model applies causal_lm_loss; under gradient checkpointing it does so in
+                    # chunks without the (B, T, V) logits. / accum: the summed grads are a mean.
+                    loss = self.train_model(x, shift_labels=y).loss / accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
