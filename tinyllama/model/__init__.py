@@ -32,7 +32,7 @@ from tinyllama.model.attention import Attention, eager_attention, repeat_kv
 from tinyllama.model.cache import KVCache
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import (CausalLMOutput, LlamaForCausalLM, LlamaForSequenceClassification,
-                                   SequenceClassifierOutput, causal_lm_loss)
+                                   SequenceClassifierOutput, causal_lm_loss, chunked_causal_lm_loss)
 from tinyllama.model.mlp import MLP
 from tinyllama.model.modeling import BaseModelOutput, DecoderLayer, LlamaModel, ModelParts
 from tinyllama.model.norm import RMSNorm
@@ -42,5 +42,5 @@ __all__ = [
     "Attention", "BaseModelOutput", "CausalLMOutput", "DecoderLayer", "KVCache", "LlamaConfig",
     "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel", "MLP", "ModelParts", "RMSNorm",
     "RotaryEmbedding", "SequenceClassifierOutput", "apply_rotary_pos_emb", "causal_lm_loss",
-    "compute_inv_freq", "eager_attention", "repeat_kv", "rotate_half",
+    "chunked_causal_lm_loss", "compute_inv_freq", "eager_attention", "repeat_kv", "rotate_half",
 ]

@@ -86,7 +86,7 @@ class Trainer:
             self.load(resume)  # last: restores the RNG states everything above consumed
         compiled = torch.compile(self.model) if t.compile else self.model
         self.train_model = wrap_ddp(compiled, env)
-        self.throughput = Throughput(self.tokens_per_step, _flops_per_token(job), peak_flops(
+        self.throughput = Throughput(self.tokens_per_step, _flops_per_token(self.model, t.seq_len), peak_flops(
             env.device, self.precision.dtype), env.world_size)
 
     # ---- resume ---------------------------------------------------------------------------
@@ -258,8 +258,9 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _flops_per_token(job: JobConfig) -> float:
-    """Training FLOPs per token from issue 2's counter (6N plus the attention term)."""
+def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token from issue 2's counter (6N plus the attention term), counted on
+    the built model (from a config it would build a meta model: seconds of start-up)."""
     from tinyllama.inspect import flops_per_token
 
-    return flops_per_token(job.model, job.train.seq_len)["training"]
+    return flops_per_token(model, seq_len)["training"]
