@@ -61,3 +61,23 @@ def tiny_job(tiny_data, tmp_path):
         run=RunConfig(name="tiny", dir=str(tmp_path / "run"), seed=1, device="cpu"),
         sample=SampleConfig(num_samples=1, max_new_tokens=16),
     )
+
+
+@pytest.fixture
+def saved_run(tiny_job):
+    """(job, model, tokenizer): tiny_job with a checkpoint at step 20 in its run folder (random
+    weights, no training), for the stages that start from a checkpoint (evaluate, sample, export).
+    job.data is replaced by a copy, so tests may change it without touching the session's."""
+    import dataclasses
+
+    from tinyllama.checkpoint import save_checkpoint
+    from tinyllama.model import LlamaForCausalLM
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    tiny_job.data = dataclasses.replace(tiny_job.data)
+    tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_job.model)
+    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, model, tiny_job.model, tiny_job,
+                    tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
+    return tiny_job, model.eval(), tok

@@ -2,7 +2,6 @@
 results into the run folder and refuses missing or corrupt checkpoints without writing."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -12,27 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyllama.checkpoint import save_checkpoint
 from tinyllama.errors import CheckpointError
 from tinyllama.evaluate import TokenBytes, evaluate_loss, run_evaluation, text_batches
-from tinyllama.model import LlamaForCausalLM
 from tinyllama.tokenizer import ensure_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = "Once upon a time, a café served naïve robots 3 crêpes — and one 🤖 smiled.\n  The end. "
-
-
-@pytest.fixture
-def saved_run(tiny_job):
-    """tiny_job with a checkpoint at step 20 in its run folder (random weights, no training).
-    job.data is the session's tiny_data config: tests replace it, never change it in place."""
-    tiny_job.data = dataclasses.replace(tiny_job.data)
-    tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_job.model)
-    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, model, tiny_job.model, tiny_job,
-                    tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
-    return tiny_job, model.eval(), tok
 
 
 def test_loss_and_loss_by_position_equal_a_direct_computation(saved_run):

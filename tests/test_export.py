@@ -129,17 +129,12 @@ def test_export_never_writes_over_an_existing_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
 
 
-def test_export_stage_writes_a_verified_folder_from_a_run(tiny_job, capsys):
+def test_export_stage_writes_a_verified_folder_from_a_run(saved_run, capsys):
     from pathlib import Path
 
-    from tinyllama.checkpoint import save_checkpoint
     from tinyllama.export import run_export
-    from tinyllama.tokenizer import ensure_tokenizer
 
-    tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
-    torch.manual_seed(0)
-    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, LlamaForCausalLM(tiny_job.model), tiny_job.model,
-                    tiny_job, tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
+    tiny_job = saved_run[0]
     tiny_job.sample.temperature, tiny_job.sample.top_k = 0.7, 40
     out = run_export(tiny_job)
     assert out == Path(tiny_job.run.dir) / "hf"

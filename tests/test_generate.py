@@ -133,22 +133,6 @@ def test_bad_arguments_raise_one_clear_error(model):
 
 # --- the sample stage ------------------------------------------------------------------------
 
-@pytest.fixture
-def saved_run(tiny_job):
-    """tiny_job with a checkpoint at step 20 in its run folder (random weights, no training)."""
-    from pathlib import Path
-
-    from tinyllama.checkpoint import save_checkpoint
-    from tinyllama.tokenizer import ensure_tokenizer
-
-    tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_job.model)
-    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, model, tiny_job.model, tiny_job,
-                    tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
-    return tiny_job, model.eval(), tok
-
-
 def test_sample_stage_streams_what_generate_produces(saved_run):
     import io
 
