@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from tinyllama.model.config import LlamaConfig
@@ -290,6 +291,11 @@ class JobConfig:
     checkpoints/step_<N> folder); None: run.dir."""
     prompt: Optional[str] = None
     """scripts/sample.py shorthand for sample.prompt (python scripts/sample.py prompt="Once")."""
+
+
+def run_dir_of(job: JobConfig) -> Path:
+    """The run folder: run.dir, or runs/<run.name> when run.dir is unset."""
+    return Path(job.run.dir or Path("runs") / job.run.name)
 
 
 def split_unknown(data: Dict[str, Any], schema: type = JobConfig,

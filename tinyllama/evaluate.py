@@ -52,11 +52,13 @@ class TokenBytes:
 
     def count(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Bytes of the targets y (B, T) whose inputs are x (B, T); -100 targets count 0. -> int64 scalar."""
+        if self.table.device != y.device:
+            self.table = self.table.to(y.device)  # once, not per batch
         valid = y != -100
-        table = self.table.to(y.device)
-        n = (table[y.clamp(min=0)] * valid).sum()
+        sizes = self.table[y.clamp(min=0)] * valid  # (B, T) bytes per target
+        n = sizes.sum()
         if self.dummy_prefix:
-            n = n - ((x == self.bos_id) & valid & (table[y.clamp(min=0)] > 0)).sum()
+            n = n - ((x == self.bos_id) & (sizes > 0)).sum()
         return n
 
 
@@ -233,17 +235,16 @@ def load_for_inference(job, rope_type: Optional[str] = None, rope_factor: float 
     run.device, and its tokenizer. rope_type/rope_factor replace the trained RoPE scaling (e.g.
     a model trained at 256 tokens evaluated at 1024). Returns (ckpt, model, tokenizer, device)."""
     from tinyllama.checkpoint import build_model, load_checkpoint
+    from tinyllama.config import run_dir_of
     from tinyllama.tokenizer import Tokenizer
+    from tinyllama.train.distributed import pick_device
 
-    ckpt = load_checkpoint(job.checkpoint_path or job.run.dir or f"runs/{job.run.name}", train_state=False)
+    ckpt = load_checkpoint(job.checkpoint_path or run_dir_of(job), train_state=False)
     if rope_type is not None:
         rope = {"rope_type": rope_type, "factor": float(rope_factor)}
         if rope_type == "llama3":
             rope.update(low_freq_factor=1.0, high_freq_factor=4.0,
                         original_max_position_embeddings=ckpt.model_config.max_position_embeddings)
         ckpt.model_config = dataclasses.replace(ckpt.model_config, rope_scaling=rope)
-    requested = job.run.device
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    device = pick_device(job.run.device)
     return ckpt, build_model(ckpt, device), Tokenizer.load(ckpt.tokenizer_path), device

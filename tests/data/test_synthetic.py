@@ -30,11 +30,19 @@ def test_thousands_of_distinct_well_formed_stories():
         assert 200 < len(s) < 1500
 
 
-def test_every_plot_is_used_and_the_hero_recurs():
+def test_every_plot_is_used_and_the_hero_recurs(monkeypatch):
+    import tinyllama.data.synthetic as synthetic
+
+    used = set()
+
+    def recording(i, plot):
+        return lambda rng, slots: used.add(i) or plot(rng, slots)
+
+    monkeypatch.setattr(synthetic, "PLOTS", [recording(i, p) for i, p in enumerate(PLOTS)])
     stories = [generate_story(3, i) for i in range(400)]
     first_lines = [s.split("\n")[0] for s in stories]
     heroes = [line.split(" named ")[1].split()[0].strip(".,") if " named " in line else None for line in first_lines]
     for hero, story in zip(heroes, stories):
         if hero:
             assert story.count(hero) >= 3
-    assert len(PLOTS) >= 15
+    assert len(PLOTS) >= 15 and used == set(range(len(PLOTS)))  # every plot is reachable

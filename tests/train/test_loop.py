@@ -80,21 +80,29 @@ def test_resume_gives_bit_identical_losses(tiny_job, tmp_path, monkeypatch):
     assert val_losses(tiny_job)[20] == val_losses(straight)[20]
 
 
-def test_grad_checkpointing_gives_the_same_losses(tiny_job, tmp_path):
+def test_grad_checkpointing_gives_the_same_losses(tiny_job, tmp_path, monkeypatch):
     tiny_job.train.max_steps = 4
     plain, ckpt = copy.deepcopy(tiny_job), copy.deepcopy(tiny_job)
     ckpt.train.grad_checkpointing, ckpt.run.dir = True, str(tmp_path / "gc")
+    import tinyllama.model.modeling as modeling
+
+    calls = []
+    real = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_training(plain)
+    assert not calls
     run_training(ckpt)
+    assert calls  # the flag reached the model: layers were recomputed, not just stored
     a, b = train_losses(plain), train_losses(ckpt)
     assert a.keys() == b.keys()
     torch.testing.assert_close(list(a.values()), list(b.values()), rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_autocast_path_runs(tiny_job):
+def test_bf16_autocast_path_runs(tiny_job, capsys):
     tiny_job.train.precision, tiny_job.train.max_steps = "bf16", 2
     tiny_job.eval.batches, tiny_job.sample.max_new_tokens = 1, 2
     final = run_training(tiny_job)
+    assert "precision bf16" in capsys.readouterr().out  # the setting was not ignored
     assert math.isfinite(final)
     ckpt = load_checkpoint(loop.run_dir_of(tiny_job))
     assert all(t.dtype == torch.float32 for t in ckpt.model_state.values())  # master weights

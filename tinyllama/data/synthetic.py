@@ -316,7 +316,7 @@ ENDINGS = ["The end.", "And they lived happily ever after.", "From that day on, 
 def generate_story(seed: int, index: int) -> str:
     """Story number `index` of the corpus with this seed (a pure function of both)."""
     rng = random.Random(seed * 1_000_003 + index)
-    hero, friend = _character(rng), None
+    hero = _character(rng)
     friend = _character(rng, avoid=hero.name)
     food, food2 = rng.sample(FOODS, 2)
     color, color2 = rng.sample(COLORS, 2)

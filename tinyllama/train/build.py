@@ -24,10 +24,13 @@ def prepare_data(job: JobConfig, env: DistEnv) -> Tuple["Tokenizer", Path]:  # n
     from tinyllama.tokenizer import ensure_tokenizer
 
     if env.is_main:
-        ensure_packed(job.data, ensure_tokenizer(job.tokenizer, job.data))
+        tokenizer = ensure_tokenizer(job.tokenizer, job.data)
+        packed = ensure_packed(job.data, tokenizer)
     env.barrier()
-    tokenizer = ensure_tokenizer(job.tokenizer, job.data)
-    return tokenizer, ensure_packed(job.data, tokenizer)
+    if not env.is_main:  # rank 0 has made them: these calls only load and check
+        tokenizer = ensure_tokenizer(job.tokenizer, job.data)
+        packed = ensure_packed(job.data, tokenizer)
+    return tokenizer, packed
 
 
 def check_vocab(model_config: LlamaConfig, tokenizer) -> None:

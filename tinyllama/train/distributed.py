@@ -57,7 +57,8 @@ class DistEnv:
             dist.barrier()
 
 
-def _pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """run.device ("auto", "cpu", "cuda", "cuda:N") -> the torch device this process uses."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -73,7 +74,7 @@ def setup_distributed(requested_device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _pick_device(requested_device, local_rank)
+    device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tinyllama.checkpoint import Checkpointer, LoadedCheckpoint, load_checkpoint, save_checkpoint
-from tinyllama.config import JobConfig
+from tinyllama.config import JobConfig, run_dir_of
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.train.build import build_training_model, prepare_data, weight_differences
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
@@ -34,10 +34,6 @@ from tinyllama.train.samples import write_samples
 from tinyllama.train.signals import StopRequest
 from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
 from tinyllama.train.tracker import Tracker
-
-
-def run_dir_of(job: JobConfig) -> Path:
-    return Path(job.run.dir or Path("runs") / job.run.name)
 
 
 def run_training(job: JobConfig) -> float:
@@ -138,10 +134,13 @@ class Trainer:
 
     def save(self, root: Path, step: int) -> Path:
         """Write a checkpoint of the current state (collective: every rank calls it)."""
+        # Every rank holds the same weights, so every rank reaches the same verdict and raises
+        # together (a rank-0-only raise would leave the others waiting at the barrier below).
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise NonFiniteLossError(f"weights at step {step} are not finite: not saving them")
         ranks = self.env.all_gather_object({"loader": self.loader.state_dict(), "rng": rng_state()})
         if self.env.is_main:
-            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-                raise NonFiniteLossError(f"weights at step {step} are not finite: not saving them")
             train_state = {
                 "step": step, "tokens": self.tokens, "world_size": self.env.world_size,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -156,7 +155,7 @@ class Trainer:
         return root / f"step_{step}"
 
     # ---- one optimizer step ---------------------------------------------------------------
-    def forward_backward(self) -> Tuple[float, torch.Tensor]:
+    def forward_backward(self) -> Tuple[float, float]:
         """grad_accum micro-steps; DDP all-reduces gradients only on the last one.
         Returns (mean loss of the micro-batches on this rank, global gradient norm)."""
         accum, device = self.job.train.grad_accum, self.env.device
@@ -177,12 +176,13 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
         clip = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        return loss_sum.item(), grad_norm
+        loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one device sync per step
+        return loss, norm
 
-    def optimizer_step(self, loss: float, grad_norm: torch.Tensor) -> None:
+    def optimizer_step(self, loss: float, grad_norm: float) -> None:
         """Apply the update unless the loss/gradients are not finite (see NanGuard). Under fp16 an
         infinite gradient norm is the GradScaler's business (it skips and lowers the scale)."""
-        finite = math.isfinite(loss) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
         finite = not self.env.any(not finite)  # every rank takes the same decision
         if not self.guard.should_skip(self.step + 1, finite, f"loss ({loss}) or gradient norm"):
             self.scaler.step(self.optimizer)
@@ -221,12 +221,12 @@ class Trainer:
         finally:
             self.tracker.close()
 
-    def _log_step(self, loss: float, lr: float, grad_norm: torch.Tensor) -> None:
+    def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         self.throughput.step()
         if self.tracker.log_step(self.step, loss):
             perf = {**self.throughput.window(),
                     "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
-            self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=float(grad_norm))
+            self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm)
 
     def _stop(self, signal_name: Optional[str]) -> float:
         """Preemption or Ctrl-C: save now and return the last validation loss (nan if none)."""

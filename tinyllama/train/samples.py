@@ -7,6 +7,7 @@ from typing import Callable, List
 import torch
 
 from tinyllama.config import SampleConfig
+from tinyllama.generate import generate
 
 
 def prompts_of(cfg: SampleConfig) -> List[str]:
@@ -20,11 +21,6 @@ def prompts_of(cfg: SampleConfig) -> List[str]:
 def write_samples(model: torch.nn.Module, tokenizer, cfg: SampleConfig, seed: int,
                   path: Path, device: torch.device, echo: Callable[[str], None]) -> None:
     """cfg.num_samples continuations of each prompt, sampled with tinyllama.generate."""
-    try:
-        from tinyllama.generate import generate
-    except ImportError:  # the generation module ships with issue 5
-        echo("samples skipped: tinyllama.generate is not available in this checkout")
-        return
     model.eval()
     texts = []
     for prompt in prompts_of(cfg):
