@@ -112,6 +112,7 @@ def load_run(path: os.PathLike, name: Optional[str] = None) -> RunSummary:
 
 
 def _read_config(run: RunSummary) -> None:
+    from tinyllama.config import split_unknown
     from tinyllama.inspect import count_parameters
     from tinyllama.model.config import LlamaConfig
 
@@ -119,8 +120,10 @@ def _read_config(run: RunSummary) -> None:
         run.notes.append(f"no {CONFIG}: parameter count unknown")
         return
     try:
-        model = OmegaConf.load(run.path / CONFIG).get("model")
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LlamaConfig), model))
+        # Keys this version no longer has are dropped, as the checkpoint loader does.
+        model, _ = split_unknown(OmegaConf.to_container(OmegaConf.load(run.path / CONFIG)["model"]),
+                                 LlamaConfig)
+        config = LlamaConfig(**model)
         run.parameters = count_parameters(config)["total"]
     except Exception as e:  # an older or hand-edited config: still show the run's losses
         run.notes.append(f"{CONFIG}: model section unreadable ({type(e).__name__}: {e})")

@@ -153,9 +153,9 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to >= top_p (the most
     likely token always stays); the rest get -inf. logits (B, V) -> (B, V)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
     # A token stays if the tokens ranked above it sum to less than top_p.
-    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
