@@ -7,10 +7,10 @@ The synthetic stories are written once to .txt files (train and validation, stor
 by <|endoftext|> lines) and a bpe_4k tokenizer is trained once. Then, in the same run:
   - encode: SentencePieceProcessor.encode(batch of ~1 MB of documents, num_threads=1) over the
     same documents in one process, text already in memory (what one core can do);
-  - pack: ensure_packed(data=text_files on those files) with N worker processes, in a fresh
-    child process, end to end (reading, encoding, shard writing), with the peak RSS of the
-    packing process and of each worker, and the PSS of all of them together (sampled every 0.1 s;
-    forked workers share the parent's pages, which PSS counts once);
+  - pack: ensure_packed(data=text_files on those files) with N worker threads (0: encode in the
+    main thread), in a fresh child process, end to end (reading, encoding, shard writing), with
+    the peak RSS of the packing process (sampled every 0.1 s, and the kernel's high-water mark),
+    and of any child processes it starts (none since packing moved to threads);
   - pack (synthetic source): the same stories generated on the fly by the packing process.
 Throughput is reported in tokens/s and MB/s of UTF-8 text.
 """
@@ -179,7 +179,7 @@ def row(name: str, r: dict, mb: float, base: dict = None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=20, help="corpus size for the throughput comparison")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0: encode in the packing process")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="encoding threads; 0: the main thread")
     p.add_argument("--memory-mb", type=float, nargs="+", default=[20, 80], help="sizes for the memory check")
     p.add_argument("--memory-workers", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

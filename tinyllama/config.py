@@ -363,7 +363,7 @@ def validate(job: JobConfig) -> None:
     d, tk = job.data, job.tokenizer
     need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     need(d.num_docs > 0, f"data.num_docs={d.num_docs}: must be > 0")
-    need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0 (0: encode in-process)")
+    need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0 (0: encode in the main thread)")
     need(d.shard_tokens > 0, f"data.shard_tokens={d.shard_tokens}: must be > 0")
     need(0.0 < tk.character_coverage <= 1.0,
          f"tokenizer.character_coverage={tk.character_coverage}: must be in (0, 1]")

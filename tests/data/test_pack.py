@@ -126,3 +126,39 @@ def test_empty_validation_split(tmp_path, tok):
     with pytest.raises(DataError, match="val split .* holds no documents.*val_fraction"):
         ensure_packed(cfg, tok)
     assert not any(p.name == tok.fingerprint for p in (tmp_path / "packed" / "one").iterdir())
+
+
+def test_ordered_map_reads_lazily_and_keeps_order():
+    """The thread pool must not read the whole corpus ahead (memory would grow with it) and must
+    return results in input order whatever order the threads finish in."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    read = []
+
+    def items():
+        for i in range(50):
+            read.append(i)
+            yield i
+
+    def slow_square(i):
+        time.sleep(random.random() * 0.002)
+        return i * i
+
+    with ThreadPoolExecutor(2) as pool:
+        out = []
+        for result in pack._ordered_map(pool, slow_square, items(), in_flight=4):
+            out.append(result)
+            assert len(read) - len(out) <= 4  # never more than in_flight items read ahead
+    assert out == [i * i for i in range(50)]
+
+
+def test_worker_error_reaches_the_caller(tmp_path, tok, monkeypatch):
+    def broken(self, docs):
+        raise DataError("bad chunk")
+
+    monkeypatch.setattr(pack._ChunkEncoder, "__call__", broken)
+    with pytest.raises(DataError, match="bad chunk"):
+        ensure_packed(small_cfg(tmp_path, num_workers=2), tok)
+    assert not list((tmp_path / "packed").rglob("meta.json"))  # nothing that looks complete
