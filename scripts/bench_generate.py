@@ -7,11 +7,14 @@ Shape: the llama2c_15m preset (dim 288, 6 layers, 6 heads, tied embeddings), flo
 for each vocabulary size given. transformers' model is loaded from our Hugging Face export of
 the same weights, so both run identical math; the script checks they produce the same tokens.
 
-- decode: greedy, 256 new tokens after an 8-token prompt (no EOS stop), tokens / second;
+- decode: greedy, 256 new tokens after an 8-token prompt (no EOS stop), tokens / second; ours
+  as `generate` runs by default (tinyllama/fast_decode.py: weights packed for decoding) and
+  with `fast=False` (the model's own forward at every step);
 - prefill: one 256-token prompt and its first new token, prompt tokens / second;
-- matvec ceiling: the model's linear layers alone, one (1, C) input each, as tokens / second.
-  At batch 1 decoding streams every weight from memory once per token, so this bounds any
-  float32 implementation that runs these matrix-vector products.
+- matvec bounds: the matrix-vector products of one decoding step alone, as tokens / second, in
+  nn.Linear's (C_out, C_in) layout and in the packed (C_in, C_out) layout fast_decode uses. At
+  batch 1 decoding streams every weight from memory once per token, so the packed figure bounds
+  what any float32 implementation of these products reaches here.
 
 Each figure is the median of --rounds timed rounds (after one warm-up); the two libraries run in
 alternating rounds, so a load spike from another process hits both alike.
@@ -31,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tinyllama.export import export_hf
+from tinyllama.fast_decode import FastDecoder
 from tinyllama.generate import generate
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
@@ -79,14 +83,27 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
             for m, x in zip(linears, inputs):
                 m(x)
 
+    packed = FastDecoder(ours)
+    packed_weights = [w for layer in packed.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    packed_weights.append(packed.lm_head)
+    packed_inputs = [torch.randn(1, w.shape[0]) for w in packed_weights]
+
+    def packed_matvecs() -> None:
+        with torch.inference_mode():
+            for w, x in zip(packed_weights, packed_inputs):
+                x @ w
+
     runs = {
         "matvecs": matvecs,
+        "packed_matvecs": packed_matvecs,
         "ours_decode": lambda: generate(ours, short, NEW_TOKENS, temperature=0.0),
+        "ours_model_decode": lambda: generate(ours, short, NEW_TOKENS, temperature=0.0, fast=False),
         "hf_decode": lambda: hf_generate(short, NEW_TOKENS),
         "ours_prefill": lambda: generate(ours, long, 1, temperature=0.0),
         "hf_prefill": lambda: hf_generate(long, 1),
     }
     same = torch.equal(runs["ours_decode"](), runs["hf_decode"]())  # also the warm-up
+    same = same and torch.equal(runs["ours_decode"](), runs["ours_model_decode"]())
     for fn in runs.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in runs}
@@ -96,6 +113,7 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
         "ours_decode": NEW_TOKENS / med["ours_decode"], "hf_decode": NEW_TOKENS / med["hf_decode"],
+        "ours_model_decode": NEW_TOKENS / med["ours_model_decode"], "packed_ceiling": 1 / med["packed_matvecs"],
         "ours_prefill": PREFILL_PROMPT / med["ours_prefill"], "hf_prefill": PREFILL_PROMPT / med["hf_prefill"],
         "same_tokens": same, "ceiling": 1 / med["matvecs"],
     }
@@ -112,14 +130,16 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    print("| vocab | decode ours (tok/s) | decode transformers (tok/s) | ratio | prefill ours (tok/s) "
-          "| prefill transformers (tok/s) | ratio | matvec ceiling (tok/s) | same greedy tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| vocab | decode ours (tok/s) | ours, fast=False | decode transformers (tok/s) | ratio "
+          "| prefill ours (tok/s) | prefill transformers (tok/s) | ratio | matvecs, Linear layout (tok/s) "
+          "| matvecs, packed layout (tok/s) | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         r = bench_vocab(vocab, args.rounds)
-        print(f"| {vocab} | {r['ours_decode']:.0f} | {r['hf_decode']:.0f} | {r['ours_decode'] / r['hf_decode']:.2f}x "
-              f"| {r['ours_prefill']:.0f} | {r['hf_prefill']:.0f} | {r['ours_prefill'] / r['hf_prefill']:.2f}x "
-              f"| {r['ceiling']:.0f} | {r['same_tokens']} |", flush=True)
+        print(f"| {vocab} | {r['ours_decode']:.0f} | {r['ours_model_decode']:.0f} | {r['hf_decode']:.0f} "
+              f"| {r['ours_decode'] / r['hf_decode']:.2f}x | {r['ours_prefill']:.0f} | {r['hf_prefill']:.0f} "
+              f"| {r['ours_prefill'] / r['hf_prefill']:.2f}x | {r['ceiling']:.0f} | {r['packed_ceiling']:.0f} "
+              f"| {r['same_tokens']} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 

@@ -14,6 +14,7 @@ tokens, 0 for padding) and each row gets the positions and the output it would g
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Iterable, Iterator, List, Optional, TextIO
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from tinyllama.errors import ConfigError
+from tinyllama.fast_decode import FastDecoder
 from tinyllama.model import KVCache
 
 
@@ -35,6 +37,7 @@ def generate(
     eos_token_id: Optional[int] = None,
     seed: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (B, T) by up to `max_new_tokens` tokens.
 
@@ -45,6 +48,8 @@ def generate(
     has produced `eos_token_id`; a row that finished early is filled with it afterwards.
     seed makes sampling reproducible (None: torch's global RNG).
     attention_mask (B, T): 1 for real tokens, 0 for left padding.
+    fast: run the decoding path of fast_decode.py (same math, weights packed for decoding);
+    False runs the model's own forward at every step.
     Returns (B, T + n) int64, n <= max_new_tokens: the prompts followed by the new tokens.
     """
     B, T = input_ids.shape
@@ -52,7 +57,7 @@ def generate(
     out[:, :T] = input_ids
     n = 0
     for n, tokens in enumerate(stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                             repetition_penalty, eos_token_id, seed, attention_mask), 1):
+                                             repetition_penalty, eos_token_id, seed, attention_mask, fast), 1):
         out[:, T + n - 1] = tokens
     return out[:, : T + n]
 
@@ -69,6 +74,7 @@ def stream_tokens(
     eos_token_id: Optional[int] = None,
     seed: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    fast: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) int64, one step at a time (arguments as `generate`)."""
     _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
@@ -103,7 +109,13 @@ def stream_tokens(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     cache = KVCache(config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=dtype)
-    logits = _last_logits(model, input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    # The same math as the model's forward, with weights packed for decoding (fast_decode.py);
+    # the model itself for parts that path does not know, or when asked (fast=False).
+    if fast and FastDecoder.supports(model):
+        last_logits = FastDecoder.for_model(model)
+    else:
+        last_logits = functools.partial(_model_logits, model)
+    logits = last_logits(input_ids, mask[:, :T] if padded else None, position_ids, cache)
     for step in range(max_new_tokens):
         tokens = _next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
         if eos_token_id is not None:
@@ -114,14 +126,14 @@ def stream_tokens(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        logits = _last_logits(model, tokens[:, None], mask[:, : T + step + 1] if padded else None,
+        logits = last_logits(tokens[:, None], mask[:, : T + step + 1] if padded else None,
                               next_position, cache)
         if padded:
             next_position = next_position + 1
 
 
-def _last_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+def _model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                  position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
     """Logits of the last position only, (B, V) float32: the backbone runs on all T positions
     (filling the cache), but the (C -> V) head only on the last, so a prefill does not pay
     T x V for logits it would throw away."""

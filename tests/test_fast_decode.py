@@ -1,0 +1,117 @@
+"""FastDecoder (the packed-weight decoding path of generate) equals the model's own forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyllama.fast_decode import FastDecoder
+from tinyllama.generate import _model_logits, generate
+from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM, ModelParts
+from tinyllama.model.norm import RMSNorm
+
+VOCAB = 80
+BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32)
+CASES = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    "mqa, untied": {"num_key_value_heads": 1, "tie_word_embeddings": False},
+    "llama biases": {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 2},
+    "qwen2 q/k/v bias": {"model_type": "qwen2", "num_key_value_heads": 2},
+    "llama3 rope past the context": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 16},
+                                     "max_position_embeddings": 16},
+    "gelu": {"hidden_act": "gelu"},
+}
+
+
+def make_model(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides})).eval()
+    with torch.no_grad():  # non-zero biases and norm gains, so a dropped term shows
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.02))
+    return model
+
+
+def step_logits(fn, prompt: torch.Tensor, new_tokens: torch.Tensor, config, mask=None, positions=None):
+    """Logits after a prefill of `prompt`, then after each token of `new_tokens` (B, n), fed one
+    at a time: a list of (B, V)."""
+    B, T = prompt.shape
+    cache = KVCache(config, B, T + new_tokens.shape[1], dtype=torch.float32)
+    out = [fn(prompt, None if mask is None else mask[:, :T], positions, cache)]
+    for i in range(new_tokens.shape[1]):
+        step_mask = None if mask is None else mask[:, : T + i + 1]
+        pos = None if positions is None else positions[:, -1:] + i + 1
+        out.append(fn(new_tokens[:, i:i + 1], step_mask, pos, cache))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_equal_the_model_forward(case):
+    model = make_model(**CASES[case])
+    assert FastDecoder.supports(model)
+    g = torch.Generator().manual_seed(1)
+    prompt, new = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)
+    with torch.inference_mode():
+        expected = step_logits(lambda *a: _model_logits(model, *a), prompt, new, model.config)
+        got = step_logits(FastDecoder(model), prompt, new, model.config)
+    for i, (e, o) in enumerate(zip(expected, got)):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"{case}: step {i}")
+
+
+def test_left_padded_rows_equal_the_model_forward():
+    model = make_model(num_key_value_heads=2)
+    prompt = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    new = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: three padding tokens on the left
+    positions = (mask[:, :7].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        expected = step_logits(lambda *a: _model_logits(model, *a), prompt, new, model.config, mask, positions)
+        got = step_logits(FastDecoder(model), prompt, new, model.config, mask, positions)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_gives_the_same_tokens_either_way():
+    model = make_model(num_key_value_heads=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5 if p.dim() > 1 else 1)  # sharper logits: greedy paths differ between prompts
+    prompt = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    for kwargs in ({"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9, "seed": 5}):
+        fast = generate(model, prompt, max_new_tokens=20, **kwargs)
+        slow = generate(model, prompt, max_new_tokens=20, fast=False, **kwargs)
+        assert torch.equal(fast, slow), kwargs
+
+
+def test_packed_weights_follow_weight_changes():
+    model = make_model()
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(6))
+    first = FastDecoder.for_model(model)
+    assert FastDecoder.for_model(model) is first  # reused while the weights stay the same
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)  # an in-place change, as an optimizer makes
+    assert FastDecoder.for_model(model) is not first
+    assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    assert "_fast_decoder" not in "".join(model.state_dict())
+
+
+class ScaledRMSNorm(RMSNorm):
+    def forward(self, hidden_states):
+        return 2 * super().forward(hidden_states)
+
+
+def test_unknown_parts_and_sliding_windows_use_the_model_itself():
+    custom = LlamaForCausalLM(LlamaConfig(**BASE), parts=ModelParts(norm=ScaledRMSNorm)).eval()
+    windowed = make_model(model_type="qwen2", sliding_window=4, max_window_layers=1)
+    for model in (custom, windowed):
+        assert not FastDecoder.supports(model)
+        prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+        expected = prompt
+        with torch.no_grad():
+            for _ in range(6):
+                expected = torch.cat([expected, model(expected).logits[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(generate(model, prompt, 6, temperature=0.0), expected)
