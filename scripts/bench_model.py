@@ -2,6 +2,7 @@
 
     flock /tmp/bench.lock .venv/bin/python scripts/bench_model.py
     flock /tmp/bench.lock .venv/bin/python scripts/bench_model.py --profile   # where the time goes
+    flock /tmp/bench.lock .venv/bin/python scripts/bench_model.py --compile   # + torch.compile variant
 
 Shape: the llama2c_15m preset with a 4096 vocabulary, seq 256. Four variants run in one process
 on the same weights, in alternating rounds (so a load spike from another process hits all of
@@ -86,14 +87,29 @@ class Variant:
         return time.perf_counter() - start
 
 
-def profile(variant: Variant, x: torch.Tensor, y: torch.Tensor, rows: int = 25) -> None:
+def profile(variant: Variant, x: torch.Tensor, y: torch.Tensor, gemm_flops: float, step_flops: float,
+            peak: float, rows: int = 25) -> None:
+    """Print the top ops of one step, then the step split three ways: the matrix products of
+    the projections and head (aten::mm, whose FLOPs are the 6N part), the attention kernels, and
+    everything else; and the share of matmul throughput the step would reach if the attention
+    kernels and everything else took no time at all."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     variant.step(x, y)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         variant.step(x, y)
     print(f"\nprofile of one step of {variant.name} (self CPU time):")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+    total = sum(e.self_cpu_time_total for e in averages) / 1e6
+    mm = sum(e.self_cpu_time_total for e in averages if e.key in ("aten::mm", "aten::addmm")) / 1e6
+    attention = sum(e.self_cpu_time_total for e in averages if "attention" in e.key) / 1e6
+    print(f"step {total:.3f} s: matrix products {mm:.3f} s ({100 * mm / total:.0f}%, {gemm_flops / mm / 1e9:.1f} "
+          f"GFLOP/s = {100 * gemm_flops / mm / peak:.0f}% of matmul), attention kernels {attention:.3f} s "
+          f"({100 * attention / total:.0f}%), everything else {total - mm - attention:.3f} s "
+          f"({100 * (total - mm - attention) / total:.0f}%)")
+    print(f"if attention and everything else took no time, the step (all its counted FLOPs in the "
+          f"matrix products' time) would reach {100 * step_flops / mm / peak:.0f}% of matmul")
 
 
 def main() -> None:
@@ -105,6 +121,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant, alternating")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--profile", action="store_true", help="print the top ops of our sdpa step")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our sdpa model under torch.compile (Inductor; compiles first, ~30 s)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -115,6 +133,10 @@ def main() -> None:
     ours_eager = LlamaForCausalLM(dataclasses.replace(config, attn_implementation="eager"))
     ours_eager.load_state_dict(ours.state_dict())
     variants += [Variant("tinyllama eager", ours_eager), Variant("transformers eager", hf_twin(config, ours, "eager"))]
+    if args.compile:  # what the train loop's train.compile=true does to the same model
+        twin = LlamaForCausalLM(config)
+        twin.load_state_dict(ours.state_dict())
+        variants.append(Variant("tinyllama sdpa + torch.compile", torch.compile(twin)))
 
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
@@ -153,7 +175,7 @@ def main() -> None:
               f"{best[f'transformers {attn}'] / best[f'tinyllama {attn}']:.3f}")
     print(f"tinyllama eager/sdpa time (best): {best['tinyllama eager'] / best['tinyllama sdpa']:.3f}")
     if args.profile:
-        profile(variants[0], x, y)
+        profile(variants[0], x, y, 6 * flops["n"] * tokens, flops["training"] * tokens, peak)
 
 
 if __name__ == "__main__":
