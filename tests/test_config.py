@@ -101,6 +101,15 @@ def test_bad_values_are_all_reported_at_once():
         assert key in msg
 
 
+def test_bad_sampling_settings_are_refused_before_any_checkpoint_is_loaded():
+    cfg = _compose("sample", ["sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5",
+                              "sample.repetition_penalty=0"])
+    with pytest.raises(ConfigError) as e:
+        to_job(cfg)
+    for key in ("sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5", "sample.repetition_penalty=0"):
+        assert key in str(e.value)
+
+
 def test_keys_added_with_plus_are_refused_not_dropped():
     # `+key=value` passes Hydra's struct check; OmegaConf.to_object would silently drop it.
     with pytest.raises(ConfigError, match=r"train\.max_step\b.*\bfoo\b"):

@@ -389,6 +389,12 @@ def validate(job: JobConfig) -> None:
          "evaluate.batch_size and evaluate.seq_len must be > 0")
     need(ex.dtype in ("float32", "bfloat16", "float16"),
          f"export.dtype={ex.dtype!r}: choose float32, bfloat16 or float16")
-    need(job.sample.max_new_tokens >= 0, f"sample.max_new_tokens={job.sample.max_new_tokens}: must be >= 0")
+    sa = job.sample
+    need(sa.max_new_tokens >= 0, f"sample.max_new_tokens={sa.max_new_tokens}: must be >= 0")
+    need(sa.num_samples >= 0, f"sample.num_samples={sa.num_samples}: must be >= 0")
+    need(sa.temperature >= 0, f"sample.temperature={sa.temperature}: must be >= 0 (0 is greedy)")
+    need(sa.top_k is None or sa.top_k >= 1, f"sample.top_k={sa.top_k}: must be >= 1 (or null)")
+    need(sa.top_p is None or 0 < sa.top_p <= 1, f"sample.top_p={sa.top_p}: must be in (0, 1] (or null)")
+    need(sa.repetition_penalty > 0, f"sample.repetition_penalty={sa.repetition_penalty}: must be > 0 (1 disables it)")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

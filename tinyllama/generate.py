@@ -252,7 +252,8 @@ class TextStream:
 
     The whole sequence is decoded each time (SentencePiece's spacing depends on the neighbours,
     and a byte-fallback character spans several tokens); text ending in an incomplete
-    character (U+FFFD) is held back until the next token completes it.
+    character (U+FFFD) is held back until the next token completes it. Without an output to
+    stream to, decoding waits for `finish` (once, instead of once per token).
     """
 
     def __init__(self, tokenizer, prompt_ids: List[int], out: Optional[TextIO]) -> None:
@@ -266,14 +267,16 @@ class TextStream:
         if token == self.tokenizer.eos_id:
             return False
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        self.text = text
-        if not text.endswith("\ufffd"):
-            self._flush(text)
+        if self.out is not None:
+            self.text = self.tokenizer.decode(self.ids)
+            if not self.text.endswith("\ufffd"):
+                self._flush(self.text)
         return True
 
     def finish(self) -> None:
-        """Write what was held back (an incomplete character at the very end)."""
+        """Decode what is not yet decoded and write what was held back (an incomplete
+        character at the very end)."""
+        self.text = self.tokenizer.decode(self.ids)
         self._flush(self.text)
 
     def _flush(self, text: str) -> None:
