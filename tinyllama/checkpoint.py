@@ -34,13 +34,13 @@ from safetensors.torch import load_file, save_file
 from tinyllama.config import CheckpointConfig, JobConfig, split_unknown
 from tinyllama.errors import CheckpointError
 from tinyllama.model.config import LlamaConfig
+from tinyllama.model.heads import drop_tied_head, restore_tied_head
 
 CHECKPOINTS = "checkpoints"
 LATEST, BEST = "latest", "best"
 WEIGHTS, MODEL_CONFIG, RUN_CONFIG = "model.safetensors", "model_config.json", "config.yaml"
 TOKENIZER, TRAIN_STATE, META = "tokenizer.model", "train_state.pt", "meta.json"
 REQUIRED = (WEIGHTS, MODEL_CONFIG, RUN_CONFIG, TOKENIZER, META)
-TIED_HEAD = "lm_head.weight"
 
 
 @dataclass
@@ -115,8 +115,7 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
         state = load_file(folder / WEIGHTS)
     except Exception as e:  # truncated safetensors, bad YAML, wrong field types
         raise CheckpointError(f"checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e
-    if model_config.tie_word_embeddings and TIED_HEAD not in state:
-        state[TIED_HEAD] = state["model.embed_tokens.weight"]
+    state = restore_tied_head(state, model_config)
     trainer_state = None
     if train_state:
         if not (folder / TRAIN_STATE).is_file():
@@ -168,9 +167,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, model_config:
         shutil.rmtree(stale)  # left by a save that was killed (only rank 0 ever saves)
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     tmp.mkdir()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model_config.tie_word_embeddings:
-        state.pop(TIED_HEAD, None)  # same tensor as the embedding; safetensors stores it once
+    state = {k: v.detach().to("cpu").contiguous()
+             for k, v in drop_tied_head(model.state_dict(), model_config).items()}
     save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
     (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
     (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))

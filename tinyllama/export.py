@@ -28,11 +28,11 @@ from torch import nn
 
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.model.config import LlamaConfig
+from tinyllama.model.heads import drop_tied_head, restore_tied_head
 
 if TYPE_CHECKING:
     from tinyllama.checkpoint import LoadedCheckpoint
 
-TIED_HEAD = "lm_head.weight"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # RoPE types both sides implement; transformers' yarn/longrope/... have no counterpart here.
@@ -139,8 +139,8 @@ def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Pat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
-        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()
-                   if not (cfg.tie_word_embeddings and k == TIED_HEAD)}
+        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
+                   for k, v in drop_tied_head(state, cfg).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config(cfg, dtype))
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation or {})}
@@ -171,9 +171,7 @@ def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Te
         cfg = config_from_hf(hf)
     except (ValueError, KeyError) as e:  # ConfigError is a ValueError: a config we cannot build
         raise CheckpointError(f"{folder / 'config.json'} cannot be imported: {e}") from e
-    state = _read_safetensors(folder)
-    if cfg.tie_word_embeddings:
-        state[TIED_HEAD] = state["model.embed_tokens.weight"]
+    state = restore_tied_head(_read_safetensors(folder), cfg)
     from tinyllama.model import LlamaForCausalLM
 
     with torch.device("meta"):  # only the key names are needed, not the memory

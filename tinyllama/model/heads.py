@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,23 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module, targ
     total = sum(checkpoint(chunk_loss, h, t, use_reentrant=False)
                 for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens)))
     return total / (flat_targets != ignore_index).sum()  # mean over the non-ignored targets
+
+
+TIED_HEAD = "lm_head.weight"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def drop_tied_head(state: Dict[str, torch.Tensor], config: LlamaConfig) -> Dict[str, torch.Tensor]:
+    """The state_dict to store: a tied lm_head.weight is the embedding tensor itself, so files
+    (ours and Hugging Face's) keep it once, under the embedding's name."""
+    return {k: v for k, v in state.items() if not (config.tie_word_embeddings and k == TIED_HEAD)}
+
+
+def restore_tied_head(state: Dict[str, torch.Tensor], config: LlamaConfig) -> Dict[str, torch.Tensor]:
+    """Inverse of drop_tied_head: a state_dict that load_state_dict(strict=True) accepts."""
+    if config.tie_word_embeddings and TIED_HEAD not in state and EMBEDDING in state:
+        state = {**state, TIED_HEAD: state[EMBEDDING]}
+    return state
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel):
