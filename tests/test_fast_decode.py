@@ -7,6 +7,7 @@ import torch
 from tinyllama.fast_decode import FastDecoder
 from tinyllama.generate import _model_logits, generate
 from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM, ModelParts
+from tinyllama.model.mlp import MLP
 from tinyllama.model.norm import RMSNorm
 
 VOCAB = 80
@@ -30,7 +31,7 @@ def make_model(**overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides})).eval()
     with torch.no_grad():  # non-zero biases and norm gains, so a dropped term shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.02))
     return model
 
@@ -104,8 +105,26 @@ class ScaledRMSNorm(RMSNorm):
         return 2 * super().forward(hidden_states)
 
 
+class ScaledMLP(MLP):
+    def forward(self, x):
+        return 3 * super().forward(x)
+
+
+def test_a_custom_norm_runs_inside_the_fast_path():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**BASE), parts=ModelParts(norm=ScaledRMSNorm)).eval()
+    assert FastDecoder.supports(model)
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
+    new = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        expected = step_logits(lambda *a: _model_logits(model, *a), prompt, new, model.config)
+        got = step_logits(FastDecoder(model), prompt, new, model.config)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_parts_and_sliding_windows_use_the_model_itself():
-    custom = LlamaForCausalLM(LlamaConfig(**BASE), parts=ModelParts(norm=ScaledRMSNorm)).eval()
+    custom = LlamaForCausalLM(LlamaConfig(**BASE), parts=ModelParts(mlp=ScaledMLP)).eval()
     windowed = make_model(model_type="qwen2", sliding_window=4, max_window_layers=1)
     for model in (custom, windowed):
         assert not FastDecoder.supports(model)

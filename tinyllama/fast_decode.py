@@ -14,8 +14,9 @@ cuts both, the way llama2.c's run.c sits beside its model.py:
 The result equals the model's forward up to float rounding (tests/test_fast_decode.py). The
 packed copy is built once per model and rebuilt when its weights change (a parameter's
 version counter moves, e.g. after an optimizer step). It handles the standard parts only:
-`FastDecoder.supports(model)` is False for a model built with other `ModelParts` or with
-sliding-window layers, and `generate` then runs the model itself.
+`FastDecoder.supports(model)` is False for a model built with other attention, MLP or rotary
+`ModelParts` (a custom norm runs as it is) or with sliding-window layers, and `generate` then
+runs the model itself.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from tinyllama.model import KVCache
 from tinyllama.model.attention import Attention, repeat_kv
 from tinyllama.model.masks import build_attention_mask
 from tinyllama.model.mlp import MLP
-from tinyllama.model.norm import RMSNorm
 from tinyllama.model.rotary import RotaryEmbedding, rotate_half
 
 # torch >= 2.5 lets sdpa read H_kv key/value heads for H query heads without repeat_kv's copy.
@@ -42,10 +42,8 @@ def _t(linear: nn.Linear) -> torch.Tensor:
 
 
 def _cat_bias(*linears: nn.Linear) -> Optional[torch.Tensor]:
-    if all(m.bias is None for m in linears):
-        return None
-    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                      for m in linears])
+    """The fused projections' bias; q/k/v (and gate/up) always share one bias setting."""
+    return None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
 
 
 class _PackedLayer:
@@ -53,9 +51,8 @@ class _PackedLayer:
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm, self.input_eps = layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon
-        self.post_norm, self.post_eps = (layer.post_attention_layernorm.weight.detach(),
-                                         layer.post_attention_layernorm.variance_epsilon)
+        # Norms and the activation have no matrix to pack: the model's own modules run as they are.
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.qkv = torch.cat([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], dim=1)  # (C, (H + 2 H_kv) D)
         self.qkv_bias = _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o, self.o_bias = _t(attn.o_proj), attn.o_proj.bias
@@ -84,37 +81,35 @@ class FastDecoder:
         config = backbone.config
         if model.training and config.attention_dropout > 0:  # this path never drops out
             return False
-        return (type(backbone.rotary_emb) is RotaryEmbedding and type(backbone.norm) is RMSNorm
+        # Norms are called as the model's own modules, so any norm part works; the parts whose
+        # weights are packed (attention, MLP) and the rotary tables must be the standard ones.
+        return (type(backbone.rotary_emb) is RotaryEmbedding
                 and not any(config.uses_sliding_window(i) for i in range(config.num_hidden_layers))
-                and all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP
-                        and type(layer.input_layernorm) is RMSNorm
-                        and type(layer.post_attention_layernorm) is RMSNorm for layer in backbone.layers))
+                and all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in backbone.layers))
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "FastDecoder":
         """The model's packed decoder, built on first use and whenever its weights changed."""
-        version = _weights_version(model)
         decoder = model.__dict__.get("_fast_decoder")
-        if decoder is None or decoder.version != version:
+        if decoder is None or decoder.version != _weights_version(model):
             decoder = cls(model)
-            decoder.version = version
             model.__dict__["_fast_decoder"] = decoder  # not a submodule: never in state_dict
         return decoder
 
     @torch.no_grad()
     def __init__(self, model: nn.Module) -> None:
         backbone = model.model
-        self.config = config = backbone.config
+        config = backbone.config
+        self.version = _weights_version(model)  # of the weights packed here
         self.embed_tokens = backbone.embed_tokens.weight.detach()  # (V, C)
         self.rotary_emb = backbone.rotary_emb
         self.layers: List[_PackedLayer] = [_PackedLayer(layer) for layer in backbone.layers]
-        self.norm, self.norm_eps = backbone.norm.weight.detach(), backbone.norm.variance_epsilon
+        self.norm = backbone.norm
         self.lm_head = _t(model.lm_head)  # (C, V)
         self.head_dim = config.resolved_head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
         self.scaling = self.head_dim ** -0.5
-        self.version: Tuple = ()
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -134,11 +129,11 @@ class FastDecoder:
         cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, D): one table for every head
         mask = build_attention_mask(attention_mask, T, past, input_ids.device, allow_implicit_causal=True)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(_rms_norm(x, layer.input_norm, layer.input_eps), layer, i, cos, sin, mask, cache)
-            h = _rms_norm(x, layer.post_norm, layer.post_eps)
+            x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
+            h = layer.post_attention_layernorm(x)
             gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
             x = x + _linear(layer.act_fn(gate) * up, layer.down, layer.down_bias)
-        last = _rms_norm(x[:, -1], self.norm, self.norm_eps)  # (B, C): the head sees one position
+        last = self.norm(x[:, -1])  # (B, C): the head sees one position
         return (last @ self.lm_head).float()
 
     def _attention(self, h: torch.Tensor, layer: _PackedLayer, layer_idx: int, cos: torch.Tensor,
@@ -157,13 +152,6 @@ class FastDecoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                              scale=self.scaling, **gqa)
         return _linear(out.transpose(1, 2).reshape(B, T, H * D), layer.o, layer.o_bias)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as the model computes it (statistics in float32, gain after the cast back)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def _weights_version(model: nn.Module) -> Tuple:

@@ -12,8 +12,9 @@ ends. Worker threads encode ~256 KB chunks of documents while the main thread re
 and writes shards, in input order (so the output does not depend on the number of workers) and
 with a few chunks in flight at most: memory stays flat however large the corpus. Threads, not
 processes: SentencePiece's C++ encoder releases the GIL, so N threads encode on N cores with no
-pickling of text and token arrays between processes (that copying cost processes ~30% more CPU). The folder is built under a temporary
-name and renamed into place, so an interrupted run never leaves a complete-looking output.
+pickling of text and token arrays between processes (that copying cost processes ~30% more
+CPU). The folder is built under a temporary name and renamed into place, so an interrupted run
+never leaves a complete-looking output.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _alive(pid: int) -> bool:
 
 def _pack(data_cfg: "DataConfig", tokenizer: "Tokenizer", folder: Path) -> Dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    with _encoder(tokenizer.model_path, dtype, data_cfg.num_workers) as encode:
+    with _encoder(tokenizer.sp, dtype, data_cfg.num_workers) as encode:
         splits = {split: pack_documents(iter_documents(data_cfg, split), encode, folder, split, dtype,
                                         data_cfg.shard_tokens)
                   for split in ("train", "val")}
@@ -142,10 +143,10 @@ def _pack(data_cfg: "DataConfig", tokenizer: "Tokenizer", folder: Path) -> Dict:
 
 
 @contextlib.contextmanager
-def _encoder(model_path: Path, dtype: np.dtype, num_workers: int):
+def _encoder(sp: spm.SentencePieceProcessor, dtype: np.dtype, num_workers: int):
     """Yield `encode(chunks) -> iterator of (tokens, n_docs)`, in input order.
     num_workers=0 encodes in the calling thread; n > 0 in n worker threads."""
-    encode_chunk = _ChunkEncoder(model_path, dtype)
+    encode_chunk = _ChunkEncoder(sp, dtype)
     if num_workers <= 0:
         yield lambda chunks: map(encode_chunk, chunks)
         return
@@ -193,11 +194,10 @@ def _chunks(docs: Iterator[str], chunk_bytes: int) -> Iterator[List[str]]:
 
 class _ChunkEncoder:
     """Documents -> (flat token array: BOS ids EOS BOS ids EOS ..., number of documents).
-    One SentencePieceProcessor serves every thread: encoding does not modify it."""
+    The tokenizer's own SentencePieceProcessor serves every thread: encoding does not modify it."""
 
-    def __init__(self, model_path: Path, dtype: np.dtype):
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.dtype = dtype
+    def __init__(self, sp: spm.SentencePieceProcessor, dtype: np.dtype):
+        self.sp, self.dtype = sp, dtype
 
     def __call__(self, docs: List[str]) -> Tuple[np.ndarray, int]:
         ids = self.sp.encode(docs, add_bos=True, add_eos=True, num_threads=1)
