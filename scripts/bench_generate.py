@@ -8,13 +8,15 @@ for each vocabulary size given. transformers' model is loaded from our Hugging F
 the same weights, so both run identical math; the script checks they produce the same tokens.
 
 - decode: greedy, 256 new tokens after an 8-token prompt (no EOS stop), tokens / second; ours
-  as `generate` runs by default (tinyllama/fast_decode.py: weights packed for decoding) and
-  with `fast=False` (the model's own forward at every step);
+  as `generate` runs by default (tinyllama/fast_decode.py: the model's math in NumPy, weights
+  packed for decoding) and with `fast=False` (the model's own forward at every step);
 - prefill: one 256-token prompt and its first new token, prompt tokens / second;
-- matvec bounds: the matrix-vector products of one decoding step alone, as tokens / second, in
-  nn.Linear's (C_out, C_in) layout and in the packed (C_in, C_out) layout fast_decode uses. At
-  batch 1 decoding streams every weight from memory once per token, so the packed figure bounds
-  what any float32 implementation of these products reaches here.
+- matvec bounds: the matrix-vector products of one decoding step alone, as tokens / second:
+  torch's, in nn.Linear's (C_out, C_in) layout, and NumPy's in the packed (C_in, C_out) layout
+  fast_decode uses. At batch 1 decoding streams every weight from memory once per token, so
+  these bound what the two implementations reach here.
+
+--threads applies to both torch and NumPy's BLAS (threadpoolctl), for both libraries' runs.
 
 Each figure is the median of --rounds timed rounds (after one warm-up); the two libraries run in
 alternating rounds, so a load spike from another process hits both alike.
@@ -30,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
+from threadpoolctl import threadpool_limits
 
 from tinyllama.export import export_hf
 from tinyllama.fast_decode import FastDecoder
@@ -86,12 +90,11 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
     packed = FastDecoder(ours)
     packed_weights = [w for layer in packed.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     packed_weights.append(packed.lm_head)
-    packed_inputs = [torch.randn(1, w.shape[0]) for w in packed_weights]
+    packed_inputs = [np.ones((1, w.shape[0]), np.float32) for w in packed_weights]
 
     def packed_matvecs() -> None:
-        with torch.inference_mode():
-            for w, x in zip(packed_weights, packed_inputs):
-                x @ w
+        for w, x in zip(packed_weights, packed_inputs):
+            x @ w
 
     runs = {
         "matvecs": matvecs,
@@ -123,9 +126,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # NumPy's OpenBLAS too (and torch's OpenMP pool, again)
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "

@@ -23,6 +23,8 @@ CASES = {
                                                       "high_freq_factor": 4.0,
                                                       "original_max_position_embeddings": 16},
                                      "max_position_embeddings": 16},
+    "dynamic rope past the context": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+                                      "max_position_embeddings": 16},
     "gelu": {"hidden_act": "gelu"},
 }
 
@@ -36,17 +38,21 @@ def make_model(**overrides) -> LlamaForCausalLM:
     return model
 
 
-def step_logits(fn, prompt: torch.Tensor, new_tokens: torch.Tensor, config, mask=None, positions=None):
-    """Logits after a prefill of `prompt`, then after each token of `new_tokens` (B, n), fed one
-    at a time: a list of (B, V)."""
+def step_logits(model, step, prompt: torch.Tensor, new_tokens: torch.Tensor, mask=None, positions=None):
+    """Logits after a prefill of `prompt` by the model (as generate runs it), then after each
+    token of `new_tokens` (B, n) fed one at a time to `step`: a list of (B, V)."""
     B, T = prompt.shape
-    cache = KVCache(config, B, T + new_tokens.shape[1], dtype=torch.float32)
-    out = [fn(prompt, None if mask is None else mask[:, :T], positions, cache)]
+    cache = KVCache(model.config, B, T + new_tokens.shape[1], dtype=torch.float32)
+    out = [_model_logits(model, prompt, None if mask is None else mask[:, :T], positions, cache)]
     for i in range(new_tokens.shape[1]):
         step_mask = None if mask is None else mask[:, : T + i + 1]
         pos = None if positions is None else positions[:, -1:] + i + 1
-        out.append(fn(new_tokens[:, i:i + 1], step_mask, pos, cache))
+        out.append(step(new_tokens[:, i:i + 1], step_mask, pos, cache))
     return out
+
+
+def model_step(model):
+    return lambda *a: _model_logits(model, *a)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -56,8 +62,8 @@ def test_logits_equal_the_model_forward(case):
     g = torch.Generator().manual_seed(1)
     prompt, new = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)
     with torch.inference_mode():
-        expected = step_logits(lambda *a: _model_logits(model, *a), prompt, new, model.config)
-        got = step_logits(FastDecoder(model), prompt, new, model.config)
+        expected = step_logits(model, model_step(model), prompt, new)
+        got = step_logits(model, FastDecoder(model), prompt, new)
     for i, (e, o) in enumerate(zip(expected, got)):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"{case}: step {i}")
 
@@ -70,8 +76,8 @@ def test_left_padded_rows_equal_the_model_forward():
     mask[1, :3] = 0  # row 1: three padding tokens on the left
     positions = (mask[:, :7].cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        expected = step_logits(lambda *a: _model_logits(model, *a), prompt, new, model.config, mask, positions)
-        got = step_logits(FastDecoder(model), prompt, new, model.config, mask, positions)
+        expected = step_logits(model, model_step(model), prompt, new, mask, positions)
+        got = step_logits(model, FastDecoder(model), prompt, new, mask, positions)
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
@@ -117,8 +123,8 @@ def test_a_custom_norm_runs_inside_the_fast_path():
     prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(8))
     new = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
-        expected = step_logits(lambda *a: _model_logits(model, *a), prompt, new, model.config)
-        got = step_logits(FastDecoder(model), prompt, new, model.config)
+        expected = step_logits(model, model_step(model), prompt, new)
+        got = step_logits(model, FastDecoder(model), prompt, new)
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
@@ -134,3 +140,18 @@ def test_unknown_parts_and_sliding_windows_use_the_model_itself():
             for _ in range(6):
                 expected = torch.cat([expected, model(expected).logits[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(generate(model, prompt, 6, temperature=0.0), expected)
+
+
+def test_a_full_cache_grows_and_prompts_are_refused():
+    model = make_model()
+    decoder = FastDecoder(model)
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, 6, dtype=torch.float32)  # no room for a new token
+        _model_logits(model, prompt, None, None, cache)
+        got = decoder(prompt[:, -1:], None, None, cache)
+        assert cache.get_seq_length() == 7 and cache.keys[0].shape[2] >= 7
+        expected = model(torch.cat([prompt, prompt[:, -1:]], dim=1)).logits[:, -1]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="one new token per row"):
+            decoder(prompt, None, None, cache)

@@ -1,49 +1,94 @@
-"""The inference path of `generate`: the model's math with its weights packed for decoding.
+"""The decoding step of `generate` on CPU: the model's math in NumPy, weights packed for decoding.
 
-Decoding feeds one token per row, so every projection is a matrix-vector product and a step is
-bound by reading the weights from memory, plus a fixed cost per PyTorch op. `FastDecoder`
-cuts both, the way llama2.c's run.c sits beside its model.py:
+`generate` runs the prompt through the model itself (a prefill is compute-bound: torch's GEMMs
+and attention kernels are the right tools), then feeds each new token here. One token per row
+makes every projection a matrix-vector product, so a step is bound by reading the weights from
+memory plus a fixed cost per op. `FastDecoder` cuts both, the way llama2.c's run.c sits beside
+its model.py:
 
+- the ~25 small ops per layer (norms, RoPE, cache writes, attention, residuals) run in NumPy,
+  whose cost per call on arrays this small is a fraction of a PyTorch op's (no dispatcher,
+  autograd or version bookkeeping): ~0.6 ms per token for 6 layers against ~1.8 ms in eager
+  PyTorch, measured on a model too narrow for the products to count;
 - weights stored input-major, `(C_in, C_out)` contiguous, applied as `x @ W_t`: for a single
-  row, BLAS then streams the matrix in the order it lies in memory; the layout of `nn.Linear`,
-  `(C_out, C_in)`, made this CPU's float32 gemv read ~2-3x slower (BENCHMARKS.md, generation);
+  row, BLAS then streams the matrix in the order it lies in memory (`nn.Linear`'s layout made
+  this CPU's float32 gemv ~2x slower, and NumPy's OpenBLAS streams faster than torch's MKL here;
+  BENCHMARKS.md, generation);
 - q/k/v in one matrix and gate/up in one matrix: 4 products per layer instead of 7;
-- RoPE applied to the q and k heads in one go, attention by `scaled_dot_product_attention`
-  reading the grouped k/v heads directly (no repeat_kv copy).
+- RoPE applied to the q and k heads in one go; grouped query heads read their shared k/v head
+  directly (no repeat_kv copy); keys and values go into the model's own KVCache buffers through
+  zero-copy views.
 
-The result equals the model's forward up to float rounding (tests/test_fast_decode.py). The
-packed copy is built once per model and rebuilt when its weights change (a parameter's
-version counter moves, e.g. after an optimizer step). It handles the standard parts only:
-`FastDecoder.supports(model)` is False for a model built with other attention, MLP or rotary
-`ModelParts` (a custom norm runs as it is) or with sliding-window layers, and `generate` then
-runs the model itself.
+The logits equal the model's forward up to float rounding (tests/test_fast_decode.py). The
+packed copy is built once per model and rebuilt when its weights change (a parameter's version
+counter moves, e.g. after an optimizer step). It handles float32 models on the CPU built from
+the standard parts: `FastDecoder.supports(model)` is False on other devices and dtypes, with
+other attention, MLP or rotary `ModelParts`, or with sliding-window layers, and `generate` then
+runs the model itself. Norms and activations other than RMSNorm and SiLU run as the model's own
+modules, on zero-copy tensor views.
+
+Threads: NumPy's BLAS (OpenBLAS) uses every core unless OPENBLAS_NUM_THREADS says otherwise,
+as torch does unless torch.set_num_threads does.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinyllama.model import KVCache
-from tinyllama.model.attention import Attention, repeat_kv
-from tinyllama.model.masks import build_attention_mask
+from tinyllama.model.attention import Attention
 from tinyllama.model.mlp import MLP
-from tinyllama.model.rotary import RotaryEmbedding, rotate_half
+from tinyllama.model.norm import RMSNorm
+from tinyllama.model.rotary import RotaryEmbedding
 
-# torch >= 2.5 lets sdpa read H_kv key/value heads for H query heads without repeat_kv's copy.
-_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+Array = np.ndarray
 
 
-def _t(linear: nn.Linear) -> torch.Tensor:
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """(..., C) -> (..., C): RMSNorm's math (norm.py), in float32."""
+    variance = np.square(x).sum(-1, keepdims=True) / x.shape[-1]
+    return weight * (x / np.sqrt(variance + eps))
+
+
+def silu(x: Array) -> Array:
+    """x * sigmoid(x); exp(-x) overflowing to inf for very negative x gives the right limit, 0."""
+    return x / (1.0 + np.exp(-x))
+
+
+def rotate_half(x: Array) -> Array:
+    """(..., D) -> (..., D): [x1, x2] -> [-x2, x1], as rotary.rotate_half."""
+    half = x.shape[-1] // 2
+    return np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
+
+
+def _numpy_fn(module: nn.Module) -> Callable[[Array], Array]:
+    """A norm or activation module as a function of arrays: NumPy math for RMSNorm and SiLU,
+    the module itself on a zero-copy tensor view for anything else."""
+    if type(module) is RMSNorm:
+        weight, eps = module.weight.detach().numpy(), module.variance_epsilon
+        return lambda x: rms_norm(x, weight, eps)
+    if type(module) is nn.SiLU:
+        return silu
+    return lambda x: module(torch.from_numpy(x)).numpy()
+
+
+def _t(linear: nn.Linear) -> Array:
     """(C_out, C_in) weight -> (C_in, C_out) contiguous copy."""
-    return linear.weight.detach().t().contiguous()
+    return linear.weight.detach().t().contiguous().numpy()
 
 
-def _cat_bias(*linears: nn.Linear) -> Optional[torch.Tensor]:
-    """The fused projections' bias; q/k/v (and gate/up) always share one bias setting."""
-    return None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+def _bias(*linears: nn.Linear) -> Optional[Array]:
+    """The (fused) projections' bias; q/k/v (and gate/up) always share one bias setting."""
+    return None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears]).numpy()
+
+
+def _linear(x: Array, weight_t: Array, bias: Optional[Array]) -> Array:
+    """x (N, C_in) @ weight_t (C_in, C_out) + bias -> (N, C_out)."""
+    out = x @ weight_t
+    return out if bias is None else out + bias
 
 
 class _PackedLayer:
@@ -51,38 +96,35 @@ class _PackedLayer:
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        # Norms and the activation have no matrix to pack: the model's own modules run as they are.
-        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = torch.cat([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], dim=1)  # (C, (H + 2 H_kv) D)
-        self.qkv_bias = _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o, self.o_bias = _t(attn.o_proj), attn.o_proj.bias
-        self.gate_up = torch.cat([_t(mlp.gate_proj), _t(mlp.up_proj)], dim=1)  # (C, 2 I)
-        self.gate_up_bias = _cat_bias(mlp.gate_proj, mlp.up_proj)
-        self.down, self.down_bias = _t(mlp.down_proj), mlp.down_proj.bias
-        self.act_fn = mlp.act_fn
-
-
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (..., C_in) @ weight_t (C_in, C_out) + bias -> (..., C_out)."""
-    out = x @ weight_t
-    return out if bias is None else out + bias
+        self.input_layernorm = _numpy_fn(layer.input_layernorm)
+        self.post_attention_layernorm = _numpy_fn(layer.post_attention_layernorm)
+        self.qkv = np.concatenate([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], axis=1)  # (C, (H + 2 H_kv) D)
+        self.qkv_bias = _bias(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o, self.o_bias = _t(attn.o_proj), _bias(attn.o_proj)
+        self.gate_up = np.concatenate([_t(mlp.gate_proj), _t(mlp.up_proj)], axis=1)  # (C, 2 I)
+        self.gate_up_bias = _bias(mlp.gate_proj, mlp.up_proj)
+        self.down, self.down_bias = _t(mlp.down_proj), _bias(mlp.down_proj)
+        self.act_fn = _numpy_fn(mlp.act_fn)
+        self.intermediate_size = self.down.shape[0]
 
 
 class FastDecoder:
-    """Runs a `LlamaForCausalLM`'s backbone and head on new tokens with a KVCache, returning
-    the logits of the last position: `decoder(input_ids, attention_mask, position_ids, cache)`."""
+    """Runs a `LlamaForCausalLM`'s backbone and head on one new token per row with a KVCache,
+    returning its logits: `decoder(input_ids, attention_mask, position_ids, cache)`."""
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """True if the model is built from the standard parts this path re-implements."""
+        """True if the model is a float32 CPU model built from the parts this path re-implements."""
         backbone = getattr(model, "model", None)
         if backbone is None or not hasattr(model, "lm_head") or model.lm_head.bias is not None:
+            return False
+        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
             return False
         config = backbone.config
         if model.training and config.attention_dropout > 0:  # this path never drops out
             return False
-        # Norms are called as the model's own modules, so any norm part works; the parts whose
-        # weights are packed (attention, MLP) and the rotary tables must be the standard ones.
+        # Norms and activations run as the model's own modules if they are not the standard ones;
+        # the parts whose weights are packed (attention, MLP) and the rotary tables must be.
         return (type(backbone.rotary_emb) is RotaryEmbedding
                 and not any(config.uses_sliding_window(i) for i in range(config.num_hidden_layers))
                 and all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in backbone.layers))
@@ -99,59 +141,87 @@ class FastDecoder:
     @torch.no_grad()
     def __init__(self, model: nn.Module) -> None:
         backbone = model.model
-        config = backbone.config
+        self.config = config = backbone.config
         self.version = _weights_version(model)  # of the weights packed here
-        self.embed_tokens = backbone.embed_tokens.weight.detach()  # (V, C)
+        self.embed_tokens = backbone.embed_tokens.weight.detach().numpy()  # (V, C), shared, not copied
         self.rotary_emb = backbone.rotary_emb
         self.layers: List[_PackedLayer] = [_PackedLayer(layer) for layer in backbone.layers]
-        self.norm = backbone.norm
+        self.norm = _numpy_fn(backbone.norm)
         self.lm_head = _t(model.lm_head)  # (C, V)
         self.head_dim = config.resolved_head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
         self.scaling = self.head_dim ** -0.5
+        self._float32 = torch.empty(0)  # what KVCache.reserve allocates like, if it must
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                  position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
-        """input_ids (B, T) -> float32 logits of the last position (B, V), appending to `cache`.
+        """One new token per row: input_ids (B, 1) -> float32 logits (B, V), appending to `cache`,
+        a float32 CPU KVCache that the model's forward filled with the prompt (generate runs the
+        prompt through the model: a prefill is compute-bound, where torch's GEMMs and attention
+        kernels are the right tools).
 
-        attention_mask (B, past + T) of 1/0 for padded batches, else None; position_ids (B, T),
-        or None for past, past + 1, ... (as `LlamaModel.forward`)."""
+        attention_mask (B, past + 1) of 1/0 for padded batches, else None; position_ids (B, 1),
+        or None for `past` (as `LlamaModel.forward`)."""
         B, T = input_ids.shape
+        if T != 1:
+            raise ValueError(f"FastDecoder takes one new token per row, got {T}; run prompts through the model")
         past = cache.get_seq_length()
-        max_position = None
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-            max_position = past + T
-        x = F.embedding(input_ids, self.embed_tokens)  # (B, T, C)
-        cos, sin = self.rotary_emb(x, position_ids, max_position)  # (B|1, T, D)
-        cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, D): one table for every head
-        mask = build_attention_mask(attention_mask, T, past, input_ids.device, allow_implicit_causal=True)
-        for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
-            h = layer.post_attention_layernorm(x)
-            gate, up = _linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + _linear(layer.act_fn(gate) * up, layer.down, layer.down_bias)
-        last = self.norm(x[:, -1])  # (B, C): the head sees one position
-        return (last @ self.lm_head).float()
+        x = self.embed_tokens[input_ids.numpy()[:, 0]]  # (B, C)
+        positions = np.full((1, 1), past) if position_ids is None else position_ids.numpy()  # (B|1, 1)
+        cos, sin = self._cos_sin(positions)  # (B|1, 1, D): one table for every head
+        mask = None  # one new token may see the whole cache, unless some of it is padding
+        if attention_mask is not None:
+            # dtype-min, not -inf, as masks.to_additive: a row that sees nothing stays finite
+            mask = np.where(attention_mask.numpy()[:, None, None, :] > 0, np.float32(0),
+                            np.finfo(np.float32).min)  # (B, 1, 1, S): over k/v heads and their query heads
+        with np.errstate(over="ignore"):  # exp(-x) overflowing to inf in silu is meant
+            for i, layer in enumerate(self.layers):
+                x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
+                gate_up = _linear(layer.post_attention_layernorm(x), layer.gate_up, layer.gate_up_bias)
+                gate, up = gate_up[:, : layer.intermediate_size], gate_up[:, layer.intermediate_size:]
+                x = x + _linear(layer.act_fn(gate) * up, layer.down, layer.down_bias)
+        return torch.from_numpy(self.norm(x) @ self.lm_head)
 
-    def _attention(self, h: torch.Tensor, layer: _PackedLayer, layer_idx: int, cos: torch.Tensor,
-                   sin: torch.Tensor, mask: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
-        """Normed hidden states (B, T, C) -> attention output after o_proj (B, T, C)."""
-        B, T, _ = h.shape
+    def _cos_sin(self, positions: Array) -> Tuple[Array, Array]:
+        """RoPE's cos/sin (B|1, 1, D) at positions (B|1, 1): rows of the rotary module's own tables,
+        which it grows (or, for "dynamic" scaling past the context, computes) when asked for a
+        position past them."""
+        rotary, max_position = self.rotary_emb, int(positions.max()) + 1
+        if max_position > rotary.cos_cached.shape[0] or (
+                rotary.rope_type == "dynamic" and max_position > self.config.max_position_embeddings):
+            cos, sin = rotary(rotary.cos_cached, torch.from_numpy(positions), max_position)
+            return cos.numpy(), sin.numpy()
+        return rotary.cos_cached.numpy()[positions], rotary.sin_cached.numpy()[positions]
+
+    def _attention(self, h: Array, layer: _PackedLayer, layer_idx: int, cos: Array, sin: Array,
+                   mask: Optional[Array], cache: KVCache) -> Array:
+        """Normed hidden states (B, C) -> attention output after o_proj (B, C)."""
+        B = h.shape[0]
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        qkv = _linear(h, layer.qkv, layer.qkv_bias).view(B, T, H + 2 * H_kv, D).transpose(1, 2)  # (B, H+2H_kv, T, D)
-        qk, v = qkv[:, : H + H_kv], qkv[:, H + H_kv:]
-        qk = qk * cos + rotate_half(qk) * sin  # RoPE on query and key heads at once
-        q, k = qk[:, :H], qk[:, H:]
-        k, v = cache.update(k, v, layer_idx)  # (B, H_kv, S, D)
-        if H_kv != H and not _SDPA_GQA:
-            k, v = repeat_kv(k, H // H_kv), repeat_kv(v, H // H_kv)
-        gqa = {"enable_gqa": True} if H_kv != H and _SDPA_GQA else {}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             scale=self.scaling, **gqa)
-        return _linear(out.transpose(1, 2).reshape(B, T, H * D), layer.o, layer.o_bias)
+        qkv = _linear(h, layer.qkv, layer.qkv_bias).reshape(B, H + 2 * H_kv, D)
+        qk = qkv[:, : H + H_kv] * cos + rotate_half(qkv[:, : H + H_kv]) * sin  # RoPE on q and k heads at once
+        keys, values = self._cache_append(cache, layer_idx, qk[:, H:], qkv[:, H + H_kv:])  # (B, H_kv, S, D)
+        # Query heads grouped by the k/v head they share, (B, H_kv, G, D): one product per k/v head.
+        q = qk[:, :H].reshape(B, H_kv, H // H_kv, D)
+        scores = (q @ keys.swapaxes(-1, -2)) * self.scaling  # (B, H_kv, G, S)
+        if mask is not None:
+            scores = scores + mask
+        weights = np.exp(scores - scores.max(-1, keepdims=True))  # softmax over the keys
+        weights /= weights.sum(-1, keepdims=True)
+        out = (weights @ values).reshape(B, H * D)  # (B, H_kv, G, D) -> heads side by side
+        return _linear(out, layer.o, layer.o_bias)
+
+    def _cache_append(self, cache: KVCache, layer_idx: int, key: Array, value: Array) -> Tuple[Array, Array]:
+        """Write one position's key/value (B, H_kv, D) into the cache's buffers through zero-copy
+        NumPy views, as KVCache.update does for tensors; return the filled part (B, H_kv, S, D)."""
+        start = cache.get_seq_length(layer_idx)
+        cache.reserve(layer_idx, start + 1, self._float32)
+        keys, values = cache.keys[layer_idx].numpy(), cache.values[layer_idx].numpy()
+        keys[:, :, start], values[:, :, start] = key, value
+        cache.lengths[layer_idx] = start + 1
+        return keys[:, :, : start + 1], values[:, :, : start + 1]
 
 
 def _weights_version(model: nn.Module) -> Tuple:

@@ -48,8 +48,8 @@ def generate(
     has produced `eos_token_id`; a row that finished early is filled with it afterwards.
     seed makes sampling reproducible (None: torch's global RNG).
     attention_mask (B, T): 1 for real tokens, 0 for left padding.
-    fast: run the decoding path of fast_decode.py (same math, weights packed for decoding);
-    False runs the model's own forward at every step.
+    fast: after the prompt, run each step through fast_decode.py (the same math in NumPy, weights
+    packed for decoding; float32 CPU models); False runs the model's own forward at every step.
     Returns (B, T + n) int64, n <= max_new_tokens: the prompts followed by the new tokens.
     """
     B, T = input_ids.shape
@@ -109,13 +109,13 @@ def stream_tokens(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     cache = KVCache(config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=dtype)
-    # The same math as the model's forward, with weights packed for decoding (fast_decode.py);
-    # the model itself for parts that path does not know, or when asked (fast=False).
-    if fast and FastDecoder.supports(model):
-        last_logits = FastDecoder.for_model(model)
-    else:
-        last_logits = functools.partial(_model_logits, model)
-    logits = last_logits(input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    # The prompt goes through the model (a prefill is compute-bound: GEMMs and attention kernels).
+    # Each new token goes through the same math in NumPy with weights packed for decoding
+    # (fast_decode.py), or through the model on GPUs, in other dtypes, for parts that path does
+    # not know, or when asked (fast=False).
+    model_logits = functools.partial(_model_logits, model)
+    step_logits = FastDecoder.for_model(model) if fast and FastDecoder.supports(model) else model_logits
+    logits = model_logits(input_ids, mask[:, :T] if padded else None, position_ids, cache)
     for step in range(max_new_tokens):
         tokens = _next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
         if eos_token_id is not None:
@@ -126,8 +126,8 @@ def stream_tokens(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        logits = last_logits(tokens[:, None], mask[:, : T + step + 1] if padded else None,
-                              next_position, cache)
+        logits = step_logits(tokens[:, None], mask[:, : T + step + 1] if padded else None,
+                             next_position, cache)
         if padded:
             next_position = next_position + 1
 

@@ -46,17 +46,22 @@ class KVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                layer_idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H_kv, T, D) keys/values for one layer; return all (B, H_kv, past + T, D)."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx] = key_states.new_zeros(self.shape)
-            self.values[layer_idx] = value_states.new_zeros(self.shape)
         start = self.lengths[layer_idx]
         end = start + key_states.shape[2]
-        if end > self.keys[layer_idx].shape[2]:
-            self._grow(layer_idx, max(end, 2 * self.keys[layer_idx].shape[2]))
+        self.reserve(layer_idx, end, key_states)
         self.keys[layer_idx][:, :, start:end] = key_states
         self.values[layer_idx][:, :, start:end] = value_states
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def reserve(self, layer_idx: int, end: int, like: torch.Tensor) -> None:
+        """Make one layer's buffers hold `end` positions: allocated on first use in the dtype and on
+        the device of `like`, reallocated when full (amortised: capacity at least doubles)."""
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx] = like.new_zeros(self.shape)
+            self.values[layer_idx] = like.new_zeros(self.shape)
+        if end > self.keys[layer_idx].shape[2]:
+            self._grow(layer_idx, max(end, 2 * self.keys[layer_idx].shape[2]))
 
     def _grow(self, layer_idx: int, capacity: int) -> None:
         """Reallocate one layer's buffers to `capacity` positions (amortised: capacity doubles)."""
