@@ -1,6 +1,8 @@
 """FastDecoder (the packed-weight decoding path of generate) equals the model's own forward."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -103,7 +105,29 @@ def test_packed_weights_follow_weight_changes():
         model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)  # an in-place change, as an optimizer makes
     assert FastDecoder.for_model(model) is not first
     assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    second = FastDecoder.for_model(model)
+    model.model.layers[1].mlp.act_fn = torch.nn.Tanh()  # a swapped module, no parameter touched
+    assert FastDecoder.for_model(model) is not second
+    assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    # The packed copy lives beside the model, not in it: saving the model saves its weights once.
     assert "_fast_decoder" not in "".join(model.state_dict())
+    assert saved_size(model) < 1.2 * saved_size(make_model())
+
+
+def saved_size(model) -> int:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.tell()
+
+
+def test_sampling_from_a_checkpointed_model_in_train_mode_keeps_the_prompt():
+    model = make_model()
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(11))
+    expected = generate(model, prompt, 6, temperature=0.0)
+    model.model.gradient_checkpointing = True
+    model.train()  # no dropout in this config: the same math, and no gradients while sampling
+    for fast in (True, False):
+        assert torch.equal(generate(model, prompt, 6, temperature=0.0, fast=fast), expected)
 
 
 class ScaledRMSNorm(RMSNorm):
@@ -153,5 +177,7 @@ def test_a_full_cache_grows_and_prompts_are_refused():
         assert cache.get_seq_length() == 7 and cache.keys[0].shape[2] >= 7
         expected = model(torch.cat([prompt, prompt[:, -1:]], dim=1)).logits[:, -1]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="one new token per row"):
-            decoder(prompt, None, None, cache)
+        with pytest.raises(ValueError, match="run the prompt through the model"):
+            decoder(prompt, None, None, cache)  # several tokens: a prompt
+        with pytest.raises(ValueError, match="run the prompt through the model"):
+            decoder(prompt[:, -1:], None, None, KVCache(model.config, 1, 6, dtype=torch.float32))  # empty cache

@@ -12,8 +12,8 @@ its model.py:
   PyTorch, measured on a model too narrow for the products to count;
 - weights stored input-major, `(C_in, C_out)` contiguous, applied as `x @ W_t`: for a single
   row, BLAS then streams the matrix in the order it lies in memory (`nn.Linear`'s layout made
-  this CPU's float32 gemv ~2x slower, and NumPy's OpenBLAS streams faster than torch's MKL here;
-  BENCHMARKS.md, generation);
+  this CPU's float32 gemv 1.4-2x slower, in torch and NumPy alike, and NumPy's OpenBLAS streams
+  ~30% faster than torch's MKL here; BENCHMARKS.md, generation);
 - q/k/v in one matrix and gate/up in one matrix: 4 products per layer instead of 7;
 - RoPE applied to the q and k heads in one go; grouped query heads read their shared k/v head
   directly (no repeat_kv copy); keys and values go into the model's own KVCache buffers through
@@ -21,7 +21,7 @@ its model.py:
 
 The logits equal the model's forward up to float rounding (tests/test_fast_decode.py). The
 packed copy is built once per model and rebuilt when its weights change (a parameter's version
-counter moves, e.g. after an optimizer step). It handles float32 models on the CPU built from
+counter moves, e.g. after an optimizer step, or a module is swapped). It handles float32 models on the CPU built from
 the standard parts: `FastDecoder.supports(model)` is False on other devices and dtypes, with
 other attention, MLP or rotary `ModelParts`, or with sliding-window layers, and `generate` then
 runs the model itself. Norms and activations other than RMSNorm and SiLU run as the model's own
@@ -32,6 +32,8 @@ as torch does unless torch.set_num_threads does.
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -45,6 +47,10 @@ from tinyllama.model.norm import RMSNorm
 from tinyllama.model.rotary import RotaryEmbedding
 
 Array = np.ndarray
+
+# Each model's packed decoder, kept beside the model rather than on it: the model stays as it
+# was (picklable, no second copy of its weights in torch.save), and the entry goes with it.
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, FastDecoder]" = weakref.WeakKeyDictionary()
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -64,15 +70,19 @@ def rotate_half(x: Array) -> Array:
     return np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
 
 
+def _through_module(module: nn.Module, x: Array) -> Array:
+    """Run a torch module on an array through zero-copy views."""
+    return module(torch.from_numpy(x)).numpy()
+
+
 def _numpy_fn(module: nn.Module) -> Callable[[Array], Array]:
     """A norm or activation module as a function of arrays: NumPy math for RMSNorm and SiLU,
-    the module itself on a zero-copy tensor view for anything else."""
+    the module itself for anything else."""
     if type(module) is RMSNorm:
-        weight, eps = module.weight.detach().numpy(), module.variance_epsilon
-        return lambda x: rms_norm(x, weight, eps)
+        return functools.partial(rms_norm, weight=module.weight.detach().numpy(), eps=module.variance_epsilon)
     if type(module) is nn.SiLU:
         return silu
-    return lambda x: module(torch.from_numpy(x)).numpy()
+    return functools.partial(_through_module, module)
 
 
 def _t(linear: nn.Linear) -> Array:
@@ -132,11 +142,16 @@ class FastDecoder:
     @classmethod
     def for_model(cls, model: nn.Module) -> "FastDecoder":
         """The model's packed decoder, built on first use and whenever its weights changed."""
-        decoder = model.__dict__.get("_fast_decoder")
+        decoder = _DECODERS.get(model)
         if decoder is None or decoder.version != _weights_version(model):
-            decoder = cls(model)
-            model.__dict__["_fast_decoder"] = decoder  # not a submodule: never in state_dict
+            decoder = _DECODERS[model] = cls(model)
         return decoder
+
+    @staticmethod
+    def forget(model: nn.Module) -> None:
+        """Drop the model's packed copy, after changing weights in a way the version check cannot
+        see (writes through `param.data`)."""
+        _DECODERS.pop(model, None)
 
     @torch.no_grad()
     def __init__(self, model: nn.Module) -> None:
@@ -152,22 +167,20 @@ class FastDecoder:
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
         self.scaling = self.head_dim ** -0.5
-        self._float32 = torch.empty(0)  # what KVCache.reserve allocates like, if it must
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                  position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
-        """One new token per row: input_ids (B, 1) -> float32 logits (B, V), appending to `cache`,
-        a float32 CPU KVCache that the model's forward filled with the prompt (generate runs the
-        prompt through the model: a prefill is compute-bound, where torch's GEMMs and attention
-        kernels are the right tools).
+        """input_ids (B, 1) -> float32 logits (B, V), appending to `cache` (B, H_kv, past, D) per
+        layer, which the model's forward filled with the prompt.
 
         attention_mask (B, past + 1) of 1/0 for padded batches, else None; position_ids (B, 1),
         or None for `past` (as `LlamaModel.forward`)."""
         B, T = input_ids.shape
-        if T != 1:
-            raise ValueError(f"FastDecoder takes one new token per row, got {T}; run prompts through the model")
         past = cache.get_seq_length()
+        if T != 1 or past == 0:
+            raise ValueError(f"FastDecoder continues a prompt one token per row; got {T} tokens and a cache "
+                             f"of {past}: run the prompt through the model with this cache first")
         x = self.embed_tokens[input_ids.numpy()[:, 0]]  # (B, C)
         positions = np.full((1, 1), past) if position_ids is None else position_ids.numpy()  # (B|1, 1)
         cos, sin = self._cos_sin(positions)  # (B|1, 1, D): one table for every head
@@ -175,14 +188,16 @@ class FastDecoder:
         if attention_mask is not None:
             # dtype-min, not -inf, as masks.to_additive: a row that sees nothing stays finite
             mask = np.where(attention_mask.numpy()[:, None, None, :] > 0, np.float32(0),
-                            np.finfo(np.float32).min)  # (B, 1, 1, S): over k/v heads and their query heads
-        with np.errstate(over="ignore"):  # exp(-x) overflowing to inf in silu is meant
+                            np.finfo(np.float32).min)  # (B, 1, 1, S): broadcast over H_kv and G
+        # Silent on float overflow, like torch (silu's exp(-x) reaching inf is even meant): a
+        # diverged model shows in its logits, not as NumPy warnings.
+        with np.errstate(all="ignore"):
             for i, layer in enumerate(self.layers):
                 x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
                 gate_up = _linear(layer.post_attention_layernorm(x), layer.gate_up, layer.gate_up_bias)
                 gate, up = gate_up[:, : layer.intermediate_size], gate_up[:, layer.intermediate_size:]
                 x = x + _linear(layer.act_fn(gate) * up, layer.down, layer.down_bias)
-        return torch.from_numpy(self.norm(x) @ self.lm_head)
+            return torch.from_numpy(self.norm(x) @ self.lm_head)
 
     def _cos_sin(self, positions: Array) -> Tuple[Array, Array]:
         """RoPE's cos/sin (B|1, 1, D) at positions (B|1, 1): rows of the rotary module's own tables,
@@ -217,7 +232,7 @@ class FastDecoder:
         """Write one position's key/value (B, H_kv, D) into the cache's buffers through zero-copy
         NumPy views, as KVCache.update does for tensors; return the filled part (B, H_kv, S, D)."""
         start = cache.get_seq_length(layer_idx)
-        cache.reserve(layer_idx, start + 1, self._float32)
+        cache.reserve(layer_idx, start + 1, torch.float32, torch.device("cpu"))
         keys, values = cache.keys[layer_idx].numpy(), cache.values[layer_idx].numpy()
         keys[:, :, start], values[:, :, start] = key, value
         cache.lengths[layer_idx] = start + 1
@@ -226,5 +241,7 @@ class FastDecoder:
 
 def _weights_version(model: nn.Module) -> Tuple:
     """Changes whenever a parameter is replaced or modified in place (optimizer steps,
-    load_state_dict, .to()): the packed copy is stale then."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    load_state_dict, .to()) or a module is swapped for another: the packed copy is stale then.
+    Writes through `param.data` do not move the version counter: see `FastDecoder.forget`."""
+    return (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters()),
+            tuple(map(id, model.modules())))

@@ -1,7 +1,9 @@
 """Sampling from a causal LM with a preallocated KV cache.
 
-One prefill pass over the prompt fills the cache; each further step feeds one token per row,
-so a step costs one position, not a re-run of the prefix. The cache is sized for
+One prefill pass of the model over the prompt fills the cache; each further step feeds one
+token per row, so a step costs one position, not a re-run of the prefix. On a CPU those steps
+run through fast_decode.py (the same math in NumPy, weights packed for matrix-vector products);
+elsewhere through the model. The cache is sized for
 prompt + max_new_tokens up front and written in place, and the loop keeps per-token Python
 work to a handful of tensor ops (no mask rebuilds, no host syncs except the EOS check).
 

@@ -48,23 +48,24 @@ class KVCache:
         """Append (B, H_kv, T, D) keys/values for one layer; return all (B, H_kv, past + T, D)."""
         start = self.lengths[layer_idx]
         end = start + key_states.shape[2]
-        self.reserve(layer_idx, end, key_states)
+        self.reserve(layer_idx, end, key_states.dtype, key_states.device)
         self.keys[layer_idx][:, :, start:end] = key_states
         self.values[layer_idx][:, :, start:end] = value_states
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def reserve(self, layer_idx: int, end: int, like: torch.Tensor) -> None:
-        """Make one layer's buffers hold `end` positions: allocated on first use in the dtype and on
-        the device of `like`, reallocated when full (amortised: capacity at least doubles)."""
+    def reserve(self, layer_idx: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Make one layer's buffers hold `end` positions: allocated on first use, reallocated
+        (capacity at least doubling) when full. A writer other than `update` (fast_decode.py's
+        NumPy step) calls this, writes the buffers in place and advances `lengths` itself."""
         if self.keys[layer_idx] is None:
-            self.keys[layer_idx] = like.new_zeros(self.shape)
-            self.values[layer_idx] = like.new_zeros(self.shape)
+            self.keys[layer_idx] = torch.zeros(self.shape, dtype=dtype, device=device)
+            self.values[layer_idx] = torch.zeros(self.shape, dtype=dtype, device=device)
         if end > self.keys[layer_idx].shape[2]:
             self._grow(layer_idx, max(end, 2 * self.keys[layer_idx].shape[2]))
 
     def _grow(self, layer_idx: int, capacity: int) -> None:
-        """Reallocate one layer's buffers to `capacity` positions (amortised: capacity doubles)."""
+        """Reallocate one layer's buffers to `capacity` positions, keeping what they hold."""
         for buffers in (self.keys, self.values):
             old = buffers[layer_idx]
             new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])

@@ -122,7 +122,10 @@ class LlamaModel(LlamaPreTrainedModel):
         past_key_values / use_cache: see `KVCache`; use_cache without a cache creates one. A given
             cache is always updated and returned.
         """
-        if self.gradient_checkpointing and self.training and use_cache:
+        # Checkpointing saves activation memory for a backward pass; without gradients (sampling
+        # from a model in train mode, say) there is none, so the layers run plainly.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if recompute and use_cache:
             if not self._warned_cache_with_checkpointing:
                 warnings.warn("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
                 self._warned_cache_with_checkpointing = True
@@ -145,7 +148,7 @@ class LlamaModel(LlamaPreTrainedModel):
 
         for i, layer in enumerate(self.layers):
             mask = window_mask if self.config.uses_sliding_window(i) else full_mask
-            if self.gradient_checkpointing and self.training:
+            if recompute:
                 hidden_states = checkpoint(layer, hidden_states, position_embeddings, mask, past_key_values,
                                            use_reentrant=False)
             else:
