@@ -21,10 +21,10 @@ its model.py:
 
 The logits equal the model's forward up to float rounding (tests/test_fast_decode.py). The
 packed copy is built once per model and rebuilt when its weights change (a parameter's version
-counter moves, e.g. after an optimizer step, or a module is swapped). It handles float32 models on the CPU built from
-the standard parts: `FastDecoder.supports(model)` is False on other devices and dtypes, with
-other attention, MLP or rotary `ModelParts`, or with sliding-window layers, and `generate` then
-runs the model itself. Norms and activations other than RMSNorm and SiLU run as the model's own
+counter moves, e.g. after an optimizer step) or a module is swapped. It handles float32 models
+on the CPU built from the standard parts: `FastDecoder.supports(model)` is False on other
+devices and dtypes, with other attention, MLP or rotary `ModelParts`, or with sliding-window
+layers, and `generate` then runs the model itself. Norms and activations other than RMSNorm and SiLU run as the model's own
 modules, on zero-copy tensor views.
 
 Threads: NumPy's BLAS (OpenBLAS) uses every core unless OPENBLAS_NUM_THREADS says otherwise,
@@ -200,15 +200,16 @@ class FastDecoder:
             return torch.from_numpy(self.norm(x) @ self.lm_head)
 
     def _cos_sin(self, positions: Array) -> Tuple[Array, Array]:
-        """RoPE's cos/sin (B|1, 1, D) at positions (B|1, 1): rows of the rotary module's own tables,
-        which it grows (or, for "dynamic" scaling past the context, computes) when asked for a
-        position past them."""
-        rotary, max_position = self.rotary_emb, int(positions.max()) + 1
-        if max_position > rotary.cos_cached.shape[0] or (
-                rotary.rope_type == "dynamic" and max_position > self.config.max_position_embeddings):
-            cos, sin = rotary(rotary.cos_cached, torch.from_numpy(positions), max_position)
+        """RoPE's cos/sin (B|1, 1, D) at positions (B|1, 1): rows of the rotary module's own
+        tables, or, where it has none (dynamic scaling past the context), what it computes."""
+        max_position = int(positions.max()) + 1
+        tables = self.rotary_emb.tables(max_position)
+        if tables is None:
+            like = torch.empty(0)  # forward reads only the dtype (float32) and the device of x
+            cos, sin = self.rotary_emb(like, torch.from_numpy(positions), max_position)
             return cos.numpy(), sin.numpy()
-        return rotary.cos_cached.numpy()[positions], rotary.sin_cached.numpy()[positions]
+        cos, sin = tables
+        return cos.numpy()[positions], sin.numpy()[positions]
 
     def _attention(self, h: Array, layer: _PackedLayer, layer_idx: int, cos: Array, sin: Array,
                    mask: Optional[Array], cache: KVCache) -> Array:

@@ -99,14 +99,25 @@ class RotaryEmbedding(nn.Module):
         """
         if max_position is None:
             max_position = int(position_ids.max()) + 1
-        if self.rope_type == "dynamic" and max_position > self.config.max_position_embeddings:
+        tables = self.tables(max_position)
+        if tables is None:  # dynamic scaling past the context: angles for this length only
             inv_freq = compute_inv_freq(self.config, max_position, device=x.device)
             freqs = position_ids[..., None].float() * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = tables
+        return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
+
+    @torch.no_grad()
+    def tables(self, max_position: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The cached float32 cos/sin tables (L, D), L >= max_position, grown when too short; None
+        when "dynamic" scaling passes max_position_embeddings, where the angles depend on the
+        sequence length and `forward` computes them per call."""
+        if self.rope_type == "dynamic" and max_position > self.config.max_position_embeddings:
+            return None
         if max_position > self.cos_cached.shape[0] or self.cos_cached.dtype != torch.float32:
             self._build_cache(max(max_position, 2 * self.cos_cached.shape[0]))
-        return self.cos_cached[position_ids].to(x.dtype), self.sin_cached[position_ids].to(x.dtype)
+        return self.cos_cached, self.sin_cached
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
