@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean-venv
+.PHONY: test demo install gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) train.py
+
+# Every CUDA path once, one PASS/FAIL/SKIP line each: make gpu-check TORCH=torch
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

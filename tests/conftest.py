@@ -81,3 +81,19 @@ def saved_run(tiny_job):
     save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, model, tiny_job.model, tiny_job,
                     tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
     return tiny_job, model.eval(), tok
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data) -> list:
+    """`python train.py` command-line overrides that reproduce the tiny_data fixture (so its
+    tokenizer and packed shards are reused) with a seconds-long model and schedule."""
+    data, tok = tiny_data
+    return [
+        f"data.root={data.root}", f"data.num_docs={data.num_docs}", f"data.seed={data.seed}",
+        "data.num_workers=0", f"tokenizer.name={tok.name}", f"tokenizer.vocab_size={tok.vocab_size}",
+        "tokenizer.num_threads=1", f"model.vocab_size={tok.vocab_size}", "model.hidden_size=32",
+        "model.intermediate_size=64", "model.num_hidden_layers=1", "model.max_position_embeddings=32",
+        "train.max_steps=2", "train.batch_size=2", "train.seq_len=16", "train.log_every=1",
+        "eval.every=2", "eval.batches=1", "checkpoint.every=2", "sample.num_samples=1",
+        "sample.max_new_tokens=2", "run.device=cpu",
+    ]

@@ -74,9 +74,11 @@ def _stage(config_name: str) -> Callable[[Callable[[JobConfig], Any]], Callable[
 def train_main(job: JobConfig) -> float:
     """Whole pipeline: tokenizer and packed data if missing, then train, evaluate, sample.
     Returns the final validation loss, so Hydra sweepers can minimise it."""
+    from hydra.core.hydra_config import HydraConfig
+
     from tinyllama.train.loop import run_training
 
-    return run_training(job)
+    return run_training(job, overrides=list(HydraConfig.get().overrides.task))
 
 
 @_stage("train")

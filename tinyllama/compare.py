@@ -2,7 +2,8 @@
 
 A run folder (DESIGN.md) holds `config.yaml` (the resolved config) and `metrics.jsonl`
 (training lines: step, loss, lr, tokens, tok_per_s; evaluation lines: step, val_loss);
-Hydra adds `.hydra/overrides.yaml`, the command-line overrides that made the run. From those:
+and `launches.jsonl`, whose first line has the command-line overrides that started the run.
+From those:
 
     runs = [load_run(p) for p in find_run_dirs(["runs/lr"])]   # a sweep folder
     print(markdown_table(runs))            # sorted by final validation loss, best first
@@ -23,10 +24,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from tinyllama.errors import DataError
+from tinyllama.run_record import CONFIG, first_overrides
 
 METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RunSummary:
     name: str
     """Label in tables and legends: the folder's path relative to the folders compared."""
     overrides: List[str] = field(default_factory=list)
-    """Hydra command-line overrides (key=value), from .hydra/overrides.yaml."""
+    """Command-line overrides (key=value) that started the run, from launches.jsonl."""
     parameters: Optional[int] = None
     """Parameter count of the model in config.yaml (tied embeddings counted once)."""
     tokens: Optional[int] = None
@@ -130,9 +130,7 @@ def _read_config(run: RunSummary) -> None:
 
 
 def _read_overrides(run: RunSummary) -> None:
-    path = run.path / OVERRIDES
-    if path.is_file():
-        run.overrides = [str(o) for o in OmegaConf.load(path)]
+    run.overrides = first_overrides(run.path)
 
 
 def _read_metrics(run: RunSummary) -> None:

@@ -85,6 +85,9 @@ class DataConfig:
     """Folder holding tokenizers/ and packed/."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 300
@@ -96,7 +99,8 @@ class TrainConfig:
     seq_len: int = 128
     """Tokens per training sequence (must not exceed model.max_position_embeddings)."""
     precision: str = "auto"
-    """"auto" (bf16 on capable GPUs, fp16 on older GPUs, fp32 on CPU), "fp32", "bf16" or "fp16"."""
+    """"auto" (bf16 on capable GPUs, fp16 on older GPUs; on CPU bf16 where it multiplies bf16
+    natively, fp32 otherwise), "fp32", "bf16" or "fp16"."""
     compile: bool = False
     """Apply torch.compile to the model."""
     grad_checkpointing: bool = False
@@ -338,8 +342,8 @@ def validate(job: JobConfig) -> None:
     need(t.seq_len <= job.model.max_position_embeddings,
          f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
          f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context")
-    need(t.precision in ("auto", "fp32", "bf16", "fp16"),
-         f"train.precision={t.precision!r}: choose auto, fp32, bf16 or fp16")
+    need(t.precision in PRECISIONS,
+         f"train.precision={t.precision!r}: choose {', '.join(PRECISIONS)}")
     need(t.nan_policy in ("stop", "skip"), f"train.nan_policy={t.nan_policy!r}: choose stop or skip")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     need(o.schedule in ("cosine", "wsd", "constant"),

@@ -52,6 +52,14 @@ class DistEnv:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of `value` (a tensor on this rank's device) over all ranks, on every rank."""
+        if not self.is_distributed:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from tinyllama.checkpoint import Checkpointer, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from tinyllama.config import JobConfig, run_dir_of
 from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.run_record import record_launch
 from tinyllama.train.build import build_training_model, prepare_data, weight_differences
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
@@ -36,11 +37,12 @@ from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
 from tinyllama.train.tracker import Tracker
 
 
-def run_training(job: JobConfig) -> float:
-    """Train, evaluate and sample as `job` says; returns the final validation loss."""
+def run_training(job: JobConfig, overrides: Sequence[str] = ()) -> float:
+    """Train, evaluate and sample as `job` says; returns the final validation loss.
+    `overrides`: the command line that launched it, kept in the run folder's launches.jsonl."""
     env = setup_distributed(job.run.device)
     try:
-        return Trainer(job, env).fit()
+        return Trainer(job, env, overrides).fit()
     finally:
         teardown_distributed()
 
@@ -49,7 +51,7 @@ class Trainer:
     """Holds the state of one run. `model` is the plain LlamaForCausalLM (saved, evaluated and
     sampled); `train_model` is what steps run through (compiled and/or DDP-wrapped)."""
 
-    def __init__(self, job: JobConfig, env: DistEnv) -> None:
+    def __init__(self, job: JobConfig, env: DistEnv, overrides: Sequence[str] = ()) -> None:
         self.job, self.env, t = job, env, job.train
         self.run_dir = run_dir_of(job)
         seed_everything(job.run.seed)
@@ -65,14 +67,15 @@ class Trainer:
         self.loader = BatchLoader(self.packed_dir, "train", t.batch_size, t.seq_len,
                                   seed=job.run.seed, rank=env.rank, world_size=env.world_size)
         self.loader.check_compatible(self.tokenizer.fingerprint, job.model.vocab_size)
-        self.step, self.tokens = 0, 0
+        self.step, self.tokens, self.resumed_from = 0, 0, None
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         self.checkpointer = Checkpointer(self.run_dir, job.checkpoint, env.is_main, t.max_steps,
                                          self.save)
         resume = self._resume_source()  # refusals happen here, before anything is written
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+            record_launch(self.run_dir, job, overrides, resumed_from_step=resume.step if resume
+                          else 0, device=str(env.device), world_size=env.world_size,
+                          precision=self.precision.name, precision_reason=self.precision.reason)
         self.tracker = Tracker(self.run_dir, env.is_main, job.logger, t.log_every, t.max_steps,
                                resume.step if resume else 0, OmegaConf.to_container(
                                    OmegaConf.structured(job)))
@@ -130,7 +133,7 @@ class Trainer:
         rank = state["ranks"][self.env.rank]
         self.loader.load_state_dict(rank["loader"])
         set_rng_state(rank["rng"])
-        self.tracker.print(f"resumed from {ckpt.path} at step {self.step}")
+        self.resumed_from = ckpt.path
 
     def save(self, root: Path, step: int) -> Path:
         """Write a checkpoint of the current state (collective: every rank calls it)."""
@@ -157,7 +160,7 @@ class Trainer:
     # ---- one optimizer step ---------------------------------------------------------------
     def forward_backward(self) -> Tuple[float, float]:
         """grad_accum micro-steps; DDP all-reduces gradients only on the last one.
-        Returns (mean loss of the micro-batches on this rank, global gradient norm)."""
+        Returns (mean loss over the micro-batches of every rank, global gradient norm)."""
         accum, device = self.job.train.grad_accum, self.env.device
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
@@ -176,14 +179,19 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
         clip = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # The loss of the global batch: the mean of the ranks' means (each rank saw as many
+        # tokens), so N ranks log what one process with N x the accumulation logs. It is the
+        # step's only collective besides DDP's; a NaN on any rank makes it NaN on all.
+        loss_sum = self.env.mean(loss_sum)
         loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one device sync per step
         return loss, norm
 
     def optimizer_step(self, loss: float, grad_norm: float) -> None:
         """Apply the update unless the loss/gradients are not finite (see NanGuard). Under fp16 an
         infinite gradient norm is the GradScaler's business (it skips and lowers the scale)."""
+        # Both figures are global (the loss averaged over ranks, the norm of DDP's averaged
+        # gradients), so every rank takes the same decision without another collective.
         finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
-        finite = not self.env.any(not finite)  # every rank takes the same decision
         if not self.guard.should_skip(self.step + 1, finite, f"loss ({loss}) or gradient norm"):
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -208,7 +216,7 @@ class Trainer:
                     self._log_step(loss, lr, grad_norm)
                     self.evaluator.maybe_eval(self.step)
                     if self.env.any(stop.requested):  # all ranks stop after the same step
-                        return self._stop(stop.signal_name)
+                        return self._stop(stop.signal_name, lr, grad_norm)
                     self.checkpointer.maybe_save(self.step)
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
@@ -224,12 +232,17 @@ class Trainer:
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         self.throughput.step()
         if self.tracker.log_step(self.step, loss):
-            perf = {**self.throughput.window(),
-                    "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
-            self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm)
+            self._write_step(lr, grad_norm)
 
-    def _stop(self, signal_name: Optional[str]) -> float:
-        """Preemption or Ctrl-C: save now and return the last validation loss (nan if none)."""
+    def _write_step(self, lr: float, grad_norm: float) -> None:
+        perf = {**self.throughput.window(), "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
+        self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm)
+
+    def _stop(self, signal_name: Optional[str], lr: float, grad_norm: float) -> float:
+        """Preemption or Ctrl-C: log the steps since the last training line, save now and
+        return the last validation loss (nan if none)."""
+        if self.tracker.pending:
+            self._write_step(lr, grad_norm)
         self.checkpointer.maybe_save(self.step, force=True)
         self.tracker.print(f"stopped at step {self.step} by {signal_name}; "
                            "run the same command again to resume")
@@ -238,11 +251,14 @@ class Trainer:
     def _announce(self) -> None:
         t, n = self.job.train, sum(p.numel() for p in self.model.parameters())
         self.tracker.print(
-            f"model: {n / 1e6:.2f}M parameters | device {self.env.device} x {self.env.world_size} "
-            f"| precision {self.precision.name}\nglobal batch: {t.batch_size} sequences x "
+            f"precision: {self.precision.name} ({self.precision.reason})\n"
+            f"model: {n / 1e6:.2f}M parameters | device {self.env.device} x {self.env.world_size}\n"
+            f"global batch: {t.batch_size} sequences x "
             f"{t.grad_accum} accumulation x {self.env.world_size} ranks = "
             f"{t.batch_size * t.grad_accum * self.env.world_size} sequences of {t.seq_len} tokens "
             f"({self.tokens_per_step} tokens per step) | run folder {self.run_dir}")
+        if self.resumed_from is not None:
+            self.tracker.print(f"resumed from {self.resumed_from} at step {self.step}")
 
     def _summarise(self, final: float, wall_s: float, steps: int) -> None:
         summary = {
@@ -251,6 +267,7 @@ class Trainer:
             "tok_per_s": steps * self.tokens_per_step / max(wall_s, 1e-9),
             "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20,
             "skipped_steps": self.guard.skipped,
+            "precision": self.precision.name, "precision_reason": self.precision.reason,
         }
         self.tracker.print("summary:")
         self.tracker.summary(summary)

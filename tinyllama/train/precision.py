@@ -1,28 +1,41 @@
 """Mixed precision: choose the compute dtype, the autocast context and the GradScaler.
 
-    auto -> bf16 autocast on GPUs that support it (Ampere and newer), fp16 + GradScaler on
-            older GPUs, fp32 on CPU (this CPU path is ~100x slower in bf16 than in fp32).
+    auto -> on a GPU: bf16 autocast where it is supported (Ampere and newer), fp16 + GradScaler
+            on older GPUs;
+            on a CPU: bf16 autocast where the CPU multiplies bf16 natively (AVX512_BF16 or AMX,
+            confirmed by a sub-second matmul probe), fp32 otherwise. Without those instructions
+            bf16 is emulated and far slower than fp32, so the choice must follow the machine.
 Weights and optimizer state stay in float32 in every mode; autocast only lowers the matmuls.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, Tuple
 
 import torch
 
+from tinyllama.config import PRECISIONS
 from tinyllama.errors import ConfigError
+from tinyllama.train.throughput import measured_cpu_flops
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# bf16 must beat fp32 on the probe's matmul by this factor before `auto` picks it: the rest of a
+# training step (norms, softmax, the optimizer) does not speed up, so a marginal matmul gain
+# would be lost, and a probe slower than fp32 means the instructions are present but emulated.
+MIN_BF16_MATMUL_SPEEDUP = 1.5
 
 
 @dataclass(frozen=True)
 class Precision:
-    """The resolved precision of a run. `name` is "fp32", "bf16" or "fp16"."""
+    """The resolved precision of a run. `name` is "fp32", "bf16" or "fp16"; `reason` says why
+    (printed in the run's first line and kept in summary.json)."""
 
     name: str
     device_type: str
+    reason: str = ""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,15 +53,56 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
 
 
+def cpu_bf16_instructions() -> Tuple[str, ...]:
+    """The native bf16 matmul instruction sets this CPU reports to torch (empty: none)."""
+    found = []
+    if torch.cpu._is_avx512_bf16_supported():
+        found.append("avx512_bf16")
+    if torch.cpu._is_amx_tile_supported():
+        found.append("amx")
+    return tuple(found)
+
+
+def bf16_matmul_speedup(n: int = 512, repeats: int = 5) -> float:
+    """bf16 / fp32 matmul FLOP/s on this CPU (an n x n product, best of `repeats`; ~0.1 s where
+    bf16 is native)."""
+    return (measured_cpu_flops(n, repeats, torch.bfloat16)
+            / measured_cpu_flops(n, repeats, torch.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_native_bf16() -> Tuple[bool, str]:
+    """(True if bf16 autocast is worth it on this CPU, the reason in words). The capability
+    flags decide first (no probe where they are missing: emulated bf16 would take seconds);
+    where they are present a short probe confirms that bf16 really multiplies faster."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    instructions = cpu_bf16_instructions()
+    if not instructions:
+        return False, (f"CPU ({capability}) has no native bf16 matmul (no AVX512_BF16 or AMX): "
+                       "bf16 would be emulated, slower than fp32")
+    speedup = bf16_matmul_speedup()
+    if speedup < MIN_BF16_MATMUL_SPEEDUP:
+        return False, (f"CPU reports {'+'.join(instructions)} but a bf16 matmul ran only "
+                       f"{speedup:.2f}x fp32 (< {MIN_BF16_MATMUL_SPEEDUP}x)")
+    return True, f"CPU multiplies bf16 natively ({'+'.join(instructions)}, matmul {speedup:.1f}x fp32)"
+
+
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     """Turn train.precision ("auto", "fp32", "bf16", "fp16") into a Precision for `device`."""
-    if requested not in ("auto", *_DTYPES):
-        raise ConfigError(f"train.precision={requested!r}: choose auto, fp32, bf16 or fp16")
-    if requested == "auto":
-        if device.type != "cuda":
-            requested = "fp32"
-        else:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested not in PRECISIONS:
+        raise ConfigError(f"train.precision={requested!r}: choose {', '.join(PRECISIONS)}")
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return Precision(requested, device.type)
+    if requested != "auto":
+        reason = "train.precision=" + requested
+        if requested == "bf16" and device.type == "cpu" and not cpu_bf16_instructions():
+            reason += " (this CPU emulates bf16: expect it to be slower than fp32)"
+        return Precision(requested, device.type, reason)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", "cuda", "auto: the GPU supports bf16")
+        return Precision("fp16", "cuda", "auto: the GPU lacks bf16, fp16 with loss scaling")
+    if device.type == "cpu":
+        native, why = cpu_native_bf16()
+        return Precision("bf16" if native else "fp32", "cpu", "auto: " + why)
+    return Precision("fp32", device.type, f"auto: fp32 on {device.type}")

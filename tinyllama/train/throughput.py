@@ -3,8 +3,9 @@
 MFU = achieved training FLOPs / the device's peak FLOPs, with the training FLOPs per token
 from `tinyllama.inspect.flops_per_token` (6N plus the attention term). GPU peaks come from a
 table of dense tensor-core figures; on a CPU there is no honest datasheet number, so the peak
-is a measured float32 matmul rate (measured once per process). CPU MFU is therefore "share of
-what this CPU reaches on a large matmul", not of a theoretical peak.
+is a measured matmul rate in the run's precision (float32, or bfloat16 under bf16 autocast;
+measured once per process). CPU MFU is therefore "share of what this CPU reaches on a large
+matmul of that dtype", not of a theoretical peak.
 """
 from __future__ import annotations
 
@@ -35,24 +36,28 @@ GPU_PEAK_FLOPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_flops(n: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of an n x n float32 matmul on this CPU with torch's current thread count
-    (best of `repeats`, after one warm-up: ~0.5 s; the best survives other processes' load
-    better than the mean, but on a busy machine the figure, and so MFU, is still noisy)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measured_cpu_flops(n: int = 1024, repeats: int = 20,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n `dtype` matmul on this CPU with torch's current thread count
+    (best of `repeats`, after one warm-up: ~0.5 s in float32; the best survives other processes'
+    load better than the mean, but on a busy machine the figure, and so MFU, is still noisy).
+    Repeats stop after a second, so a dtype the CPU emulates costs a few products, not minutes."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    best = float("inf")
+    best, start = float("inf"), time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
+        if t0 - start > 1.0:
+            break
     return 2 * n**3 / best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
     """Peak FLOP/s of one device for `dtype` matmuls; None for an unknown GPU (MFU not reported)."""
-    if device.type == "cpu":
-        return measured_cpu_flops()
+    if device.type == "cpu":  # bf16 autocast: the rate of the bf16 products the step runs
+        return measured_cpu_flops(dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -29,7 +29,7 @@ class Tracker:
     def __init__(self, run_dir: Path, is_main: bool, logger: LoggerConfig, log_every: int,
                  max_steps: int, start_step: int, config: Dict[str, Any]) -> None:
         self.is_main = is_main
-        self.log_every = log_every
+        self.log_every, self.max_steps = log_every, max_steps
         self._window: List[float] = []
         self._wandb = None
         self._bar = None
@@ -65,11 +65,17 @@ class Tracker:
 
     def log_step(self, step: int, loss: float) -> bool:
         """Record the loss of optimizer step `step` (1-based) and advance the bar. Returns True
-        every log_every steps: the caller then measures throughput and calls `write_step`."""
+        every log_every steps and at the last step: the caller then measures throughput and
+        calls `write_step`."""
         self._window.append(loss)
         if self._bar is not None:
             self._bar.update(1)
-        return step % self.log_every == 0
+        return step % self.log_every == 0 or step == self.max_steps
+
+    @property
+    def pending(self) -> bool:
+        """True when steps were recorded since the last training line (a run stopped early)."""
+        return bool(self._window)
 
     def write_step(self, step: int, lr: float, tokens: int, perf: Dict[str, float],
                    **extra: float) -> None:
