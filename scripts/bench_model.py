@@ -29,6 +29,7 @@ from tinyllama.config import OptimConfig
 from tinyllama.inspect import flops_per_token
 from tinyllama.model import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 from tinyllama.train.optim import build_optimizer
+from tinyllama.train.precision import bf16_matmul_speedup, cpu_native_bf16, resolve_precision
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "model" / "llama2c_15m.yaml"
 
@@ -72,15 +73,17 @@ def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
 class Variant:
     """One model + its AdamW, timed one training step at a time."""
 
-    def __init__(self, name: str, model: torch.nn.Module):
+    def __init__(self, name: str, model: torch.nn.Module, precision: str = "fp32"):
         self.name, self.model = name, model.train()
+        self.precision = resolve_precision(precision, torch.device("cpu"))
         # The train loop's AdamW (decay groups, CPU kernel choice), the same for every variant.
         self.optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
-        loss = causal_lm_loss(self.model(x).logits, y)  # the train loop's loss, same for all
+        with self.precision.autocast():  # what train.precision does: bf16 products, fp32 weights
+            loss = causal_lm_loss(self.model(x).logits, y)  # the train loop's loss, same for all
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -123,6 +126,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top ops of our sdpa step")
     parser.add_argument("--compile", action="store_true",
                         help="also time our sdpa model under torch.compile (Inductor; compiles first, ~30 s)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time our sdpa model (and its compiled twin) under bf16 autocast, as "
+                             "train.precision=bf16 runs it, and say what train.precision=auto picks")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -137,6 +143,12 @@ def main() -> None:
         twin = LlamaForCausalLM(config)
         twin.load_state_dict(ours.state_dict())
         variants.append(Variant("tinyllama sdpa + torch.compile", torch.compile(twin)))
+    if args.bf16:
+        variants.append(Variant("tinyllama sdpa, bf16 autocast", ours, "bf16"))
+        if args.compile:
+            # The compiled twin again: torch.compile specialises it for autocast on first call.
+            variants.append(Variant("tinyllama sdpa + torch.compile, bf16 autocast",
+                                    variants[-2].model, "bf16"))
 
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
@@ -174,6 +186,13 @@ def main() -> None:
         print(f"ratio transformers/tinyllama time (best), {attn}: "
               f"{best[f'transformers {attn}'] / best[f'tinyllama {attn}']:.3f}")
     print(f"tinyllama eager/sdpa time (best): {best['tinyllama eager'] / best['tinyllama sdpa']:.3f}")
+    if args.bf16:
+        for name in [n for n in best if "bf16" in n]:
+            fp32 = name.replace(", bf16 autocast", "")
+            print(f"{name}: {best[fp32] / best[name]:.2f}x the tokens/s of {fp32}")
+        native, why = cpu_native_bf16()
+        print(f"train.precision=auto on this CPU: {'bf16' if native else 'fp32'} ({why}); "
+              f"bf16/fp32 matmul probe {bf16_matmul_speedup():.2f}x")
     if args.profile:
         profile(variants[0], x, y, 6 * flops["n"] * tokens, flops["training"] * tokens, peak)
 

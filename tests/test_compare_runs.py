@@ -1,5 +1,5 @@
 """scripts/compare_runs.py and tinyllama.compare on fabricated run folders (the run-folder
-contract alone: config.yaml, metrics.jsonl, .hydra/overrides.yaml)."""
+contract alone: config.yaml, metrics.jsonl, launches.jsonl)."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,9 +32,10 @@ def make_run(folder: Path, overrides, losses, val_losses, tok_per_s=500.0, confi
              tail: str = "") -> Path:
     """A run folder as the train loop writes it: one training line per 10 steps of 100 tokens
     each (1000 tokens per line), an evaluation line after every second training line."""
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
-    (folder / ".hydra" / "config.yaml").write_text("{}\n")  # Hydra's snapshot: not a run folder
+    folder.mkdir(parents=True)
+    # The first launch started the run; a resume appends another line with its own overrides.
+    launches = [{"overrides": list(overrides)}, {"overrides": ["train.max_steps=999"]}]
+    (folder / "launches.jsonl").write_text("".join(json.dumps(x) + "\n" for x in launches))
     if config:
         (folder / "config.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL, "run": {"name": "x"}}))
     lines = []
@@ -119,3 +120,13 @@ def test_clear_errors_for_empty_or_missing_folders(tmp_path: Path, capsys):
     (tmp_path / "fresh" / "config.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL}))
     assert _compare_script().main([str(tmp_path / "fresh")]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_runs_made_before_launches_were_recorded_read_hydras_overrides(tmp_path):
+    run = make_run(tmp_path / "old", ["optim.lr=0.1"], [3.0, 2.0], [2.5])
+    (run / "launches.jsonl").unlink()
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["optim.lr=0.2"]))
+    (run / ".hydra" / "config.yaml").write_text("{}\n")  # Hydra's snapshot: not a run folder
+    [found] = load_runs([tmp_path])
+    assert found.overrides == ["optim.lr=0.2"]
