@@ -104,6 +104,7 @@ def test_grid_sweep_gives_each_job_its_own_run_folder(tiny_data, tmp_path):
     assert "`optim.lr=0.001`" in table and "`optim.lr=0.003`" in table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, plugin", [("joblib", "hydra_joblib_launcher"),
                                               ("submitit_local", "hydra_submitit_launcher")])
 def test_grid_sweep_runs_its_jobs_in_parallel_processes(tiny_data, tmp_path, launcher, plugin):
@@ -141,6 +142,7 @@ def _launched(output: str) -> list:
     return [int(m) for m in re.findall(r"^trial (\d+): \S+=", output, flags=re.M)]
 
 
+@pytest.mark.slow
 def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, tmp_path):
     args = _search("res", tiny_data, "model=tiny")
     first = _train([*args, "hydra.sweeper.n_trials=2"], tmp_path)
@@ -174,6 +176,7 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, 
     assert (sweep / "study.db").read_bytes() == db and not (sweep / "3").exists()
 
 
+@pytest.mark.slow
 def test_two_copies_started_together_share_the_study(tiny_data, tmp_path):
     """No trial runs twice: each number is launched by one copy, and no two share a point."""
     cmd = [sys.executable, str(REPO / "train.py"),
@@ -190,6 +193,7 @@ def test_two_copies_started_together_share_the_study(tiny_data, tmp_path):
     assert all((tmp_path / "runs" / "shared" / str(n) / "summary.json").is_file() for n in range(4))
 
 
+@pytest.mark.slow
 def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_data, tmp_path):
     # Grid order is the sampler's (seeded); the median pruner needs one finished trial first.
     args = _search("prune", tiny_data, "train.max_steps=6", "eval.every=2", "checkpoint.every=6",
@@ -215,6 +219,7 @@ def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_data, tmp_path):
     assert f"| {bad.number} (pruned) |" in markdown_table(load_runs([sweep]))
 
 
+@pytest.mark.slow
 def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_data, tmp_path):
     # 3 heads cannot share 2 key/value heads: that trial's config is refused when it starts.
     _train(_search("crash", tiny_data, "hydra.sweeper.sampler.name=grid",
@@ -228,6 +233,7 @@ def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_da
     assert best["model"]["num_attention_heads"] == 4
 
 
+@pytest.mark.slow
 def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_data, tmp_path):
     args = _search("kill", tiny_data, "hydra.sweeper.heartbeat_interval=1",
                    "hydra.sweeper.n_trials=2")

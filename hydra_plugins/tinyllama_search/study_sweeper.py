@@ -129,17 +129,17 @@ class StudySweeper(Sweeper):
                     f"{self.sweep_dir} already holds run folders {', '.join(sorted(trials))} but "
                     f"no {st.STUDY_DB}: they are not this study's trials (a grid sweep of the "
                     "same run.name?). Pick another run.name (nothing was changed)")
-        created = not self.sweep_dir.exists()
-        if default:
-            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        new = [d for d in (self.sweep_dir, *self.sweep_dir.parents) if not d.exists()]
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
-            storage = st.open_storage(url, settings)
-            self.sweep_dir.mkdir(parents=True, exist_ok=True)
-            with st.locked(self.sweep_dir):  # two copies creating one study at once
+            # Two copies started at once would race to create the tables and the study.
+            with st.locked(self.sweep_dir):
+                storage = st.open_storage(url, settings)
                 return st.open_study(storage, settings, space, pruner), storage
         except ConfigError:
-            if created and default and not any(self.sweep_dir.iterdir()):
-                self.sweep_dir.rmdir()  # a refused command leaves nothing behind
+            for folder in new:  # a refused command leaves nothing behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             raise
 
 

@@ -149,7 +149,8 @@ def make_sampler(spec: Dict[str, Any], search_space: Dict[str, Any], trial_numbe
         if name == "random":
             return optuna.samplers.RandomSampler(**kwargs)
         if name == "qmc":
-            return optuna.samplers.QMCSampler(**kwargs)
+            with quiet_optuna():
+                return optuna.samplers.QMCSampler(**kwargs)
         return optuna.samplers.GridSampler(grid_of(search_space), **kwargs)
     except TypeError as e:
         raise ConfigError(f"hydra.sweeper.sampler ({name}): {e}") from e
