@@ -83,3 +83,22 @@ def test_the_run_folder_decides_the_outcome(tmp_path):
     assert st.read_outcome(tmp_path, "tok_per_s")["state"] == "PRUNED"
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "final_val_loss": float("nan")}))
     assert st.read_outcome(tmp_path, "final_val_loss")["state"] == "FAIL"  # diverged
+
+
+def test_best_yaml_is_an_experiment_that_composes_to_the_best_trial(tmp_path):
+    from tinyllama.cli import compose_job
+
+    study = optuna.create_study(study_name="s")
+    for loss in (3.0, 2.0, 2.5):
+        study.tell(study.ask({"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)}), loss)
+    best = study.best_trial
+    path = st.write_best(study, tmp_path, {"train.max_steps": 7},
+                         {"experiment": "cpu_quick", "tokenizer": "bpe_512"}, "sqlite://", "final_val_loss")
+    assert path.read_text().startswith("# @package _global_\n")
+    experiment = tmp_path / "cfg" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "s_best.yaml").write_text(path.read_text())
+    job = compose_job([f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "experiment=s_best"])
+    assert job.optim.lr == best.params["optim.lr"] and job.train.max_steps == 7
+    assert job.tokenizer.name == "bpe_512"  # over cpu_quick's own choice
+    assert job.model.hidden_size == compose_job(["experiment=cpu_quick"]).model.hidden_size

@@ -314,8 +314,9 @@ def write_best(study: Any, sweep_dir: Path, fixed: Dict[str, Any], groups: Dict[
         return None
     best = study.best_trial
     values: Dict[str, Any] = {}
-    defaults = [f"/experiment/{v}" if k == "experiment" else {f"override /{k}": v}
-                for k, v in sorted(groups.items())]
+    # Hydra wants included configs first, then the overrides of group choices.
+    defaults: List[Any] = [f"/experiment/{groups['experiment']}"] if "experiment" in groups else []
+    defaults += [{f"override /{k}": v} for k, v in sorted(groups.items()) if k != "experiment"]
     if defaults:
         values["defaults"] = [*defaults, "_self_"]
     for key, value in {**fixed, **best.params}.items():
