@@ -164,6 +164,8 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, 
     assert (sweep / "best.yaml").read_text().startswith("# @package _global_")
     _train([f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "experiment=res_best",
             "run.name=again"], tmp_path)
+    trial_cfg = yaml.safe_load((sweep / "0" / "config.yaml").read_text())
+    assert trial_cfg["logger"]["group"] == "res"  # hydra.sweeper.params' fixed values apply
     again = yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())
     assert again["optim"]["lr"] == best.params["optim.lr"]
     assert _final_val_loss(tmp_path / "runs" / "again") == best.value  # same seed: same run

@@ -80,7 +80,7 @@ class StudySweeper(Sweeper):
 
     def _search_space(self, arguments: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any],
                                                                Dict[str, str], List[str]]:
-        """(distributions, fixed values, group choices, the command's non-sweep overrides).
+        """(distributions, fixed values, group choices, the non-sweep overrides every trial gets).
         The command line (python train.py -m hparams_search=... 'optim.lr=choice(1e-3,3e-3)')
         wins over hydra.sweeper.params: its sweeps join or replace theirs, its values fix a key."""
         parser = OverridesParser.create()
@@ -92,9 +92,9 @@ class StudySweeper(Sweeper):
         groups: Dict[str, str] = {}
         plain_args: List[str] = []
         unknown = []
-        for override, on_command_line in [*((o, False) for o in from_params),
-                                          *((o, True) for o in from_args)]:
+        for override in [*from_params, *from_args]:  # later ones win
             key = override.get_key_element()
+            plain_args = [a for a in plain_args if _key(a) != key]
             if override.is_sweep_override():
                 space[key] = _distribution(override)
                 fixed.pop(key, None)
@@ -103,7 +103,7 @@ class StudySweeper(Sweeper):
             else:
                 fixed[key] = override.value()
                 space.pop(key, None)  # a fixed value on the command line ends that search
-            if on_command_line and not override.is_sweep_override():
+            if not override.is_sweep_override():  # every trial gets it (logger.group=<name>...)
                 plain_args.append(override.input_line)
             if key not in choices and OmegaConf.select(
                     self.config, key, default=_MISSING,
@@ -240,6 +240,10 @@ class _Runner:
             frozen = self.storage.get_trial(self._trial_id(t))
             if frozen.state == TrialState.RUNNING:
                 st.tell(self.study, t, {"state": "FAIL", "error": why})
+
+
+def _key(override_line: str) -> str:
+    return override_line.split("=", 1)[0].lstrip("+~")
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
