@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import math
 import os
 import threading
@@ -257,30 +258,28 @@ def heartbeats(storage: Any, trial_ids: Sequence[int], interval: int) -> Iterato
             if stop.wait(interval):
                 return
 
-    beat_once = threading.Thread(target=beat, daemon=True, name="study-heartbeat")
-    beat_once.start()
+    thread = threading.Thread(target=beat, daemon=True, name="study-heartbeat")
+    thread.start()
     try:
         yield
     finally:
         stop.set()
-        beat_once.join()
+        thread.join()
 
 
 def read_outcome(run_dir: Path, objective: str) -> Dict[str, Any]:
     """What a trial's run folder says: {"state": COMPLETE/PRUNED/FAIL, "value", "error"}."""
-    import json
-
     path = run_dir / "summary.json"
     if not path.is_file():
         return {"state": "FAIL", "error": f"no {path}: the run stopped before its end "
                                           "(interrupted by a signal?)"}
     summary = json.loads(path.read_text())
-    value = summary.get("final_val_loss") if summary.get("pruned") else summary.get(objective)
     if summary.get("pruned"):
-        return {"state": "PRUNED", "value": value}
+        return {"state": "PRUNED"}  # Optuna keeps its last reported validation loss
     if objective not in summary:
         raise ConfigError(f"hydra.sweeper.objective={objective!r} is not in {path} (it has "
                           f"{', '.join(sorted(summary))}): choose one of those keys")
+    value = summary[objective]
     if value is None or not math.isfinite(float(value)):
         return {"state": "FAIL", "error": f"{objective} is {value} (the run diverged?)"}
     return {"state": "COMPLETE", "value": float(value)}
