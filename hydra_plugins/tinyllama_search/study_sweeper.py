@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep
@@ -70,9 +70,12 @@ class StudySweeper(Sweeper):
         counts = st.count_states(study)
         print(f"study {settings.study_name!r} ({url}): {sum(counts.values())} of "
               f"{settings.n_trials} trials so far {counts or ''}", flush=True)
-        runner = _Runner(self, study, storage, settings, space, plain_args)
-        runner.run()
-        best = st.write_best(study, self.sweep_dir, fixed, groups, url, settings.objective)
+        def write_best() -> Optional[Path]:  # locked: copies must not write an older best last
+            with st.locked(self.sweep_dir):
+                return st.write_best(study, self.sweep_dir, fixed, groups, url, settings.objective)
+
+        _Runner(self, study, storage, settings, space, plain_args, write_best).run()
+        best = write_best()
         counts = st.count_states(study)
         print(f"study {settings.study_name!r}: {counts}; "
               + (f"best trial {study.best_trial.number} ({settings.objective} = "
@@ -147,9 +150,10 @@ class _Runner:
     """Ask, launch, tell, until the study holds n_trials trials."""
 
     def __init__(self, sweeper: StudySweeper, study: Any, storage: Any,
-                 settings: st.StudySettings, space: Dict[str, Any], args: List[str]) -> None:
+                 settings: st.StudySettings, space: Dict[str, Any], args: List[str],
+                 write_best: Callable[[], Optional[Path]]) -> None:
         self.sweeper, self.study, self.storage, self.settings = sweeper, study, storage, settings
-        self.space, self.args = space, args
+        self.space, self.args, self.write_best = space, args, write_best
 
     def run(self) -> None:
         while True:
@@ -231,7 +235,12 @@ class _Runner:
     def _finish(self, trial: Any, outcome: Dict[str, Any]) -> None:
         st.tell(self.study, trial, outcome)
         detail = outcome.get("error") or f"{self.settings.objective} = {outcome.get('value')}"
+        if outcome["state"] == "PRUNED":
+            frozen = self.storage.get_trial(self._trial_id(trial))
+            step = frozen.last_step
+            detail = f"at step {step}, validation loss {frozen.intermediate_values.get(step)}"
         print(f"trial {trial.number}: {outcome['state']} ({detail})", flush=True)
+        self.write_best()
 
     def _fail_running(self, trials: List[Any], why: str) -> None:
         from optuna.trial import TrialState
