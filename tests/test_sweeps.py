@@ -125,6 +125,16 @@ def test_grid_sweep_runs_its_jobs_in_parallel_processes(tiny_data, tmp_path, lau
 
 # ---------------------------------------------------------------------------- Optuna studies
 
+def _has_optuna() -> bool:
+    try:
+        import optuna
+    except ImportError:
+        return False
+    return int(optuna.__version__.split(".")[0]) >= 4
+
+
+needs_optuna = pytest.mark.skipif(not _has_optuna(), reason='needs pip install -e ".[sweep]"')
+
 def _search(name, tiny_data, *extra):
     return ["-m", "hparams_search=optuna_lr", f"run.name={name}", *_tiny_overrides(tiny_data),
             "optim.warmup_steps=0", *extra]
@@ -142,6 +152,7 @@ def _launched(output: str) -> list:
     return [int(m) for m in re.findall(r"^trial (\d+): \S+=", output, flags=re.M)]
 
 
+@needs_optuna
 @pytest.mark.slow
 def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, tmp_path):
     args = _search("res", tiny_data, "model=tiny")
@@ -178,6 +189,7 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, 
     assert (sweep / "study.db").read_bytes() == db and not (sweep / "3").exists()
 
 
+@needs_optuna
 @pytest.mark.slow
 def test_two_copies_started_together_share_the_study(tiny_data, tmp_path):
     """No trial runs twice: each number is launched by one copy, and no two share a point."""
@@ -195,6 +207,7 @@ def test_two_copies_started_together_share_the_study(tiny_data, tmp_path):
     assert all((tmp_path / "runs" / "shared" / str(n) / "summary.json").is_file() for n in range(4))
 
 
+@needs_optuna
 @pytest.mark.slow
 def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_data, tmp_path):
     # Grid order is the sampler's (seeded); the median pruner needs one finished trial first.
@@ -221,6 +234,7 @@ def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_data, tmp_path):
     assert f"| {bad.number} (pruned) |" in markdown_table(load_runs([sweep]))
 
 
+@needs_optuna
 @pytest.mark.slow
 def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_data, tmp_path):
     # 3 heads cannot share 2 key/value heads: that trial's config is refused when it starts.
@@ -235,6 +249,7 @@ def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_da
     assert best["model"]["num_attention_heads"] == 4
 
 
+@needs_optuna
 @pytest.mark.slow
 def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_data, tmp_path):
     args = _search("kill", tiny_data, "hydra.sweeper.heartbeat_interval=1",
@@ -256,6 +271,7 @@ def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_data, tmp
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
 
 
+@needs_optuna
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=interval(0.1,0.2)", "search keys not in the config: optim.lrr"),
     ("hydra.sweeper.pruner.name=patient", "pruner.name='patient': choose one of"),

@@ -7,11 +7,13 @@ import json
 
 import pytest
 
-optuna = pytest.importorskip("optuna")
+optuna = pytest.importorskip("optuna", minversion="4.0")  # pip install -e ".[sweep]"
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from tinyllama.errors import ConfigError
 from tinyllama.search import study as st
+
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")  # ask/tell on purpose
 
 SPACE = {"optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
          "optim.warmup_steps": IntDistribution(0, 90, step=10)}
