@@ -151,10 +151,16 @@ def config_differences(saved: LlamaConfig, current: LlamaConfig) -> List[str]:
     return [f"model.{k}: checkpoint {a[k]!r}, config {b[k]!r}" for k in a if a[k] != b.get(k)]
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name and a rename, so that readers (and a
+    process killed mid-write) see the old file or the new one, never a partial one."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic on POSIX
+
+
 def _write_pointer(folder: Path, name: str, target: str) -> None:
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text(target + "\n")
-    os.replace(tmp, folder / name)  # atomic on POSIX: readers see the old or the new name
+    write_text_atomic(folder / name, target + "\n")
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, model_config: LlamaConfig,

@@ -78,7 +78,24 @@ def train_main(job: JobConfig) -> float:
 
     from tinyllama.train.loop import run_training
 
-    return run_training(job, overrides=list(HydraConfig.get().overrides.task))
+    return run_training(job, overrides=list(HydraConfig.get().overrides.task),
+                        on_eval=_search_trial_hook())
+
+
+def _search_trial_hook() -> Callable[[int, float], bool] | None:
+    """In a trial of a study search (configs/hydra/sweeper/study.yaml), the hook that reports
+    its validation losses to Optuna and prunes it; None in any other run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is None or hc.mode != RunMode.MULTIRUN or \
+            not str(hc.sweeper.get("_target_", "")).endswith(".StudySweeper"):
+        return None
+    from tinyllama.search.trial import eval_reporter
+
+    sweeper = OmegaConf.to_container(hc.sweeper, resolve=True)
+    return eval_reporter(sweeper, Path(hc.runtime.cwd) / hc.sweep.dir, hc.job.num)
 
 
 @_stage("train")

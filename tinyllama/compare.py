@@ -27,6 +27,7 @@ from tinyllama.errors import DataError
 from tinyllama.run_record import CONFIG, first_overrides
 
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 
 
 @dataclass
@@ -54,6 +55,8 @@ class RunSummary:
     """(tokens, loss) per training line."""
     val_curve: List[Tuple[int, float]] = field(default_factory=list)
     """(tokens, val_loss) per evaluation line."""
+    pruned: bool = False
+    """A search stopped the run early (summary.json "pruned"): its losses are not final ones."""
     notes: List[str] = field(default_factory=list)
     """Why a figure is missing (no config.yaml, a partial last line, no evaluation yet...)."""
 
@@ -108,7 +111,15 @@ def load_run(path: os.PathLike, name: Optional[str] = None) -> RunSummary:
     _read_config(run)
     _read_overrides(run)
     _read_metrics(run)
+    _read_summary(run)
     return run
+
+
+def _read_summary(run: RunSummary) -> None:
+    try:
+        run.pruned = bool(json.loads((run.path / SUMMARY).read_text()).get("pruned"))
+    except (OSError, ValueError, AttributeError):  # running, crashed, or hand-edited
+        pass
 
 
 def _read_config(run: RunSummary) -> None:
@@ -238,7 +249,8 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
     for r in sort_by_val_loss(runs):
         overrides = " ".join(f"`{o}`" for o in r.overrides if o not in shared) or "-"
         tok_s = "-" if r.tok_per_s is None else f"{r.tok_per_s:,.0f}"
-        lines.append(f"| {r.name} | {overrides} | {_human(r.parameters)} | {_human(r.tokens)} "
+        name = f"{r.name} (pruned)" if r.pruned else r.name
+        lines.append(f"| {name} | {overrides} | {_human(r.parameters)} | {_human(r.tokens)} "
                      f"| {_loss(r.train_loss)} | {_loss(r.val_loss)} | {tok_s} | {_duration(r.wall_s)} |")
     if shared:
         lines += ["", "Overrides common to every run: " + " ".join(f"`{o}`" for o in sorted(shared))]
@@ -268,11 +280,13 @@ def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike,
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for i, r in enumerate(drawable):
         color = f"C{i % 10}"
-        label = " ".join([r.name, *(o for o in r.overrides if o not in shared)])
+        label = " ".join([r.name + (" (pruned)" if r.pruned else ""),
+                          *(o for o in r.overrides if o not in shared)])
         if r.train_curve:
             ax_train.plot(*zip(*r.train_curve), color=color, lw=1.2, label=label)
         if r.val_curve:
-            ax_val.plot(*zip(*r.val_curve), color=color, lw=1.5, marker="o", ms=3, label=label)
+            ax_val.plot(*zip(*r.val_curve), color=color, lw=1.5, marker="o", ms=3, label=label,
+                        ls=":" if r.pruned else "-")
     for ax, what in ((ax_train, "training loss"), (ax_val, "validation loss")):
         ax.set_title(what)
         ax.set_xlabel("training tokens")

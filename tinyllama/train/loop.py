@@ -15,7 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -37,12 +37,15 @@ from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
 from tinyllama.train.tracker import Tracker
 
 
-def run_training(job: JobConfig, overrides: Sequence[str] = ()) -> float:
+def run_training(job: JobConfig, overrides: Sequence[str] = (),
+                 on_eval: Optional[Callable[[int, float], bool]] = None) -> float:
     """Train, evaluate and sample as `job` says; returns the final validation loss.
-    `overrides`: the command line that launched it, kept in the run folder's launches.jsonl."""
+    `overrides`: the command line that launched it, kept in the run folder's launches.jsonl.
+    on_eval(step, val_loss), called on rank 0 after each evaluation during training, may return
+    True to end the run there (a search pruning a hopeless trial); summary.json says "pruned"."""
     env = setup_distributed(job.run.device)
     try:
-        return Trainer(job, env, overrides).fit()
+        return Trainer(job, env, overrides, on_eval).fit()
     finally:
         teardown_distributed()
 
@@ -51,8 +54,10 @@ class Trainer:
     """Holds the state of one run. `model` is the plain LlamaForCausalLM (saved, evaluated and
     sampled); `train_model` is what steps run through (compiled and/or DDP-wrapped)."""
 
-    def __init__(self, job: JobConfig, env: DistEnv, overrides: Sequence[str] = ()) -> None:
+    def __init__(self, job: JobConfig, env: DistEnv, overrides: Sequence[str] = (),
+                 on_eval: Optional[Callable[[int, float], bool]] = None) -> None:
         self.job, self.env, t = job, env, job.train
+        self.on_eval = on_eval
         self.run_dir = run_dir_of(job)
         seed_everything(job.run.seed)
         self.tokenizer, self.packed_dir = prepare_data(job, env)
@@ -214,9 +219,13 @@ class Trainer:
                     self.step += 1
                     self.tokens += self.tokens_per_step
                     self._log_step(loss, lr, grad_norm)
-                    self.evaluator.maybe_eval(self.step)
+                    val_loss = self.evaluator.maybe_eval(self.step)
                     if self.env.any(stop.requested):  # all ranks stop after the same step
                         return self._stop(stop.signal_name, lr, grad_norm)
+                    if val_loss is not None and self._pruned(val_loss):
+                        self._summarise(val_loss, time.perf_counter() - t0,
+                                        self.step - start_step, pruned=True)
+                        return val_loss
                     self.checkpointer.maybe_save(self.step)
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
@@ -237,6 +246,16 @@ class Trainer:
     def _write_step(self, lr: float, grad_norm: float) -> None:
         perf = {**self.throughput.window(), "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
         self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm)
+
+    def _pruned(self, val_loss: float) -> bool:
+        """Whether on_eval (asked on rank 0; every rank evaluates at the same steps) ends the run."""
+        if self.on_eval is None or self.step >= self.job.train.max_steps:
+            return False  # at the last step the run is complete, not pruned
+        if not self.env.any(self.env.is_main and bool(self.on_eval(self.step, val_loss))):
+            return False
+        self.tracker.end_progress()
+        self.tracker.print(f"pruned at step {self.step} (validation loss {val_loss:.4f})")
+        return True
 
     def _stop(self, signal_name: Optional[str], lr: float, grad_norm: float) -> float:
         """Preemption or Ctrl-C: log the steps since the last training line, save now and
@@ -260,13 +279,13 @@ class Trainer:
         if self.resumed_from is not None:
             self.tracker.print(f"resumed from {self.resumed_from} at step {self.step}")
 
-    def _summarise(self, final: float, wall_s: float, steps: int) -> None:
+    def _summarise(self, final: float, wall_s: float, steps: int, pruned: bool = False) -> None:
         summary = {
             "final_val_loss": final, "best_val_loss": self.evaluator.best_loss,
             "tokens_seen": self.tokens, "wall_time_s": wall_s,
             "tok_per_s": steps * self.tokens_per_step / max(wall_s, 1e-9),
             "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20,
-            "skipped_steps": self.guard.skipped,
+            "skipped_steps": self.guard.skipped, "pruned": pruned,
             "precision": self.precision.name, "precision_reason": self.precision.reason,
         }
         self.tracker.print("summary:")
