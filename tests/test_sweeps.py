@@ -50,21 +50,6 @@ def test_search_composes_and_searches_real_keys(search):
     to_job(_compose([f"hparams_search={search}", "experiment=cpu_quick"]))
 
 
-def _tiny_overrides(tiny_data) -> list:
-    """Command-line overrides that reproduce the tiny_data fixture (so its tokenizer and
-    packed shards are reused) and a seconds-long model and schedule."""
-    data, tok = tiny_data
-    return [
-        f"data.root={data.root}", f"data.num_docs={data.num_docs}", f"data.seed={data.seed}",
-        "data.num_workers=0", f"tokenizer.name={tok.name}", f"tokenizer.vocab_size={tok.vocab_size}",
-        "tokenizer.num_threads=1", f"model.vocab_size={tok.vocab_size}", "model.hidden_size=32",
-        "model.intermediate_size=64", "model.num_hidden_layers=1", "model.max_position_embeddings=32",
-        "train.max_steps=2", "train.batch_size=2", "train.seq_len=16", "train.log_every=1",
-        "eval.every=2", "eval.batches=1", "checkpoint.every=2", "sample.num_samples=1",
-        "sample.max_new_tokens=2", "run.device=cpu",
-    ]
-
-
 def _env() -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TINYLLAMA_JOB_DIR", None)
@@ -84,8 +69,8 @@ def _final_val_loss(run: Path) -> float:
     return evals[-1]["val_loss"]
 
 
-def test_grid_sweep_gives_each_job_its_own_run_folder(tiny_data, tmp_path):
-    _train(["-m", "optim.lr=1e-3,3e-3", "run.name=grid", *_tiny_overrides(tiny_data)], tmp_path)
+def test_grid_sweep_gives_each_job_its_own_run_folder(tiny_overrides, tmp_path):
+    _train(["-m", "optim.lr=1e-3,3e-3", "run.name=grid", *tiny_overrides], tmp_path)
     sweep = tmp_path / "runs" / "grid"
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != ".hydra")
     assert [p.name for p in jobs] == ["0", "1"]
@@ -107,13 +92,13 @@ def test_grid_sweep_gives_each_job_its_own_run_folder(tiny_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, plugin", [("joblib", "hydra_joblib_launcher"),
                                               ("submitit_local", "hydra_submitit_launcher")])
-def test_grid_sweep_runs_its_jobs_in_parallel_processes(tiny_data, tmp_path, launcher, plugin):
+def test_grid_sweep_runs_its_jobs_in_parallel_processes(tiny_overrides, tmp_path, launcher, plugin):
     """hydra/launcher=joblib (local processes) and submitit (submitit_slurm on a cluster,
     submitit_local here): the jobs still get numbered run folders of their own."""
     pytest.importorskip(f"hydra_plugins.{plugin}")
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
     _train(["-m", "optim.lr=1e-3,3e-3", "run.name=par", f"hydra/launcher={launcher}", *extra,
-            *_tiny_overrides(tiny_data)], tmp_path)
+            *tiny_overrides], tmp_path)
     sweep = tmp_path / "runs" / "par"
     for job, lr in (("0", 1e-3), ("1", 3e-3)):
         cfg = yaml.safe_load((sweep / job / "config.yaml").read_text())
@@ -135,8 +120,8 @@ def _has_optuna() -> bool:
 
 needs_optuna = pytest.mark.skipif(not _has_optuna(), reason='needs pip install -e ".[sweep]"')
 
-def _search(name, tiny_data, *extra):
-    return ["-m", "hparams_search=optuna_lr", f"run.name={name}", *_tiny_overrides(tiny_data),
+def _search(name, tiny_overrides, *extra):
+    return ["-m", "hparams_search=optuna_lr", f"run.name={name}", *tiny_overrides,
             "optim.warmup_steps=0", *extra]
 
 
@@ -154,8 +139,8 @@ def _launched(output: str) -> list:
 
 @needs_optuna
 @pytest.mark.slow
-def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, tmp_path):
-    args = _search("res", tiny_data, "model=tiny")
+def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_overrides, tmp_path):
+    args = _search("res", tiny_overrides, "model=tiny")
     first = _train([*args, "hydra.sweeper.n_trials=2"], tmp_path)
     sweep = tmp_path / "runs" / "res"
     trial0 = (sweep / "0" / "metrics.jsonl").read_bytes()
@@ -191,10 +176,10 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_data, 
 
 @needs_optuna
 @pytest.mark.slow
-def test_two_copies_started_together_share_the_study(tiny_data, tmp_path):
+def test_two_copies_started_together_share_the_study(tiny_overrides, tmp_path):
     """No trial runs twice: each number is launched by one copy, and no two share a point."""
     cmd = [sys.executable, str(REPO / "train.py"),
-           *_search("shared", tiny_data, "hydra.sweeper.n_trials=4")]
+           *_search("shared", tiny_overrides, "hydra.sweeper.n_trials=4")]
     copies = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [c.communicate(timeout=300) for c in copies]
@@ -209,9 +194,9 @@ def test_two_copies_started_together_share_the_study(tiny_data, tmp_path):
 
 @needs_optuna
 @pytest.mark.slow
-def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_data, tmp_path):
+def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_overrides, tmp_path):
     # Grid order is the sampler's (seeded); the median pruner needs one finished trial first.
-    args = _search("prune", tiny_data, "train.max_steps=6", "eval.every=2", "checkpoint.every=6",
+    args = _search("prune", tiny_overrides, "train.max_steps=6", "eval.every=2", "checkpoint.every=6",
                    "hydra.sweeper.sampler.name=grid", "~hydra.sweeper.sampler.n_startup_trials",
                    "hydra.sweeper.sampler.seed=3", "hydra.sweeper.pruner.n_startup_trials=1",
                    "optim.lr=choice(3e-3,2e-3,3.0)",
@@ -236,9 +221,9 @@ def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_data, tmp_path):
 
 @needs_optuna
 @pytest.mark.slow
-def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_data, tmp_path):
+def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_overrides, tmp_path):
     # 3 heads cannot share 2 key/value heads: that trial's config is refused when it starts.
-    _train(_search("crash", tiny_data, "hydra.sweeper.sampler.name=grid",
+    _train(_search("crash", tiny_overrides, "hydra.sweeper.sampler.name=grid",
                    "hydra.sweeper.n_trials=2",
                    "~hydra.sweeper.sampler.n_startup_trials", "optim.lr=1e-3",
                    "optim.weight_decay=0.1", "model.num_attention_heads=choice(4,3)"), tmp_path)
@@ -251,8 +236,8 @@ def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_da
 
 @needs_optuna
 @pytest.mark.slow
-def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_data, tmp_path):
-    args = _search("kill", tiny_data, "hydra.sweeper.heartbeat_interval=1",
+def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_overrides, tmp_path):
+    args = _search("kill", tiny_overrides, "hydra.sweeper.heartbeat_interval=1",
                    "hydra.sweeper.n_trials=2")
     long = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "train.max_steps=100000"],
                             cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
