@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from tinyllama.model.config import LlamaConfig
 from tinyllama.data.sources import SOURCES
+from tinyllama.model.config import LlamaConfig
 
 
 @dataclass

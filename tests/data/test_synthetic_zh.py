@@ -4,7 +4,11 @@ import hashlib
 import re
 import unicodedata
 
+import pytest
+
+from tinyllama.cli import compose_job
 from tinyllama.config import DataConfig, TokenizerConfig
+from tinyllama.errors import ConfigError
 from tinyllama.data import iter_documents
 from tinyllama.data.synthetic_zh import ANIMALS, PLOTS, THINGS, generate_story, iter_stories
 from tinyllama.tokenizer import ensure_tokenizer
@@ -93,3 +97,11 @@ def test_the_registry_serves_it_and_a_chinese_tokenizer_round_trips_it(tmp_path)
         assert tok.decode(ids) == story and tok.unk_id not in ids
     # Merges beyond single characters: fewer tokens than characters.
     assert sum(len(tok.encode(s)) for s in val) < 0.9 * sum(len(s) for s in val)
+
+
+def test_the_presets_compose_and_validate():
+    job = compose_job(["data=synthetic_zh", "tokenizer=bpe_2k_zh", "model.vocab_size=2048"])
+    assert (job.data.name, job.data.source) == ("synthetic_zh", "synthetic_zh")
+    assert (job.tokenizer.character_coverage, job.tokenizer.byte_fallback) == (0.9995, True)
+    with pytest.raises(ConfigError, match="choose synthetic, synthetic_zh, tinystories, text_files, hf"):
+        compose_job(["data.source=synthetic_fr"])
