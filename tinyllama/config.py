@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from tinyllama.data.sources import SOURCES
 from tinyllama.model.config import LlamaConfig
 
 
@@ -49,7 +50,8 @@ class DataConfig:
     name: str = "synthetic"
     """Name of the dataset; keys the packed output data/packed/<name>/<tokenizer fingerprint>/."""
     source: str = "synthetic"
-    """"synthetic" (built-in stories), "tinystories", "text_files" or "hf"."""
+    """"synthetic" (built-in stories), "synthetic_zh" (the same in Chinese), "tinystories",
+    "text_files" or "hf"."""
     train_files: List[str] = field(default_factory=list)
     """Local files or globs for the train split (tinystories and text_files)."""
     val_files: List[str] = field(default_factory=list)
@@ -72,7 +74,7 @@ class DataConfig:
     val_fraction: float = 0.01
     """Share of documents held out for validation when no validation split/files are given."""
     num_docs: int = 20_000
-    """synthetic: number of stories to generate for train (validation gets num_docs // 50)."""
+    """synthetic, synthetic_zh: number of stories to generate for train (validation gets num_docs // 50)."""
     max_docs: Optional[int] = None
     """Cap on train documents read from any source (None: all)."""
     seed: int = 1234
@@ -362,8 +364,7 @@ def validate(job: JobConfig) -> None:
          f"{job.model.vocab_size}: the embedding table must cover every token id")
     need(job.tokenizer.model_type in ("bpe", "unigram"),
          f"tokenizer.model_type={job.tokenizer.model_type!r}: choose bpe or unigram")
-    need(job.data.source in ("synthetic", "tinystories", "text_files", "hf"),
-         f"data.source={job.data.source!r}: choose synthetic, tinystories, text_files or hf")
+    need(job.data.source in SOURCES, f"data.source={job.data.source!r}: choose {', '.join(SOURCES)}")
     d, tk = job.data, job.tokenizer
     need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     need(d.num_docs > 0, f"data.num_docs={d.num_docs}: must be > 0")

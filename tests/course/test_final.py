@@ -80,3 +80,23 @@ def test_train_command_composes_the_tiny_preset_and_trains(workspace, tmp_path, 
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "attention yours" in out and "step   12" in out and "your pieces learn!" in out
+
+
+def test_train_command_in_chinese_learns_and_writes_the_chinese_stories(workspace, tmp_path, capsys):
+    from tinyllama.course.__main__ import _compose_job, main
+
+    job = _compose_job([], lang="zh")
+    assert (job.data.source, job.tokenizer.name, job.model.vocab_size) == ("synthetic_zh", "bpe_2k_zh", 2048)
+    assert (job.model.hidden_size, job.train.batch_size, job.train.seq_len) == (128, 8, 64)  # as in English
+    rc = main(["train", "--lang", "zh", "--workspace", str(workspace), "--seconds", "60", "--max-steps", "12",
+               f"data.root={tmp_path / 'data'}", "data.num_docs=300", "data.num_workers=0",
+               "tokenizer.vocab_size=1200", "tokenizer.num_threads=1", "model.vocab_size=1200",
+               "optim.warmup_steps=2", "train.log_every=4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "attention yours" in out and "your pieces learn!" in out
+    assert (tmp_path / "data" / "tokenizers" / "synthetic_zh-bpe_2k_zh" / "tokenizer.model").is_file()
+    sample = next(line for line in out.splitlines() if line.startswith("sample: "))
+    assert sample.startswith("sample: '从前，")
+    written = sample[len("sample: '从前，"):]
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in written) > 10, sample  # the model writes Chinese

@@ -29,12 +29,12 @@ def test_data_presets(name):
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_tokenizer_presets(name):
     job = compose_job(f"tokenizer={name}", "model.vocab_size=8192")
-    assert job.tokenizer.name == name and job.tokenizer.vocab_size in (512, 4096, 8192)
+    assert job.tokenizer.name == name and job.tokenizer.vocab_size in (512, 2048, 4096, 8192)
 
 
 def test_presets_exist():
-    assert {"synthetic", "tinystories", "text_files", "hf"} <= set(DATA)
-    assert {"bpe_4k", "bpe_512", "bpe_8k", "unigram_4k", "bpe_8k_zh"} <= set(TOKENIZERS)
+    assert {"synthetic", "synthetic_zh", "tinystories", "text_files", "hf"} <= set(DATA)
+    assert {"bpe_4k", "bpe_512", "bpe_8k", "unigram_4k", "bpe_8k_zh", "bpe_2k_zh"} <= set(TOKENIZERS)
     assert compose_job().tokenizer.name == "bpe_4k" and compose_job().data.name == "synthetic"
 
 

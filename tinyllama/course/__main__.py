@@ -4,6 +4,7 @@
     python -m tinyllama.course start 3              # copy the RoPE exercise into ./course_workspace/
     python -m tinyllama.course check 3              # grade it against tinyllama/model/
     python -m tinyllama.course train --seconds 60   # final exercise: your pieces in the real model
+    python -m tinyllama.course train --lang zh      # the same, learning the built-in Chinese stories
 
 A plain argparse tool, not a Hydra stage: it takes no config tree, only a lesson and a folder.
 The workspace is `--workspace`, else $TINYLLAMA_COURSE_DIR, else ./course_workspace/.
@@ -17,11 +18,14 @@ from typing import List, Optional
 from tinyllama.errors import TinyLlamaError
 from tinyllama.course.lessons import LESSONS, get_lesson, learner_file, start_lesson, workspace_dir
 
-# The demo's tiny model and synthetic stories, with smaller batches and a shorter warmup than
-# `python train.py`, so that a one-minute run on a laptop CPU takes enough steps to show the
-# loss falling. The learner's own overrides come after these, so they win.
-FINAL_OVERRIDES = ["model=tiny", "data=synthetic", "train.batch_size=8", "train.seq_len=64",
+# The demo's tiny model, with smaller batches and a shorter warmup than `python train.py`, so
+# that a one-minute run on a laptop CPU takes enough steps to show the loss falling. The
+# learner's own overrides come after these, so they win.
+FINAL_OVERRIDES = ["model=tiny", "train.batch_size=8", "train.seq_len=64",
                    "optim.lr=3e-3", "optim.warmup_steps=10", "train.log_every=10"]
+# What the model learns, by --lang: the synthetic stories, or the Chinese ones with the Chinese
+# tokenizer, vocabulary and prompt of the Chinese demo (configs/experiment/demo_zh.yaml).
+CORPUS_OVERRIDES = {"en": ["data=synthetic"], "zh": ["experiment=demo_zh"]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     add_workspace(sp)
     sp.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    sp.add_argument("--lang", default="en", choices=sorted(CORPUS_OVERRIDES),
+                    help="language of the stories the model learns and writes: en (data=synthetic) "
+                         "or zh (the Chinese stories, data=synthetic_zh)")
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="config overrides as for train.py, e.g. train.batch_size=16 "
                          "model.num_hidden_layers=2 (applied after: " + " ".join(FINAL_OVERRIDES) + ")")
@@ -98,18 +105,18 @@ def _run(args: argparse.Namespace) -> int:
         from tinyllama.course.final import train_with_learner_pieces
 
         print("final exercise: the tiny model built from your pieces")
-        result = train_with_learner_pieces(_compose_job(args.overrides), workspace,
+        result = train_with_learner_pieces(_compose_job(args.overrides, args.lang), workspace,
                                            seconds=args.seconds, max_steps=args.max_steps)
         return 0 if result.loss_fell else 1
     raise AssertionError(args.command)  # argparse only lets the commands above through
 
 
-def _compose_job(overrides: List[str]):
-    """The JobConfig that `python train.py <FINAL_OVERRIDES> <overrides>` would run (same YAML
-    tree, same validation)."""
+def _compose_job(overrides: List[str], lang: str = "en"):
+    """The JobConfig that `python train.py <CORPUS_OVERRIDES[lang]> <FINAL_OVERRIDES> <overrides>`
+    would run (same YAML tree, same validation)."""
     from tinyllama.cli import compose_job
 
-    return compose_job(FINAL_OVERRIDES + list(overrides))
+    return compose_job(CORPUS_OVERRIDES[lang] + FINAL_OVERRIDES + list(overrides))
 
 
 if __name__ == "__main__":

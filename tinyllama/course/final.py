@@ -1,5 +1,5 @@
 """The final exercise: the learner's RMSNorm, RoPE, attention and MLP inside the real model,
-trained on the synthetic stories for about a minute on a CPU.
+trained on the synthetic stories (English, or Chinese with --lang zh) for about a minute on a CPU.
 
 The model takes replacement classes through `ModelParts` (tinyllama/model/modeling.py), so every
 decoder layer is built from the learner's lesson 2-5 files. A piece whose file is missing uses

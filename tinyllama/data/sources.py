@@ -1,6 +1,7 @@
 """Text sources: each yields the documents (str) of a train or a validation split.
 
     synthetic    the built-in story corpus (tinyllama.data.synthetic), offline and seeded
+    synthetic_zh the same in Chinese (tinyllama.data.synthetic_zh)
     tinystories  roneneldan/TinyStories from the Hugging Face Hub, or local copies (data.train_files)
     text_files   your own .txt / .jsonl / .json / .parquet files or globs
     hf           any Hugging Face dataset by name (or a local folder / save_to_disk folder)
@@ -23,14 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List
 from urllib.parse import urlparse
 
-from tinyllama.data.synthetic import iter_stories
+from tinyllama.data import synthetic, synthetic_zh
 from tinyllama.errors import DataError
 
 if TYPE_CHECKING:  # the config module imports torch; packing workers must stay light
     from tinyllama.config import DataConfig
 
 TINYSTORIES = "roneneldan/TinyStories"
-SOURCES = ("synthetic", "tinystories", "text_files", "hf")
+# The built-in story corpora: source name -> generate_story(seed, index).
+STORY_CORPORA = {"synthetic": synthetic.generate_story, "synthetic_zh": synthetic_zh.generate_story}
+SOURCES = (*STORY_CORPORA, "tinystories", "text_files", "hf")
 
 
 class DataWarning(UserWarning):
@@ -40,7 +43,7 @@ class DataWarning(UserWarning):
 def describe_source(cfg: DataConfig) -> Dict:
     """The settings that decide which documents a source yields (stored with every artifact)."""
     d: Dict = {"source": cfg.source, "max_docs": cfg.max_docs}
-    if cfg.source == "synthetic":
+    if cfg.source in STORY_CORPORA:
         d.update(num_docs=cfg.num_docs, seed=cfg.seed)
     elif cfg.source in ("tinystories", "hf") and not cfg.train_files:
         d.update(hf_path=cfg.hf_path or (TINYSTORIES if cfg.source == "tinystories" else None),
@@ -75,10 +78,12 @@ def iter_documents(cfg: DataConfig, split: str) -> Iterator[str]:
 
 
 def _split_docs(cfg: DataConfig, split: str) -> Iterator[str]:
-    if cfg.source == "synthetic":
-        val_docs = max(1, cfg.num_docs // 50)
+    if cfg.source in STORY_CORPORA:
+        story = STORY_CORPORA[cfg.source]
+        if split == "train":
+            return synthetic.iter_stories(cfg.num_docs, cfg.seed, story=story)
         # Validation stories continue the index sequence, so they never repeat a train story's draw.
-        return iter_stories(cfg.num_docs, cfg.seed) if split == "train" else iter_stories(val_docs, cfg.seed, cfg.num_docs)
+        return synthetic.iter_stories(max(1, cfg.num_docs // 50), cfg.seed, cfg.num_docs, story=story)
     if cfg.source == "text_files" and not cfg.train_files:
         raise DataError("data=text_files needs data.train_files: a list of files or globs, e.g. "
                         "data.train_files='[my_texts/*.txt]'")
@@ -96,7 +101,7 @@ def _split_docs(cfg: DataConfig, split: str) -> Iterator[str]:
 
 def _held_out(cfg: DataConfig) -> bool:
     """True when validation is a fraction of the train documents (no val files / split given)."""
-    if cfg.source == "synthetic":
+    if cfg.source in STORY_CORPORA:
         return False
     return not cfg.val_files if cfg.train_files else not cfg.hf_val_split
 
@@ -117,8 +122,8 @@ def _hold_out(docs: Iterator[str], cfg: DataConfig, split: str) -> Iterator[str]
 
 
 def _where(cfg: DataConfig, split: str) -> str:
-    if cfg.source == "synthetic":
-        return f"synthetic, num_docs={cfg.num_docs}"
+    if cfg.source in STORY_CORPORA:
+        return f"{cfg.source}, num_docs={cfg.num_docs}"
     files = cfg.val_files if split == "val" and cfg.val_files else cfg.train_files
     return f"files {list(files)}" if files else f"dataset {cfg.hf_path or TINYSTORIES}"
 

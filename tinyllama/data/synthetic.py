@@ -313,9 +313,22 @@ ENDINGS = ["The end.", "And they lived happily ever after.", "From that day on, 
            "It was a day {name} would always remember.", "{name} could not wait for the next adventure."]
 
 
+def story_rng(seed: int, index: int) -> random.Random:
+    """The random stream of story `index` of the corpus with this seed; every language's
+    corpus draws its story from one, so each story is a pure function of (seed, index)."""
+    return random.Random(seed * 1_000_003 + index)
+
+
+def paragraphs(rng: random.Random, opening: List[str], middle: List[str], end: str, space: str) -> str:
+    """Paragraphs as in TinyStories: the opening, the plot in two halves (split near its
+    middle), the last half followed by the ending; sentences joined by `space`."""
+    half = len(middle) // 2 + rng.randint(-1, 1)
+    return "\n".join([space.join(opening), space.join(middle[:half]), space.join(middle[half:]) + space + end])
+
+
 def generate_story(seed: int, index: int) -> str:
     """Story number `index` of the corpus with this seed (a pure function of both)."""
-    rng = random.Random(seed * 1_000_003 + index)
+    rng = story_rng(seed, index)
     hero = _character(rng)
     friend = _character(rng, avoid=hero.name)
     food, food2 = rng.sample(FOODS, 2)
@@ -331,12 +344,12 @@ def generate_story(seed: int, index: int) -> str:
         opening.append(f"{_cap(hero.he)} loved {hero.his} {color} {slots['thing']}.")
     middle = rng.choice(PLOTS)(rng, slots)
     end = rng.choice(ENDINGS).format(**fill)
-    # Paragraphs as in TinyStories: opening, the plot in two halves, the ending.
-    half = len(middle) // 2 + rng.randint(-1, 1)
-    return "\n".join([" ".join(opening), " ".join(middle[:half]), " ".join(middle[half:]) + " " + end])
+    return paragraphs(rng, opening, middle, end, space=" ")
 
 
-def iter_stories(num_docs: int, seed: int, start: int = 0) -> Iterator[str]:
-    """Stories start, start + 1, ..., start + num_docs - 1 of the corpus with this seed."""
+def iter_stories(num_docs: int, seed: int, start: int = 0,
+                 story: Callable[[int, int], str] = generate_story) -> Iterator[str]:
+    """Stories start, start + 1, ..., start + num_docs - 1 of the corpus with this seed;
+    `story(seed, index)` writes one (another language's generate_story, e.g.)."""
     for i in range(start, start + num_docs):
-        yield generate_story(seed, i)
+        yield story(seed, i)
