@@ -39,12 +39,12 @@ def sp_tokenizer(tiny_data):
     return ensure_tokenizer(tok_cfg, data)
 
 
-def tiny_model(vocab_size: int, **overrides) -> LlamaForCausalLM:
+def tiny_model(vocab_size: int, scale: float = 10.0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**SHAPE, **overrides})).eval()
     with torch.no_grad():  # sharper logits than the 0.02 init, so greedy text is not a near-tie
         for p in model.parameters():
-            p.mul_(10 if p.dim() > 1 else 1)
+            p.mul_(scale if p.dim() > 1 else 1)
             if p.dim() == 1 and p.abs().sum() == 0:  # biases start at zero: make them matter
                 p.normal_(0, 0.1)
     return model
@@ -312,9 +312,12 @@ def test_llama_cpp_q8_0_mostly_agrees(tmp_path, sp_tokenizer):
     llama_cpp_or_skip()
     from tinyllama.export_gguf import verify_with_llama_cpp
 
-    model = tiny_model(sp_tokenizer.vocab_size, tie_word_embeddings=False)
+    # Weights x3 (not x10): random weights that large amplify rounding through every layer far
+    # beyond what a trained model shows (the demo run's q8_0 file: 0.45% relative logit error).
+    model = tiny_model(sp_tokenizer.vocab_size, scale=3.0, tie_word_embeddings=False)
     path = export_gguf(model, tmp_path / "g", tokenizer_path=sp_tokenizer.model_path, dtype="q8_0")
     report = verify_with_llama_cpp(path, model, sp_tokenizer, max_new_tokens=20, n_threads=1)
-    # 8-bit weights (relative step 1/254 per block) and 8-bit activations in the dot products.
+    # q8_0 rounds each weight, and llama.cpp each activation, to 1/254 of its 32-block's largest
+    # magnitude (<= 0.4%); through two layers and the head that stays within a few per cent.
     assert report["max_rel_logit_error"] < 3e-2, report
-    assert report["same_token_ids"] and int(report["greedy_tokens_agreeing"].split("/")[0]) >= 10, report
+    assert report["same_token_ids"] and int(report["greedy_tokens_agreeing"].split("/")[0]) >= 15, report

@@ -158,6 +158,9 @@ def building_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
                           f"export.out_dir, or set export.overwrite=true to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
     try:
         yield tmp
         if out_dir.exists():

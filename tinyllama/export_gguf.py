@@ -25,6 +25,7 @@ src/models/{llama,qwen2}.cpp, convert_hf_to_gguf.py):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
@@ -65,7 +66,7 @@ def gguf_problems(cfg: LlamaConfig) -> List[str]:
         out.append(f"hidden_act={cfg.hidden_act!r}: llama.cpp's Llama and Qwen2 use silu only")
     if rope == "dynamic":
         out.append("rope_scaling dynamic (NTK): llama.cpp has no such scaling; use linear or llama3")
-    if cfg.sliding_window is not None:
+    if any(cfg.uses_sliding_window(i) for i in range(cfg.num_hidden_layers)):
         out.append(f"sliding_window={cfg.sliding_window}: llama.cpp's {cfg.model_type} graph has no sliding window")
     if cfg.model_type == "qwen2":
         if rope == "llama3":
@@ -200,6 +201,7 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
     if problems:
         raise ConfigError("llama.cpp cannot run this model as exported:\n  - " + "\n  - ".join(problems))
     gguf = import_gguf()
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs the temporary path
     file_name = f"{name}-{GGUF_DTYPES[dtype][2]}.gguf"
     out_dir = Path(out_dir)
     with building_folder(out_dir, overwrite) as tmp:
