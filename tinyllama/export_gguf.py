@@ -67,7 +67,8 @@ def gguf_problems(cfg: LlamaConfig) -> List[str]:
     if rope == "dynamic":
         out.append("rope_scaling dynamic (NTK): llama.cpp has no such scaling; use linear or llama3")
     if any(cfg.uses_sliding_window(i) for i in range(cfg.num_hidden_layers)):
-        out.append(f"sliding_window={cfg.sliding_window}: llama.cpp's {cfg.model_type} graph has no sliding window")
+        out.append(f"sliding_window={cfg.sliding_window}: llama.cpp's {cfg.model_type} graph has no "
+                   "sliding window")
     if cfg.model_type == "qwen2":
         if rope == "llama3":
             out.append("rope_scaling llama3 with model_type=qwen2: llama.cpp reads rope_freqs for Llama only")
@@ -118,10 +119,10 @@ def encode_tensor(array: np.ndarray, dtype: str):
     return gguf.quants.quantize(array, kind), kind
 
 
-def add_tokenizer(writer, sp_model: Path, vocab_size: int, chat_template: Optional[str] = None) -> None:
+def add_tokenizer(writer, sp_model: Path, vocab_size: int, chat_template: Optional[str] = None) -> Optional[str]:
     """The SentencePiece model as llama.cpp's "llama" vocabulary: every piece with its score and
     type (SentencePiece's type numbers are GGUF's), padded with unused pieces up to vocab_size,
-    the special ids, add-bos, and the dummy-prefix setting."""
+    the special ids, add-bos, and the dummy-prefix setting. Returns the eos piece (None: none)."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -152,6 +153,7 @@ def add_tokenizer(writer, sp_model: Path, vocab_size: int, chat_template: Option
     writer.add_add_space_prefix(norm.add_dummy_prefix)
     if chat_template:
         writer.add_chat_template(chat_template)
+    return spec.eos_piece if spec.eos_id >= 0 else None
 
 
 def add_hyperparameters(writer, cfg: LlamaConfig) -> None:
@@ -205,12 +207,13 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
     file_name = f"{name}-{GGUF_DTYPES[dtype][2]}.gguf"
     out_dir = Path(out_dir)
     with building_folder(out_dir, overwrite) as tmp:
-        writer = gguf.GGUFWriter(tmp / file_name, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[ARCHITECTURES[cfg.model_type]]])
+        arch = gguf.MODEL_ARCH[ARCHITECTURES[cfg.model_type]]
+        writer = gguf.GGUFWriter(tmp / file_name, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(name)
         writer.add_file_type(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(writer, cfg)
-        add_tokenizer(writer, Path(tokenizer_path), cfg.vocab_size, chat_template)
+        eos_piece = add_tokenizer(writer, Path(tokenizer_path), cfg.vocab_size, chat_template)
         for tensor_name, array in gguf_tensors(cfg, state).items():
             data, kind = encode_tensor(array, dtype)
             writer.add_tensor(tensor_name, data, raw_dtype=kind)
@@ -218,21 +221,23 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        (tmp / "Modelfile").write_text(modelfile(file_name, cfg, generation or {}, chat_template), encoding="utf-8")
+        text = modelfile(file_name, cfg, generation or {}, chat_template, stop=eos_piece)
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
     return out_dir / file_name
 
 
 def modelfile(gguf_file: str, cfg: LlamaConfig, generation: Dict[str, Any],
-              chat_template: Optional[str] = None) -> str:
-    """An Ollama Modelfile for the .gguf beside it: the prompt template, the stop token, the
-    context length and the run's sampling settings (generation_config.json's names)."""
-    lines = [f"# ollama create <name> -f Modelfile  (then: ollama run <name> \"Once upon a time\")",
+              chat_template: Optional[str] = None, stop: Optional[str] = "</s>") -> str:
+    """An Ollama Modelfile for the .gguf beside it: the prompt template, the stop token (the eos
+    piece), the context length and the run's sampling settings (generation_config.json's names)."""
+    lines = ["# ollama create <name> -f Modelfile  (then: ollama run <name> \"Once upon a time\")",
              f"FROM ./{gguf_file}"]
     if chat_template:  # Ollama derives its Go template from the GGUF's tokenizer.chat_template
         lines.append("# TEMPLATE: taken from the chat template stored in the .gguf")
     else:  # a base model continues the text as given (<s> is added per the GGUF's add_bos)
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    lines.append('PARAMETER stop "</s>"')
+    if stop:
+        lines.append(f'PARAMETER stop "{stop}"')
     lines.append(f"PARAMETER num_ctx {cfg.max_position_embeddings}")
     if "max_new_tokens" in generation:
         lines.append(f"PARAMETER num_predict {generation['max_new_tokens']}")
