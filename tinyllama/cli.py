@@ -10,6 +10,7 @@ turns it into dataclasses, validates it, and calls the library. Errors a user ca
     python scripts/evaluate.py run.dir=runs/demo
     python scripts/sample.py run.dir=runs/demo sample.prompt="Once upon a time"
     python scripts/export_hf.py run.dir=runs/demo
+    python scripts/export_gguf.py run.dir=runs/demo export.dtype=q8_0
     python scripts/inspect_model.py model=llama2_7b
 """
 from __future__ import annotations
@@ -149,3 +150,12 @@ def export_main(job: JobConfig) -> None:
     from tinyllama.export import run_export
 
     run_export(job)
+
+
+@_stage("export")
+def export_gguf_main(job: JobConfig) -> None:
+    """Write a checkpoint as a GGUF file + Ollama Modelfile (export.out_dir, default <run>/gguf)
+    for llama.cpp / Ollama, and verify it with llama-cpp-python where installed."""
+    from tinyllama.export_gguf import run_export_gguf
+
+    run_export_gguf(job)

@@ -243,16 +243,18 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
-    """Options of scripts/export_hf.py."""
+    """Options of scripts/export_hf.py and scripts/export_gguf.py."""
 
     out_dir: Optional[str] = None
-    """Folder to write; None: <run>/hf. An existing non-empty folder is refused unless overwrite."""
+    """Folder to write; None: <run>/hf (<run>/gguf for GGUF). An existing non-empty folder is
+    refused unless overwrite."""
     dtype: str = "float32"
-    """Weight dtype in model.safetensors: float32, bfloat16 or float16."""
+    """Weight dtype: float32, bfloat16 or float16; GGUF also q8_0 (the gguf package's quantizer)."""
     overwrite: bool = False
     """Replace an existing out_dir (only once the new folder is complete)."""
     verify: bool = True
-    """Reload the folder with transformers (when installed) and compare logits and greedy text."""
+    """Reload the export with transformers (GGUF: llama-cpp-python), when installed, and compare
+    token ids, logits and greedy text."""
 
 
 @dataclass
@@ -392,8 +394,8 @@ def validate(job: JobConfig) -> None:
          f"evaluate.rope_type={ev.rope_type!r}: choose linear, dynamic or llama3 (or null)")
     need(ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
          "evaluate.batch_size and evaluate.seq_len must be > 0")
-    need(ex.dtype in ("float32", "bfloat16", "float16"),
-         f"export.dtype={ex.dtype!r}: choose float32, bfloat16 or float16")
+    need(ex.dtype in ("float32", "bfloat16", "float16", "q8_0"),
+         f"export.dtype={ex.dtype!r}: choose float32, bfloat16 or float16 (or q8_0, GGUF only)")
     sa = job.sample
     need(sa.max_new_tokens >= 0, f"sample.max_new_tokens={sa.max_new_tokens}: must be >= 0")
     need(sa.num_samples >= 0, f"sample.num_samples={sa.num_samples}: must be >= 0")

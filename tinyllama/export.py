@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,12 +134,7 @@ def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Pat
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{out_dir} already exists and is not empty; it is kept. Choose another "
-                          f"export.out_dir, or set export.overwrite=true to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with building_folder(out_dir, overwrite) as tmp:
         tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
                    for k, v in drop_tied_head(state, cfg).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -149,12 +145,29 @@ def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Pat
         _write_json(tmp / "generation_config.json", gen)
         if tokenizer_path is not None:
             write_hf_tokenizer(Path(tokenizer_path), tmp, cfg.max_position_embeddings)
+    return out_dir
+
+
+@contextmanager
+def building_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """An empty folder beside `out_dir` to write an export into; when the block ends without an
+    error it replaces `out_dir`, otherwise it is deleted and `out_dir` is left as it was. An
+    existing non-empty `out_dir` is refused unless overwrite (the HF and GGUF exports share this)."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{out_dir} already exists and is not empty; it is kept. Choose another "
+                          f"export.out_dir, or set export.overwrite=true to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
+    try:
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Tensor]]:
@@ -287,14 +300,9 @@ def run_export(job) -> Path:
     from tinyllama.evaluate import load_for_inference
 
     ckpt, model, tokenizer, _ = load_for_inference(job)
-    ex, s = job.export, job.sample
+    ex = job.export
     out = Path(ex.out_dir or ckpt.path.parent.parent / "hf")
-    generation: Dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens}
-    if s.temperature > 0:
-        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                    "repetition_penalty": s.repetition_penalty}
-        generation.update({k: v for k, v in sampling.items() if v is not None})
-    export_hf(ckpt, out, dtype=ex.dtype, generation=generation, overwrite=ex.overwrite)
+    export_hf(ckpt, out, dtype=ex.dtype, generation=generation_defaults(job.sample), overwrite=ex.overwrite)
     print(f"exported {ckpt.path} -> {out}")
     if ex.verify:
         try:
@@ -308,6 +316,16 @@ def run_export(job) -> Path:
                                           and report["same_token_ids"]):
             raise CheckpointError(f"{out} does not reproduce the model in transformers ({report})")
     return out
+
+
+def generation_defaults(s) -> Dict[str, Any]:
+    """The run's sampling settings (a SampleConfig) in generation_config.json's names."""
+    generation: Dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens}
+    if s.temperature > 0:
+        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                    "repetition_penalty": s.repetition_penalty}
+        generation.update({k: v for k, v in sampling.items() if v is not None})
+    return generation
 
 
 def verify_with_transformers(folder: Path, model: nn.Module, tokenizer,
