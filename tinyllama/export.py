@@ -115,6 +115,15 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     )
 
 
+def exported_parts(model: Union[nn.Module, "LoadedCheckpoint"],
+                   tokenizer_path: Optional[Union[str, Path]] = None):
+    """(LlamaConfig, state_dict, tokenizer path) of a LlamaForCausalLM or a LoadedCheckpoint;
+    a checkpoint's own tokenizer copy unless `tokenizer_path` is given."""
+    if hasattr(model, "model_state"):  # a LoadedCheckpoint
+        return model.model_config, model.model_state, tokenizer_path or model.tokenizer_path
+    return model.config, model.state_dict(), tokenizer_path
+
+
 def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Path],
               tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "float32",
               generation: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
@@ -126,11 +135,7 @@ def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Pat
     The folder is built beside `out_dir` and renamed into place; an existing non-empty `out_dir`
     is refused unless overwrite=True (then replaced only once the new folder is complete).
     """
-    if hasattr(model, "model_state"):  # a LoadedCheckpoint
-        cfg, state = model.model_config, model.model_state
-        tokenizer_path = tokenizer_path or model.tokenizer_path
-    else:
-        cfg, state = model.config, model.state_dict()
+    cfg, state, tokenizer_path = exported_parts(model, tokenizer_path)
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     out_dir = Path(out_dir)

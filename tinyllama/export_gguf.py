@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import building_folder, generation_defaults
+from tinyllama.export import building_folder, exported_parts, generation_defaults
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head
 from tinyllama.model.rotary import compute_inv_freq
@@ -190,11 +190,7 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
     The folder is built beside `out_dir` and renamed into place; an existing non-empty `out_dir`
     is refused unless overwrite=True. A model llama.cpp cannot run is refused with the reasons.
     """
-    if hasattr(model, "model_state"):  # a LoadedCheckpoint
-        cfg, state = model.model_config, model.model_state
-        tokenizer_path = tokenizer_path or model.tokenizer_path
-    else:
-        cfg, state = model.config, model.state_dict()
+    cfg, state, tokenizer_path = exported_parts(model, tokenizer_path)
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"export dtype={dtype!r}: choose one of {', '.join(GGUF_DTYPES)}")
     if tokenizer_path is None:
