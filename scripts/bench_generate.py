@@ -20,7 +20,7 @@ the same weights, so both run identical math; the script checks they produce the
 
 Each figure is the median of --rounds timed rounds (after one warm-up); the two libraries run in
 alternating rounds, so a load spike from another process hits both alike.
-Target (issue 5): ours >= 3x transformers' decode rate.
+Target: ours >= 3x transformers' decode rate.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ same script measures the machine's float32 matmul throughput (best of square mat
 reports each variant's achieved FLOP/s, counted as tinyllama.inspect.flops_per_token's
 training figure (6N + 12 L H D T), as a share of it.
 
-Targets (issue 2): ours/transformers time ratio >= 1.0, achieved >= 85% of matmul throughput.
+Targets: ours/transformers time ratio >= 1.0, achieved >= 85% of matmul throughput.
 """
 from __future__ import annotations
 
