@@ -40,7 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from tinyllama.cli import compose_job  # noqa: E402
+from tinyllama.cli import compose_job, job_config_args  # noqa: E402
 from tinyllama.train.loop import run_training  # noqa: E402
 
 
@@ -217,7 +217,7 @@ def check_ddp(ctx: Context) -> str:
     ddp = ctx.job("train.precision=fp32")
     single = ctx.job("train.precision=fp32", f"train.grad_accum={world}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world}", str(REPO / "train.py"), *job_yaml(ddp, ctx.workdir)]
+           f"--nproc_per_node={world}", str(REPO / "train.py"), *job_config_args(ddp, ctx.workdir)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed:\n{proc.stderr[-2000:]}")
@@ -267,16 +267,6 @@ CHECKS: Dict[str, Callable[[Context], str]] = {
     "grad_checkpointing": check_grad_checkpointing, "ddp": check_ddp, "resume": check_resume,
     "throughput": check_throughput,
 }
-
-
-def job_yaml(job, folder: Path) -> List[str]:
-    """train.py arguments that run exactly `job` (its resolved config as the primary config)."""
-    from omegaconf import OmegaConf
-
-    body = OmegaConf.to_yaml(OmegaConf.structured(job))
-    (folder / "job.yaml").write_text("defaults:\n  - job_schema\n  - _self_\n" + body +
-                                     f"hydra:\n  run:\n    dir: {job.run.dir}\n  output_subdir: null\n")
-    return ["--config-dir", str(folder), "--config-name", "job"]
 
 
 def main(argv=None) -> int:

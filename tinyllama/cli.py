@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tinyllama.config import JobConfig, split_unknown, validate
@@ -53,6 +54,17 @@ def compose_job(overrides: list[str] | None = None, config_name: str = "train") 
         return to_job(compose(config_name=config_name, overrides=list(overrides or [])))
 
 
+def job_config_args(job: JobConfig, folder: Path) -> list[str]:
+    """`train.py` arguments that run exactly `job`: its resolved config written to
+    folder/job.yaml as the primary config (schema-checked like configs/train.yaml), for launching
+    a JobConfig in other processes (torchrun)."""
+    body = OmegaConf.to_yaml(OmegaConf.structured(job))
+    (Path(folder) / "job.yaml").write_text(
+        "defaults:\n  - job_schema\n  - _self_\n" + body
+        + f"hydra:\n  run:\n    dir: {job.run.dir}\n  output_subdir: null\n")
+    return ["--config-dir", str(folder), "--config-name", "job"]
+
+
 def _stage(config_name: str) -> Callable[[Callable[[JobConfig], Any]], Callable[[], Any]]:
     """Wrap `fn(job)` as a Hydra app reading configs/<config_name>.yaml."""
 
@@ -75,8 +87,6 @@ def _stage(config_name: str) -> Callable[[Callable[[JobConfig], Any]], Callable[
 def train_main(job: JobConfig) -> float:
     """Whole pipeline: tokenizer and packed data if missing, then train, evaluate, sample.
     Returns the final validation loss, so Hydra sweepers can minimise it."""
-    from hydra.core.hydra_config import HydraConfig
-
     from tinyllama.train.loop import run_training
 
     return run_training(job, overrides=list(HydraConfig.get().overrides.task),
@@ -86,7 +96,6 @@ def train_main(job: JobConfig) -> float:
 def _search_trial_hook() -> Callable[[int, float], bool] | None:
     """In a trial of a study search (configs/hydra/sweeper/study.yaml), the hook that reports
     its validation losses to Optuna and prunes it; None in any other run."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get() if HydraConfig.initialized() else None

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from tinyllama.checkpoint import load_checkpoint
+from tinyllama.cli import job_config_args
 from tinyllama.data.loader import TokenStream
 from tinyllama.data.pack import packed_dir, read_meta
 from tinyllama.tokenizer import ensure_tokenizer
@@ -23,19 +23,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 def train_command(job, folder: Path, launcher=(sys.executable,)) -> list:
     """`train.py` reading `job` as its primary config (schema-checked like configs/train.yaml)."""
-    body = OmegaConf.to_yaml(OmegaConf.structured(job))
-    (folder / "job.yaml").write_text(
-        "defaults:\n  - job_schema\n  - _self_\n" + body
-        + f"hydra:\n  run:\n    dir: {job.run.dir}\n  output_subdir: null\n")
-    return [*launcher, str(REPO / "train.py"), "--config-dir", str(folder), "--config-name", "job"]
+    return [*launcher, str(REPO / "train.py"), *job_config_args(job, folder)]
+
+
+def logged(run_dir: Path, key: str) -> dict:
+    """{step: value} of `key` over the lines of metrics.jsonl that have it ({} before it exists)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {m["step"]: m[key] for m in lines if key in m}
 
 
 def steps_logged(run_dir: Path) -> list:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()
-            if line.strip() and '"loss"' in line]
+    return sorted(logged(run_dir, "loss"))
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes(tiny_job, tmp_path):
@@ -63,12 +64,6 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tiny_job, tmp_path):
 def validation_tokens(job) -> int:
     folder = packed_dir(job.data, ensure_tokenizer(job.tokenizer, job.data))
     return TokenStream(folder, read_meta(folder), "val").tokens
-
-
-def logged(run_dir: Path, key: str) -> dict:
-    """{step: value} of `key` over the lines of metrics.jsonl that have it."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m[key] for m in lines if key in m}
 
 
 def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tiny_job, tmp_path):
