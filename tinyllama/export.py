@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -310,17 +310,27 @@ def run_export(job) -> Path:
     export_hf(ckpt, out, dtype=ex.dtype, generation=generation_defaults(job.sample), overwrite=ex.overwrite)
     print(f"exported {ckpt.path} -> {out}")
     if ex.verify:
-        try:
-            import transformers  # noqa: F401  (a dev dependency)
-        except ImportError:
-            print("verify skipped: transformers is not installed (pip install transformers)")
-            return out
-        report = verify_with_transformers(out, model.cpu(), tokenizer)
-        print("verified with transformers: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-        if ex.dtype == "float32" and not (report["max_rel_logit_error"] < 1e-5 and report["same_greedy_text"]
-                                          and report["same_token_ids"]):
-            raise CheckpointError(f"{out} does not reproduce the model in transformers ({report})")
+        check_export(out, "transformers", "transformers", "transformers", ex.dtype, 1e-5,
+                     lambda: verify_with_transformers(out, model.cpu(), tokenizer))
     return out
+
+
+def check_export(path: Path, reader: str, module: str, pip_name: str, dtype: str, rtol: float,
+                 verify: Callable[[], Dict[str, Any]]) -> None:
+    """Verify an export in the library that will read it (`reader`, imported as `module`), where
+    that library is installed: `verify()` reloads it and returns a report (max_rel_logit_error, same_token_ids,
+    same_greedy_text). A float32 export that does not reproduce the model within `rtol` fails."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        print(f"verify skipped: {pip_name} is not installed (pip install {pip_name})")
+        return
+    report = verify()
+    print(f"verified with {reader}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    exact = (report["max_rel_logit_error"] < rtol and report["same_greedy_text"]
+             and report["same_token_ids"])
+    if dtype == "float32" and not exact:
+        raise CheckpointError(f"{path} does not reproduce the model in {reader} ({report})")
 
 
 def generation_defaults(s) -> Dict[str, Any]:

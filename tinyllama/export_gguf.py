@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import building_folder, exported_parts, generation_defaults
+from tinyllama.export import building_folder, check_export, exported_parts, generation_defaults
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head
 from tinyllama.model.rotary import compute_inv_freq
@@ -265,18 +265,9 @@ def run_export_gguf(job) -> Path:
                        generation=generation_defaults(job.sample),
                        chat_template=getattr(tokenizer, "chat_template", None), overwrite=ex.overwrite)
     print(f"exported {ckpt.path} -> {path}")
-    if not ex.verify:
-        return path
-    try:
-        import llama_cpp  # noqa: F401  (optional: pip install llama-cpp-python)
-    except ImportError:
-        print("verify skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
-        return path
-    report = verify_with_llama_cpp(path, model.cpu(), tokenizer)
-    print("verified with llama.cpp: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-    exact = report["max_rel_logit_error"] < 1e-4 and report["same_greedy_text"] and report["same_token_ids"]
-    if ex.dtype == "float32" and not exact:
-        raise CheckpointError(f"{path} does not reproduce the model in llama.cpp ({report})")
+    if ex.verify:  # llama.cpp sums in another order than torch: 1e-4, not transformers' 1e-5
+        check_export(path, "llama.cpp", "llama_cpp", "llama-cpp-python", ex.dtype, 1e-4,
+                     lambda: verify_with_llama_cpp(path, model.cpu(), tokenizer))
     return path
 
 
