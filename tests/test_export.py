@@ -3,6 +3,7 @@ greedy text, equal token ids; transformers-made checkpoints import; bad folders 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -127,6 +128,12 @@ def test_export_never_writes_over_an_existing_folder(tmp_path):
     export_hf(tiny_model(), out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
+    umask = os.umask(0o022)  # the folder gets the umask's permissions, not a private 0700
+    try:
+        export_hf(tiny_model(), out, overwrite=True)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
 
 
 def test_export_stage_writes_a_verified_folder_from_a_run(saved_run, capsys):

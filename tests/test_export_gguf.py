@@ -126,7 +126,10 @@ def test_gguf_file_holds_every_tensor_and_key_of_the_checkpoint(tmp_path, sp_tok
 def test_gguf_vocabulary_is_the_sentencepiece_model(tmp_path, sp_tokenizer):
     sp = sp_tokenizer.sp
     model = tiny_model(sp_tokenizer.vocab_size + 3)  # an embedding table larger than the vocabulary
-    kv = fields(gguf.GGUFReader(export_gguf(model, tmp_path / "g", tokenizer_path=sp_tokenizer.model_path)))
+    path = export_gguf(model, tmp_path / "g", tokenizer_path=sp_tokenizer.model_path)
+    kv = fields(gguf.GGUFReader(path))
+    # The Modelfile stops where the model ends a text: at this tokenizer's own eos piece.
+    assert f'PARAMETER stop "{sp.id_to_piece(sp.eos_id())}"' in (path.parent / "Modelfile").read_text()
     n = sp.get_piece_size()
     assert kv["tokenizer.ggml.model"] == "llama"
     assert kv["tokenizer.ggml.tokens"][:n] == [sp.id_to_piece(i) for i in range(n)]
@@ -243,14 +246,14 @@ def test_modelfile_carries_the_template_stop_token_and_sampling_settings():
     cfg = LlamaConfig(vocab_size=8, hidden_size=8, num_attention_heads=2, intermediate_size=8,
                       num_hidden_layers=1, max_position_embeddings=256)
     text = modelfile("demo-Q8_0.gguf", cfg, {"do_sample": True, "max_new_tokens": 200, "temperature": 0.8,
-                                             "top_p": 0.95, "repetition_penalty": 1.1})
+                                             "top_p": 0.95, "repetition_penalty": 1.1}, None, "</s>")
     lines = text.splitlines()
     assert "FROM ./demo-Q8_0.gguf" in lines and 'TEMPLATE """{{ .Prompt }}"""' in lines
     for line in ('PARAMETER stop "</s>"', "PARAMETER num_ctx 256", "PARAMETER num_predict 200",
                  "PARAMETER temperature 0.8", "PARAMETER top_p 0.95", "PARAMETER repeat_penalty 1.1",
                  "PARAMETER top_k 0"):  # the run has no top-k: Ollama's default 40 is switched off
         assert line in lines
-    greedy = modelfile("x.gguf", cfg, {"do_sample": False, "max_new_tokens": 5}).splitlines()
+    greedy = modelfile("x.gguf", cfg, {"do_sample": False, "max_new_tokens": 5}, None, None).splitlines()
     assert "PARAMETER temperature 0" in greedy and not any("top_p" in line for line in greedy)
 
 

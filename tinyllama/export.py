@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple, Union
@@ -162,10 +161,11 @@ def building_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ConfigError(f"{out_dir} already exists and is not empty; it is kept. Choose another "
                           f"export.out_dir, or set export.overwrite=true to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
+    # Named by process (as packing names its own), and made with the umask's permissions:
+    # mkdtemp's 0700 would make the export private to its writer.
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield tmp
         if out_dir.exists():
@@ -227,6 +227,19 @@ def _write_json(path: Path, obj: Dict[str, Any]) -> None:
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
+def sentencepiece_proto(sp_model: Path):
+    """The SentencePiece model file parsed as its protobuf (pieces, scores, types, trainer and
+    normalizer settings), which both exports read the vocabulary from."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as e:  # the generated module needs the protobuf runtime
+        raise ConfigError(f"reading {sp_model} needs the `protobuf` package ({e}): "
+                          "pip install protobuf") from e
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sp_model).read_bytes())
+    return proto
+
+
 def write_hf_tokenizer(sp_model: Path, out_dir: Path, model_max_length: int, add_bos: bool = True) -> None:
     """Write tokenizer.json, tokenizer_config.json and tokenizer.model for a SentencePiece model.
 
@@ -239,14 +252,12 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path, model_max_length: int, add
     add_bos: prepend <s> when encoding with special tokens, as the Llama tokenizer does.
     """
     try:
-        from sentencepiece import sentencepiece_model_pb2
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
         from tokenizers.models import BPE, Unigram
     except ImportError as e:
-        raise ConfigError(f"exporting the tokenizer needs the `tokenizers` and `protobuf` packages ({e}): "
-                          "pip install transformers") from e
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp_model.read_bytes())
+        raise ConfigError(f"exporting the tokenizer needs the `tokenizers` package ({e}): "
+                          "pip install tokenizers") from e
+    proto = sentencepiece_proto(sp_model)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     pieces = [(p.piece, p.score) for p in proto.pieces]
     if spec.model_type == spec.BPE:

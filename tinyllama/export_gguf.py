@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import building_folder, check_export, exported_parts, generation_defaults
+from tinyllama.export import (building_folder, check_export, exported_parts, generation_defaults,
+                              sentencepiece_proto)
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head
 from tinyllama.model.rotary import compute_inv_freq
@@ -123,10 +124,7 @@ def add_tokenizer(writer, sp_model: Path, vocab_size: int, chat_template: Option
     """The SentencePiece model as llama.cpp's "llama" vocabulary: every piece with its score and
     type (SentencePiece's type numbers are GGUF's), padded with unused pieces up to vocab_size,
     the special ids, add-bos, and the dummy-prefix setting. Returns the eos piece (None: none)."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp_model.read_bytes())
+    proto = sentencepiece_proto(sp_model)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if len(proto.pieces) > vocab_size:
         raise CheckpointError(f"{sp_model} has {len(proto.pieces)} pieces, more than the model's "
@@ -223,7 +221,7 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
 
 
 def modelfile(gguf_file: str, cfg: LlamaConfig, generation: Dict[str, Any],
-              chat_template: Optional[str] = None, stop: Optional[str] = "</s>") -> str:
+              chat_template: Optional[str], stop: Optional[str]) -> str:
     """An Ollama Modelfile for the .gguf beside it: the prompt template, the stop token (the eos
     piece), the context length and the run's sampling settings (generation_config.json's names)."""
     lines = ["# ollama create <name> -f Modelfile  (then: ollama run <name> \"Once upon a time\")",

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
 
@@ -129,7 +128,9 @@ def train_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, out: Path) -
     from tinyllama.data.sources import iter_documents
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"  # the umask's permissions, not 0700
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         sentences = _training_sentences(iter_documents(data_cfg, "train"), tok_cfg.max_train_bytes)
         _run_trainer(tok_cfg, sentences, tmp / "tokenizer")
