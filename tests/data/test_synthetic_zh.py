@@ -1,5 +1,6 @@
 """The Chinese synthetic story corpus: Chinese, varied, well-formed; served by the data=
 registry and round-tripped by a Chinese tokenizer. Its golden digest is in test_synthetic.py."""
+import functools
 import re
 import unicodedata
 
@@ -8,9 +9,12 @@ import pytest
 from tinyllama.cli import compose_job
 from tinyllama.config import DataConfig, TokenizerConfig
 from tinyllama.errors import ConfigError
-from tinyllama.data import iter_documents
-from tinyllama.data.synthetic_zh import ANIMALS, PLOTS, THINGS, generate_story, iter_stories
+from tinyllama.data import iter_documents, synthetic
+from tinyllama.data.synthetic_zh import ANIMALS, PLOTS, THINGS, generate_story
 from tinyllama.tokenizer import ensure_tokenizer
+
+# The Chinese corpus through the one story iterator, as data=synthetic_zh reads it.
+iter_stories = functools.partial(synthetic.iter_stories, story=generate_story)
 
 
 def _is_han(ch: str) -> bool:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, List
 
-from tinyllama.data.synthetic import iter_stories as _iter_stories
 from tinyllama.data.synthetic import paragraphs, story_rng
 
 GIRLS = ["小美", "小红", "丽丽", "朵朵", "甜甜", "小雨", "小雪", "月月", "芳芳", "婷婷", "圆圆", "安安",
@@ -351,8 +350,3 @@ def generate_story(seed: int, index: int) -> str:
     middle = rng.choice(PLOTS)(rng, slots)
     end = rng.choice(ENDINGS).format(**fill)
     return paragraphs(rng, opening, middle, end, space="")
-
-
-def iter_stories(num_docs: int, seed: int, start: int = 0) -> Iterator[str]:
-    """Stories start, start + 1, ..., start + num_docs - 1 of the Chinese corpus with this seed."""
-    return _iter_stories(num_docs, seed, start, story=generate_story)
