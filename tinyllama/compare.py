@@ -24,10 +24,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from tinyllama.errors import DataError
-from tinyllama.run_record import CONFIG, first_overrides
+from tinyllama.run_record import CONFIG, first_overrides, read_summary
 
 METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 
 
 @dataclass
@@ -116,10 +115,7 @@ def load_run(path: os.PathLike, name: Optional[str] = None) -> RunSummary:
 
 
 def _read_summary(run: RunSummary) -> None:
-    try:
-        run.pruned = bool(json.loads((run.path / SUMMARY).read_text()).get("pruned"))
-    except (OSError, ValueError, AttributeError):  # running, crashed, or hand-edited
-        pass
+    run.pruned = bool((read_summary(run.path) or {}).get("pruned"))
 
 
 def _read_config(run: RunSummary) -> None:

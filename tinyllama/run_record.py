@@ -1,6 +1,7 @@
 """What a run folder records about how it was launched: `config.yaml` and `launches.jsonl`.
 
     config.yaml     the fully resolved config of the latest launch (the run folder contract)
+    summary.json    the figures of a launch that reached its end (or was pruned by a search)
     launches.jsonl  one JSON object per launch that ran, appended: its command-line overrides,
                     when it started, the step it resumed from, the device and the precision
                     `auto` resolved to. A resumed run so still shows how it first began.
@@ -15,12 +16,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 LAUNCHES = "launches.jsonl"
 CONFIG = "config.yaml"
+SUMMARY = "summary.json"
 # Folders of runs made before launches.jsonl existed hold Hydra's snapshot instead.
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
@@ -61,3 +63,17 @@ def first_overrides(run_dir: Path) -> List[str]:
         return [str(o) for o in launches[0].get("overrides", [])]
     legacy = Path(run_dir) / HYDRA_OVERRIDES
     return [str(o) for o in OmegaConf.load(legacy)] if legacy.is_file() else []
+
+
+def write_summary(run_dir: Path, summary: Dict[str, Any]) -> None:
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """summary.json of `run_dir`, or None while the run has none (running, crashed, stopped by
+    a signal) or it is unreadable."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None

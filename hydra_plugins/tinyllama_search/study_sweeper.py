@@ -154,6 +154,7 @@ class _Runner:
                  write_best: Callable[[], Optional[Path]]) -> None:
         self.sweeper, self.study, self.storage, self.settings = sweeper, study, storage, settings
         self.space, self.args, self.write_best = space, args, write_best
+        self.trial_ids: Dict[int, int] = {}  # trial number -> storage id, looked up once
 
     def run(self) -> None:
         while True:
@@ -178,43 +179,52 @@ class _Runner:
                     st.tell(self.study, trial, {"state": "FAIL", "error": "surplus trial: the "
                                                 "study already had n_trials when it was asked"})
                     break
-                self._beat(trial)
+                self.trial_ids[trial.number] = self._trial_id(trial)
                 batch.append(trial)
         return batch
-
-    def _beat(self, trial: Any) -> None:
-        if hasattr(self.storage, "record_heartbeat"):
-            self.storage.record_heartbeat(self._trial_id(trial))
 
     def _trial_id(self, trial: Any) -> int:
         study_id = self.storage.get_study_id_from_name(self.settings.study_name)
         return self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
-    def _launch(self, batch: List[Any]) -> bool:
-        """Run the batch; False when a trial was interrupted (stop the search)."""
+    def _groups(self, batch: List[Any]) -> List[List[Any]]:
+        """The launches that run the batch. The launcher numbers its jobs from initial_job_idx,
+        so one launch holds a run of consecutive trial numbers. Hydra's basic launcher runs its
+        jobs one after another in this process, where one trial's refused config (sys.exit)
+        would abort the rest of the launch: it gets one trial per launch."""
         numbers = [t.number for t in batch]
-        # The launcher numbers its jobs from initial_job_idx: one launch per run of numbers.
-        groups = [batch] if numbers == list(range(numbers[0], numbers[0] + len(batch))) \
-            else [[t] for t in batch]
-        for group in groups:
-            jobs = [self.args + [_as_override(k, v) for k, v in t.params.items()] for t in group]
-            for t, job in zip(group, jobs):
-                print(f"trial {t.number}: {' '.join(job[len(self.args):])}", flush=True)
-            ids = [self._trial_id(t) for t in group]
-            try:
-                with st.heartbeats(self.storage, ids, self.settings.heartbeat_interval):
-                    returns = self.sweeper.launcher.launch(jobs, initial_job_idx=group[0].number)
-            except SystemExit as e:  # the trial's CLI refused its config (message printed above)
-                returns = [e] * len(group)
-            except BaseException:
-                self._fail_running(group, "interrupted (KeyboardInterrupt)")
-                raise
-            for t, ret in zip(group, returns):
-                outcome = self._outcome(ret)
-                self._finish(t, outcome)
-                if outcome.get("interrupted"):
-                    self._fail_running(batch, "interrupted")
+        consecutive = numbers == list(range(numbers[0], numbers[0] + len(batch)))
+        basic = type(self.sweeper.launcher).__name__ == "BasicLauncher"
+        return [batch] if consecutive and not basic else [[t] for t in batch]
+
+    def _launch(self, batch: List[Any]) -> bool:
+        """Run the batch; False when a trial was interrupted (stop the search). Every trial of
+        the batch beats until the batch ends, so a trial waiting for its launch is not taken
+        for one a killed process left behind."""
+        ids = [self.trial_ids[t.number] for t in batch]
+        with st.heartbeats(self.storage, ids, self.settings.heartbeat_interval):
+            for group in self._groups(batch):
+                if not self._launch_group(group, batch):
                     return False
+        return True
+
+    def _launch_group(self, group: List[Any], batch: List[Any]) -> bool:
+        jobs = [self.args + [_as_override(k, v) for k, v in t.params.items()] for t in group]
+        for t, job in zip(group, jobs):
+            print(f"trial {t.number}: {' '.join(job[len(self.args):])}", flush=True)
+        try:
+            returns = self.sweeper.launcher.launch(jobs, initial_job_idx=group[0].number)
+        except SystemExit as e:  # the trial's CLI refused its config (message printed above)
+            returns = [e] * len(group)
+        except BaseException:
+            self._fail_running(batch, "interrupted (KeyboardInterrupt)")
+            raise
+        for t, ret in zip(group, returns):
+            outcome = self._outcome(ret)
+            self._finish(t, outcome)
+            if outcome.get("interrupted"):
+                self._fail_running(batch, "interrupted")
+                return False
         return True
 
     def _outcome(self, ret: Any) -> Dict[str, Any]:
@@ -228,15 +238,13 @@ class _Runner:
             except Exception as e:
                 return {"state": "FAIL", "error": f"{type(e).__name__}: {e}"}
         run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
-        outcome = st.read_outcome(run_dir, self.settings.objective)
-        outcome["interrupted"] = "summary.json" in outcome.get("error", "")
-        return outcome
+        return st.read_outcome(run_dir, self.settings.objective)
 
     def _finish(self, trial: Any, outcome: Dict[str, Any]) -> None:
         st.tell(self.study, trial, outcome)
         detail = outcome.get("error") or f"{self.settings.objective} = {outcome.get('value')}"
         if outcome["state"] == "PRUNED":
-            frozen = self.storage.get_trial(self._trial_id(trial))
+            frozen = self.storage.get_trial(self.trial_ids[trial.number])
             step = frozen.last_step
             detail = f"at step {step}, validation loss {frozen.intermediate_values.get(step)}"
         print(f"trial {trial.number}: {outcome['state']} ({detail})", flush=True)
@@ -246,7 +254,7 @@ class _Runner:
         from optuna.trial import TrialState
 
         for t in trials:
-            frozen = self.storage.get_trial(self._trial_id(t))
+            frozen = self.storage.get_trial(self.trial_ids[t.number])
             if frozen.state == TrialState.RUNNING:
                 st.tell(self.study, t, {"state": "FAIL", "error": why})
 

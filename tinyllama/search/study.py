@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import math
 import os
 import threading
@@ -28,14 +27,20 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import yaml
 
 from tinyllama.errors import ConfigError
+from tinyllama.run_record import SUMMARY, read_summary
 
 STUDY_DB = "study.db"
 BEST = "best.yaml"
 SEARCH_SPACE_ATTR = "search_space"  # study user attribute: the distributions, as JSON strings
 OBJECTIVE_ATTR = "objective"
 ERROR_ATTR = "error"  # trial user attribute: why a failed trial failed
-SAMPLERS = ("tpe", "random", "grid", "qmc")
-PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
+# hydra.sweeper.sampler.name / pruner.name -> the Optuna class (in optuna.samplers / optuna.pruners,
+# looked up when a search starts, so Hydra's plugin discovery never imports Optuna).
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
+            "qmc": "QMCSampler"}
+PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner",
+           "hyperband": "HyperbandPruner", "successive_halving": "SuccessiveHalvingPruner",
+           "none": "NopPruner"}
 
 
 @dataclass
@@ -144,15 +149,10 @@ def make_sampler(spec: Dict[str, Any], search_space: Dict[str, Any], trial_numbe
     name = spec["name"]
     if kwargs.get("seed") is not None and name != "grid":
         kwargs["seed"] = int(kwargs["seed"]) + trial_number
+    args = (grid_of(search_space),) if name == "grid" else ()
     try:
-        if name == "tpe":
-            return optuna.samplers.TPESampler(**kwargs)
-        if name == "random":
-            return optuna.samplers.RandomSampler(**kwargs)
-        if name == "qmc":
-            with quiet_optuna():
-                return optuna.samplers.QMCSampler(**kwargs)
-        return optuna.samplers.GridSampler(grid_of(search_space), **kwargs)
+        with quiet_optuna():  # QMCSampler announces itself as experimental
+            return getattr(optuna.samplers, SAMPLERS[name])(*args, **kwargs)
     except TypeError as e:
         raise ConfigError(f"hydra.sweeper.sampler ({name}): {e}") from e
 
@@ -181,11 +181,8 @@ def make_pruner(spec: Dict[str, Any]) -> Any:
     import optuna
 
     kwargs = {k: v for k, v in spec.items() if k != "name"}
-    classes = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-               "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner,
-               "successive_halving": optuna.pruners.SuccessiveHalvingPruner}
     try:
-        return classes[spec["name"]](**kwargs)
+        return getattr(optuna.pruners, PRUNERS[spec["name"]])(**kwargs)
     except TypeError as e:
         raise ConfigError(f"hydra.sweeper.pruner ({spec['name']}): {e}") from e
 
@@ -268,12 +265,13 @@ def heartbeats(storage: Any, trial_ids: Sequence[int], interval: int) -> Iterato
 
 
 def read_outcome(run_dir: Path, objective: str) -> Dict[str, Any]:
-    """What a trial's run folder says: {"state": COMPLETE/PRUNED/FAIL, "value", "error"}."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return {"state": "FAIL", "error": f"no {path}: the run stopped before its end "
-                                          "(interrupted by a signal?)"}
-    summary = json.loads(path.read_text())
+    """What a trial's run folder says: {"state": COMPLETE/PRUNED/FAIL, "value", "error"};
+    "interrupted" when it has no summary (the search stops: rerun the command to continue)."""
+    path = run_dir / SUMMARY
+    summary = read_summary(run_dir)
+    if summary is None:
+        return {"state": "FAIL", "interrupted": True,
+                "error": f"no readable {path}: the run stopped before its end (interrupted by a signal?)"}
     if summary.get("pruned"):
         return {"state": "PRUNED"}  # Optuna keeps its last reported validation loss
     if objective not in summary:

@@ -11,7 +11,6 @@ equal those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import OmegaConf
 from tinyllama.checkpoint import Checkpointer, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from tinyllama.config import JobConfig, run_dir_of
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.run_record import record_launch
+from tinyllama.run_record import record_launch, write_summary
 from tinyllama.train.build import build_training_model, prepare_data, weight_differences
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
@@ -291,7 +290,7 @@ class Trainer:
         self.tracker.print("summary:")
         self.tracker.summary(summary)
         if self.env.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_summary(self.run_dir, summary)
 
 
 def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
