@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tinyllama.errors import ConfigError
+from tinyllama.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,6 @@ class DistEnv:
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
-
-
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """run.device ("auto", "cpu", "cuda", "cuda:N") -> the torch device this process uses."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"run.device={requested!r} but CUDA is not available: use run.device=cpu")
-    if requested.startswith("cuda:"):
-        return torch.device(requested)
-    return torch.device("cuda", local_rank)  # one GPU per process under torchrun
 
 
 def setup_distributed(requested_device: str = "auto") -> DistEnv:
