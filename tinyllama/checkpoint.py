@@ -31,10 +31,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from tinyllama.config import CheckpointConfig, JobConfig, split_unknown
+from tinyllama.config import CheckpointConfig, JobConfig, run_dir_of, split_unknown
+from tinyllama.device import pick_device
 from tinyllama.errors import CheckpointError
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head, restore_tied_head
+from tinyllama.tokenizer import Tokenizer
 
 CHECKPOINTS = "checkpoints"
 LATEST, BEST = "latest", "best"
@@ -236,3 +238,19 @@ class Checkpointer:
         for p in folders:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def load_for_inference(job: JobConfig, rope_type: Optional[str] = None, rope_factor: float = 1.0):
+    """What the evaluate, sample and export stages start from: the checkpoint named by
+    job.checkpoint_path (default run.dir) without its training state, its model in eval mode on
+    run.device, and its tokenizer. rope_type/rope_factor replace the trained RoPE scaling (e.g.
+    a model trained at 256 tokens evaluated at 1024). Returns (ckpt, model, tokenizer, device)."""
+    ckpt = load_checkpoint(job.checkpoint_path or run_dir_of(job), train_state=False)
+    if rope_type is not None:
+        rope = {"rope_type": rope_type, "factor": float(rope_factor)}
+        if rope_type == "llama3":
+            rope.update(low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=ckpt.model_config.max_position_embeddings)
+        ckpt.model_config = dataclasses.replace(ckpt.model_config, rope_scaling=rope)
+    device = pick_device(job.run.device)
+    return ckpt, build_model(ckpt, device), Tokenizer.load(ckpt.tokenizer_path), device

@@ -148,7 +148,7 @@ def evaluate_main(job: JobConfig) -> dict:
 @_stage("sample")
 def sample_main(job: JobConfig) -> None:
     """Stream continuations of `prompt` (or sample.prompt_file, or stdin with sample.interactive)."""
-    from tinyllama.generate import run_sampling
+    from tinyllama.sample import run_sampling
 
     run_sampling(job)
 

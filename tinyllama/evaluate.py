@@ -5,6 +5,9 @@
     text_batches(tokenizer, docs, B, T)        (x, y) windows of any text, packed in memory
     run_evaluation(job)                        the stage: checkpoint -> JSON, table and plot
 
+The stage loads its checkpoint with `tinyllama.checkpoint.load_for_inference`, as sampling and
+export do; it needs nothing of the training package.
+
 Bits per byte = total nats / (ln 2 x UTF-8 bytes of the evaluated text): unlike loss per token,
 it does not depend on the tokenizer, so models with different vocabularies compare fairly.
 """
@@ -22,6 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from tinyllama.checkpoint import load_for_inference
+from tinyllama.data import ensure_packed, iter_documents
+from tinyllama.data.loader import eval_batches
+from tinyllama.errors import DataError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -129,8 +137,6 @@ def text_batches(tokenizer, docs: Iterable[str], batch_size: int, seq_len: int,
     """(x, y) batches over documents tokenized in memory, laid out as packing does on disk
     (<s> doc </s> <s> doc </s> ...) and cut into non-overlapping windows of seq_len + 1 tokens,
     like `eval_batches`; the incomplete last window is dropped."""
-    from tinyllama.errors import DataError
-
     ids: List[int] = []
     for doc in docs:
         ids.extend(tokenizer.encode(doc, bos=True, eos=True))
@@ -179,8 +185,6 @@ def run_evaluation(job) -> Dict[str, object]:
 
 def _batches(job, ckpt, tokenizer, seq_len: int) -> Tuple[Iterator[Batch], str]:
     """The evaluated windows and a name for their source."""
-    from tinyllama.data import ensure_packed, eval_batches, iter_documents
-
     ev = job.evaluate
     if ev.files:  # the user's own files, whole (no held-out fraction)
         data = dataclasses.replace(job.data, source="text_files", train_files=list(ev.files),
@@ -228,23 +232,3 @@ def plot_loss_by_position(losses: List[float], path: Path, title: str = "",
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def load_for_inference(job, rope_type: Optional[str] = None, rope_factor: float = 1.0):
-    """What the evaluate/sample/export stages start from: the checkpoint named by
-    job.checkpoint_path (default run.dir) without its training state, its model in eval mode on
-    run.device, and its tokenizer. rope_type/rope_factor replace the trained RoPE scaling (e.g.
-    a model trained at 256 tokens evaluated at 1024). Returns (ckpt, model, tokenizer, device)."""
-    from tinyllama.checkpoint import build_model, load_checkpoint
-    from tinyllama.config import run_dir_of
-    from tinyllama.tokenizer import Tokenizer
-    from tinyllama.train.distributed import pick_device
-
-    ckpt = load_checkpoint(job.checkpoint_path or run_dir_of(job), train_state=False)
-    if rope_type is not None:
-        rope = {"rope_type": rope_type, "factor": float(rope_factor)}
-        if rope_type == "llama3":
-            rope.update(low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=ckpt.model_config.max_position_embeddings)
-        ckpt.model_config = dataclasses.replace(ckpt.model_config, rope_scaling=rope)
-    device = pick_device(job.run.device)
-    return ckpt, build_model(ckpt, device), Tokenizer.load(ckpt.tokenizer_path), device

@@ -12,26 +12,32 @@ is in the configs and the tokenizer. An exported folder holds:
 
 `import_hf(folder)` reads a local Llama or Qwen2 safetensors folder (transformers 4.x or 5.x
 config.json) into our LlamaConfig and a float32 state_dict; `init_from=hf:<folder>` uses it.
+
+The stage `run_export` and the GGUF stage (tinyllama/export_gguf.py) start alike, through
+`export_inputs`: the checkpoint from `tinyllama.checkpoint.load_for_inference`, its model on the
+CPU for verification, and the output folder. `transformers` and `tokenizers` stay optional: they
+are imported where an export or a verification needs them.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tinyllama.checkpoint import LoadedCheckpoint, load_for_inference
 from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.generate import generate
+from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head, restore_tied_head
-
-if TYPE_CHECKING:
-    from tinyllama.checkpoint import LoadedCheckpoint
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,7 +120,7 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     )
 
 
-def exported_parts(model: Union[nn.Module, "LoadedCheckpoint"],
+def exported_parts(model: Union[nn.Module, LoadedCheckpoint],
                    tokenizer_path: Optional[Union[str, Path]] = None):
     """(LlamaConfig, state_dict, tokenizer path) of a LlamaForCausalLM or a LoadedCheckpoint;
     a checkpoint's own tokenizer copy unless `tokenizer_path` is given."""
@@ -190,8 +196,6 @@ def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Te
     except (ValueError, KeyError) as e:  # ConfigError is a ValueError: a config we cannot build
         raise CheckpointError(f"{folder / 'config.json'} cannot be imported: {e}") from e
     state = restore_tied_head(_read_safetensors(folder), cfg)
-    from tinyllama.model import LlamaForCausalLM
-
     with torch.device("meta"):  # only the key names are needed, not the memory
         expected = set(LlamaForCausalLM(cfg).state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -309,20 +313,27 @@ def _bpe_merges(proto: Any, vocab: Dict[str, int]) -> list:
     return [(m[4], m[5]) for m in sorted(merges)]
 
 
+def export_inputs(job, default_folder: str) -> Tuple[LoadedCheckpoint, nn.Module, Any, Path]:
+    """What both export stages start from: (the checkpoint named by job.checkpoint_path or
+    run.dir, its model on the CPU, where the reloaded export is compared with it, its
+    tinyllama.tokenizer.Tokenizer, the output folder: export.out_dir, default
+    <run>/<default_folder>)."""
+    ckpt, model, tokenizer, _ = load_for_inference(job)
+    out_dir = Path(job.export.out_dir or ckpt.path.parent.parent / default_folder)
+    return ckpt, model.cpu(), tokenizer, out_dir
+
+
 def run_export(job) -> Path:
     """The export stage: the checkpoint (job.checkpoint_path or run.dir) -> export.out_dir
     (default <run>/hf), with the run's sampling settings as generation defaults; then, with
     export.verify and transformers installed, reload the folder and compare. Returns the folder."""
-    from tinyllama.evaluate import load_for_inference
-
-    ckpt, model, tokenizer, _ = load_for_inference(job)
+    ckpt, model, tokenizer, out = export_inputs(job, "hf")
     ex = job.export
-    out = Path(ex.out_dir or ckpt.path.parent.parent / "hf")
     export_hf(ckpt, out, dtype=ex.dtype, generation=generation_defaults(job.sample), overwrite=ex.overwrite)
     print(f"exported {ckpt.path} -> {out}")
     if ex.verify:
         check_export(out, "transformers", "transformers", "transformers", ex.dtype, 1e-5,
-                     lambda: verify_with_transformers(out, model.cpu(), tokenizer))
+                     lambda: verify_with_transformers(out, model, tokenizer))
     return out
 
 
@@ -331,8 +342,6 @@ def check_export(path: Path, reader: str, module: str, pip_name: str, dtype: str
     """Verify an export in the library that will read it (`reader`, imported as `module`), where
     that library is installed: `verify()` reloads it and returns a report (max_rel_logit_error, same_token_ids,
     same_greedy_text). A float32 export that does not reproduce the model within `rtol` fails."""
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         print(f"verify skipped: {pip_name} is not installed (pip install {pip_name})")
         return
@@ -361,8 +370,6 @@ def verify_with_transformers(folder: Path, model: nn.Module, tokenizer,
     and the tokenizer's ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from tinyllama.generate import generate
 
     hf_logging.disable_progress_bar()
 

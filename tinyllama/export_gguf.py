@@ -28,21 +28,20 @@ import dataclasses
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from tinyllama.checkpoint import LoadedCheckpoint
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import (building_folder, check_export, exported_parts, generation_defaults,
-                              sentencepiece_proto)
+from tinyllama.export import (building_folder, check_export, export_inputs, exported_parts,
+                              generation_defaults, sentencepiece_proto)
+from tinyllama.generate import generate
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head
 from tinyllama.model.rotary import compute_inv_freq
-
-if TYPE_CHECKING:
-    from tinyllama.checkpoint import LoadedCheckpoint
 
 # export.dtype -> (GGMLQuantizationType name of 2-D tensors, LlamaFileType name, file-name tag)
 GGUF_DTYPES = {"float32": ("F32", "ALL_F32", "F32"), "float16": ("F16", "MOSTLY_F16", "F16"),
@@ -254,18 +253,15 @@ def run_export_gguf(job) -> Path:
     """The GGUF stage: the checkpoint (job.checkpoint_path or run.dir) -> export.out_dir (default
     <run>/gguf) as <run name>-<type>.gguf + Modelfile; then, with export.verify and llama-cpp-python
     installed, load it in llama.cpp and compare. Returns the .gguf path."""
-    from tinyllama.evaluate import load_for_inference
-
-    ckpt, model, tokenizer, _ = load_for_inference(job)
+    ckpt, model, tokenizer, out_dir = export_inputs(job, "gguf")
     ex = job.export
-    run_dir = ckpt.path.parent.parent
-    path = export_gguf(ckpt, Path(ex.out_dir or run_dir / "gguf"), dtype=ex.dtype, name=run_dir.name,
+    path = export_gguf(ckpt, out_dir, dtype=ex.dtype, name=ckpt.path.parent.parent.name,
                        generation=generation_defaults(job.sample),
                        chat_template=getattr(tokenizer, "chat_template", None), overwrite=ex.overwrite)
     print(f"exported {ckpt.path} -> {path}")
     if ex.verify:  # llama.cpp sums in another order than torch: 1e-4, not transformers' 1e-5
         check_export(path, "llama.cpp", "llama_cpp", "llama-cpp-python", ex.dtype, 1e-4,
-                     lambda: verify_with_llama_cpp(path, model.cpu(), tokenizer))
+                     lambda: verify_with_llama_cpp(path, model, tokenizer))
     return path
 
 
@@ -282,8 +278,6 @@ def verify_with_llama_cpp(path: Path, model: nn.Module, tokenizer, texts=VERIFY_
     largest logit), the greedy continuation of its ids (argmax at each step, through llama.cpp's
     own KV cache), how many leading tokens of it agree, and the decoded text."""
     from llama_cpp import GGML_TYPE_F32, Llama
-
-    from tinyllama.generate import generate
 
     prompt = tokenizer.encode(texts[0], bos=True)
     llm = Llama(model_path=str(path), n_ctx=len(prompt) + max_new_tokens, n_batch=64, logits_all=True,

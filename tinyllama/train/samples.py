@@ -1,20 +1,18 @@
-"""Text samples at the end of training, written to <run>/samples.txt."""
+"""Text samples at the end of training, written to <run>/samples.txt.
+
+The prompts are those the sample stage reads (`tinyllama.sample.prompts_of`); the texts come
+from `tinyllama.generate.generate`, all samples of a prompt in one batch.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable
 
 import torch
 
 from tinyllama.config import SampleConfig
 from tinyllama.generate import generate
-
-
-def prompts_of(cfg: SampleConfig) -> List[str]:
-    if cfg.prompt_file:
-        lines = Path(cfg.prompt_file).read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip()]
-    return [cfg.prompt]
+from tinyllama.sample import prompts_of
 
 
 @torch.no_grad()
