@@ -6,7 +6,8 @@
     run_evaluation(job)                        the stage: checkpoint -> JSON, table and plot
 
 The stage loads its checkpoint with `tinyllama.checkpoint.load_for_inference`, as sampling and
-export do; it needs nothing of the training package.
+export do, and cuts windows with `tinyllama.data.loader.window_batches`, as training's validation
+does; it needs nothing of the training package.
 
 Bits per byte = total nats / (ln 2 x UTF-8 bytes of the evaluated text): unlike loss per token,
 it does not depend on the tokenizer, so models with different vocabularies compare fairly.
@@ -28,7 +29,7 @@ from torch import nn
 
 from tinyllama.checkpoint import load_for_inference
 from tinyllama.data import ensure_packed, iter_documents
-from tinyllama.data.loader import eval_batches
+from tinyllama.data.loader import eval_batches, window_batches
 from tinyllama.errors import DataError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -135,22 +136,16 @@ def evaluate_loss(
 def text_batches(tokenizer, docs: Iterable[str], batch_size: int, seq_len: int,
                  max_batches: Optional[int] = None) -> Iterator[Batch]:
     """(x, y) batches over documents tokenized in memory, laid out as packing does on disk
-    (<s> doc </s> <s> doc </s> ...) and cut into non-overlapping windows of seq_len + 1 tokens,
-    like `eval_batches`; the incomplete last window is dropped."""
-    ids: List[int] = []
-    for doc in docs:
-        ids.extend(tokenizer.encode(doc, bos=True, eos=True))
+    (<s> doc </s> <s> doc </s> ...) and cut by `window_batches` as packed splits are: windows of
+    seq_len + 1 tokens, the incomplete last one dropped."""
+    ids = np.fromiter((i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)), dtype=np.int64)
     window = seq_len + 1
     n_windows = len(ids) // window
     if n_windows == 0:
         raise DataError(f"the evaluation text has {len(ids)} tokens, fewer than one window of "
                         f"seq_len + 1 = {window}: give more text or lower evaluate.seq_len")
-    windows = torch.tensor(np.asarray(ids[: n_windows * window], dtype=np.int64).reshape(n_windows, window))
-    for b, start in enumerate(range(0, n_windows, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            return
-        chunk = windows[start:start + batch_size]
-        yield chunk[:, :-1], chunk[:, 1:]
+    yield from window_batches(lambda start, length: ids[start:start + length], seq_len, batch_size,
+                              range(n_windows), max_batches)
 
 
 def run_evaluation(job) -> Dict[str, object]:

@@ -7,13 +7,15 @@ Training (`BatchLoader`) reads the windows of an epoch in a seeded random order;
 shifts the window grid by a random offset (< seq_len + 1), so the model sees new cuts of the
 text. The epoch's permutation is dealt to ranks round-robin, so ranks read disjoint windows,
 and the position (epoch, windows taken) is the same on every rank: `state_dict()` from rank 0
-resumes every rank exactly. Evaluation (`eval_batches`) reads non-overlapping windows in order.
+resumes every rank exactly. Evaluation reads non-overlapping windows in order (`window_batches`,
+the one evaluation windowing: of packed shards in `eval_batches`, of text in memory in
+`tinyllama.evaluate.text_batches`).
 """
 from __future__ import annotations
 
 import bisect
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -137,17 +139,27 @@ class BatchLoader:
         self.epoch, self.taken, self._order = int(state["epoch"]), int(state["taken"]), None
 
 
+def window_batches(read: Callable[[int, int], np.ndarray], seq_len: int, batch_size: int, windows: range,
+                   max_batches: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The evaluation windowing: a token sequence cut into non-overlapping windows of seq_len + 1
+    tokens from its first token; the windows numbered `windows` in order, batch_size per (x, y)
+    batch, (B, T) int64 each (the last may have fewer rows), at most max_batches batches.
+    read(start, length) -> the sequence's tokens [start, start + length): `TokenStream.read` for
+    packed shards (`eval_batches`), a slice of an array for text tokenized in memory
+    (`tinyllama.evaluate.text_batches`)."""
+    window = seq_len + 1
+    for b, i in enumerate(range(windows.start, windows.stop, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        yield _to_xy([read(j * window, window) for j in range(i, min(i + batch_size, windows.stop))])
+
+
 def eval_batches(packed_dir, split: str, batch_size: int, seq_len: int, max_batches: Optional[int] = None,
                  rank: int = 0, world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Sequential non-overlapping (x, y) batches, (B, T) each (the last may have fewer rows).
+    """Sequential non-overlapping (x, y) batches of a packed split (`window_batches`).
     Each rank reads its own contiguous block of windows; all ranks yield the same batch count."""
     packed_dir = Path(packed_dir)
     stream = TokenStream(packed_dir, read_meta(packed_dir), split)
-    window = seq_len + 1
-    per_rank = _windows_per_rank(stream, packed_dir, split, window, world_size)
+    per_rank = _windows_per_rank(stream, packed_dir, split, seq_len + 1, world_size)
     first = rank * per_rank
-    for b, i in enumerate(range(first, first + per_rank, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            return
-        stop = min(i + batch_size, first + per_rank)
-        yield _to_xy([stream.read(j * window, window) for j in range(i, stop)])
+    yield from window_batches(stream.read, seq_len, batch_size, range(first, first + per_rank), max_batches)
