@@ -1,8 +1,14 @@
 """Command-line entry points: the only module that imports Hydra.
 
-Each stage composes its YAML (configs/<stage>.yaml, all rooted in the typed `JobConfig`),
-turns it into dataclasses, validates it, and calls the library. Errors a user can cause
-(`TinyLlamaError`) are printed as one message, without a traceback, and exit with status 2.
+Each stage composes its YAML (configs/<stage>.yaml, all rooted in the typed `JobConfig`; the
+evaluate, sample, export and inspect stages share configs/stage.yaml), turns it into
+dataclasses, validates it, and calls the library. Errors a user can cause (`TinyLlamaError`)
+are printed as one message, without a traceback, and exit with status 2.
+
+Each `*_main` imports its stage's module (tinyllama.evaluate, .sample, .export, .export_gguf,
+.inspect, .train.loop, ...) inside the function, on purpose: this module is the entry point of
+every stage, so `--help` and each stage start without importing the others' modules (a sample
+run never loads the training loop, the exports or the course tooling).
 
     python train.py model=tiny data=tinystories        # or: tinyllama-train ...
     tinyllama-tokenizer data=text_files data.train_files=[my.txt]

@@ -1,6 +1,7 @@
 """Compare training runs from their run folders alone: no wandb, no checkpoints loaded.
 
-A run folder (DESIGN.md) holds `config.yaml` (the resolved config) and `metrics.jsonl`
+A run folder (runs/<name>/, or one job's runs/<sweep>/<N>/, as the training loop writes it; see
+tinyllama/run_record.py) holds `config.yaml` (the resolved config) and `metrics.jsonl`
 (training lines: step, loss, lr, tokens, tok_per_s; evaluation lines: step, val_loss);
 and `launches.jsonl`, whose first line has the command-line overrides that started the run.
 From those:
@@ -23,7 +24,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from tinyllama.config import split_unknown
 from tinyllama.errors import DataError
+from tinyllama.model.config import LlamaConfig
 from tinyllama.run_record import CONFIG, first_overrides, read_summary
 
 METRICS = "metrics.jsonl"
@@ -58,10 +61,6 @@ class RunSummary:
     """A search stopped the run early (summary.json "pruned"): its losses are not final ones."""
     notes: List[str] = field(default_factory=list)
     """Why a figure is missing (no config.yaml, a partial last line, no evaluation yet...)."""
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / METRICS).is_file() or (path / CONFIG).is_file()
 
 
 def find_run_dirs(paths: Iterable[os.PathLike]) -> List[Path]:
@@ -119,9 +118,7 @@ def _read_summary(run: RunSummary) -> None:
 
 
 def _read_config(run: RunSummary) -> None:
-    from tinyllama.config import split_unknown
     from tinyllama.inspect import count_parameters
-    from tinyllama.model.config import LlamaConfig
 
     if not (run.path / CONFIG).is_file():
         run.notes.append(f"no {CONFIG}: parameter count unknown")
@@ -261,8 +258,8 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
 def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike,
                      title: Optional[str] = None) -> Path:
     """Two panels, training and validation loss against training tokens, one colour per run
-    (the same in both panels), labelled with its name and the overrides that differ. Writes a PNG and returns its path; raises DataError when no
-    run has a single logged loss to draw."""
+    (the same in both panels), labelled with its name and the overrides that differ. Writes a
+    PNG and returns its path; raises DataError when no run has a single logged loss to draw."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display (servers, CI)

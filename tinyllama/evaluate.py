@@ -188,7 +188,8 @@ def _batches(job, ckpt, tokenizer, seq_len: int) -> Tuple[Iterator[Batch], str]:
         return text_batches(tokenizer, docs, ev.batch_size, seq_len, ev.max_batches), Path(ev.files[0]).stem
     if ev.source == "data":
         docs = iter_documents(job.data, ev.split)
-        return text_batches(tokenizer, docs, ev.batch_size, seq_len, ev.max_batches), f"{job.data.name}/{ev.split}"
+        source = f"{job.data.name}/{ev.split}"
+        return text_batches(tokenizer, docs, ev.batch_size, seq_len, ev.max_batches), source
     packed = ensure_packed(ckpt.job.data, tokenizer)  # the run's data: reused, or packed again if gone
     return eval_batches(packed, ev.split, ev.batch_size, seq_len, ev.max_batches), ev.split
 

@@ -340,8 +340,9 @@ def run_export(job) -> Path:
 def check_export(path: Path, reader: str, module: str, pip_name: str, dtype: str, rtol: float,
                  verify: Callable[[], Dict[str, Any]]) -> None:
     """Verify an export in the library that will read it (`reader`, imported as `module`), where
-    that library is installed: `verify()` reloads it and returns a report (max_rel_logit_error, same_token_ids,
-    same_greedy_text). A float32 export that does not reproduce the model within `rtol` fails."""
+    that library is installed: `verify()` reloads it and returns a report (max_rel_logit_error,
+    same_token_ids, same_greedy_text). A float32 export that does not reproduce the model within
+    `rtol` fails."""
     if importlib.util.find_spec(module) is None:
         print(f"verify skipped: {pip_name} is not installed (pip install {pip_name})")
         return

@@ -305,6 +305,8 @@ def write_best(study: Any, sweep_dir: Path, fixed: Dict[str, Any], groups: Dict[
     while no trial has completed."""
     from optuna.trial import TrialState
 
+    # Lazy, like Optuna: Hydra's plugin discovery imports this module (hydra_plugins/tinyllama_search)
+    # in every Hydra app of the environment, and tinyllama.checkpoint would bring torch with it.
     from tinyllama.checkpoint import write_text_atomic
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
