@@ -21,6 +21,9 @@ src/models/{llama,qwen2}.cpp, convert_hf_to_gguf.py):
 - Weights: 1-D tensors (norms, biases, rope_freqs) stay float32 as llama.cpp's converter keeps
   them; 2-D tensors take export.dtype (q8_0 only where a row is a whole number of 32-blocks,
   float32 otherwise). A tied head is stored once, as token_embd (llama.cpp reuses it).
+
+The stage (`run_export_gguf`) starts as the Hugging Face export's does, through
+`tinyllama.export.export_inputs`, and shares its build-then-rename folder and its verification.
 """
 from __future__ import annotations
 
