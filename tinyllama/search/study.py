@@ -305,7 +305,7 @@ def write_best(study: Any, sweep_dir: Path, fixed: Dict[str, Any], groups: Dict[
     while no trial has completed."""
     from optuna.trial import TrialState
 
-    from tinyllama.checkpoint import write_text_atomic
+    from tinyllama.atomic import write_text_atomic
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
