@@ -4,6 +4,10 @@ The library takes these dataclasses (not DictConfigs), so every stage is usable 
 without Hydra; `tinyllama.cli` is the only module that composes them from YAML. A misspelt key
 or a wrong type is rejected by OmegaConf against this schema before anything runs, and
 `validate()` then checks the values and their combinations, reporting every problem at once.
+
+The keys that name a choice (data.source, train.nan_policy, train.precision, export.dtype) have
+their allowed values in one table each below, which validate() and the code acting on the value
+both read. This module imports only the model config and the errors, so every layer may use it.
 """
 from __future__ import annotations
 

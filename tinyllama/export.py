@@ -39,8 +39,9 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
 def hf_config(cfg: LlamaConfig, dtype: str = "fp32") -> Dict[str, Any]:
-    """config.json contents for `cfg` with weights in `dtype` (either name). RoPE is written as rope_theta + rope_scaling, which
-    transformers 4.x reads as is and 5.x converts into its rope_parameters."""
+    """config.json contents for `cfg` with weights in `dtype` (either name). RoPE is written as
+    rope_theta + rope_scaling, which transformers 4.x reads as is and 5.x converts into its
+    rope_parameters."""
     out: Dict[str, Any] = {
         "architectures": [ARCHITECTURES[cfg.model_type]],
         "model_type": cfg.model_type,

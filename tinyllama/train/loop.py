@@ -4,8 +4,9 @@
 
 Components own their schedules: the loop calls `evaluator.maybe_eval(step)`,
 `checkpointer.maybe_save(step)` and `tracker.log_step(...)` after every optimizer step and
-never does cadence arithmetic itself. Resuming restores everything a step depends on (weights,
-optimizer, scaler, schedule, loader position, RNG states per rank), so losses after a resume
+never does cadence arithmetic itself. The Trainer declares the run's state once, handing it to
+the Checkpointer, which saves and resumes everything a step depends on (weights, optimizer,
+scaler, schedule, counters, loader position and RNG states per rank), so losses after a resume
 equal those of an uninterrupted run.
 """
 from __future__ import annotations
