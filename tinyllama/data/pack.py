@@ -26,7 +26,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 import numpy as np
 import sentencepiece as spm
@@ -37,19 +37,20 @@ from tinyllama.config import DataConfig
 from tinyllama.data.sources import describe_source, iter_documents
 from tinyllama.errors import DataError
 
-if TYPE_CHECKING:  # for annotations only: tokenizer training reads documents through this package
-    from tinyllama.tokenizer import Tokenizer
-
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 18  # text per worker task: amortises per-task overhead, keeps workers evenly loaded
 
 
-def packed_dir(data_cfg: DataConfig, tokenizer: Tokenizer) -> Path:
+# `tokenizer` below is a tinyllama.tokenizer.Tokenizer, left unannotated: tokenizer training reads
+# its text through this package, so importing the tokenizer here, even for typing, closes a cycle.
+
+
+def packed_dir(data_cfg: DataConfig, tokenizer) -> Path:
     return Path(data_cfg.root) / "packed" / data_cfg.name / tokenizer.fingerprint
 
 
-def ensure_packed(data_cfg: DataConfig, tokenizer: Tokenizer) -> Path:
+def ensure_packed(data_cfg: DataConfig, tokenizer) -> Path:
     """Return the packed folder for this source and tokenizer, packing it first if missing.
     An existing complete folder made from the same source is reused; one made from another
     source or tokenizer is refused (never overwritten)."""
@@ -85,7 +86,7 @@ def read_meta(packed_dir: Path) -> Dict:
     return meta
 
 
-def _check_same(meta: Dict, out: Path, data_cfg: DataConfig, tokenizer: Tokenizer) -> None:
+def _check_same(meta: Dict, out: Path, data_cfg: DataConfig, tokenizer) -> None:
     have = meta["tokenizer"]["fingerprint"]
     if have != tokenizer.fingerprint:
         raise DataError(f"{out} was packed with tokenizer {have}, not {tokenizer.fingerprint} "
@@ -98,7 +99,7 @@ def _check_same(meta: Dict, out: Path, data_cfg: DataConfig, tokenizer: Tokenize
                         f"new source, or delete {out} to repack.")
 
 
-def _pack(data_cfg: DataConfig, tokenizer: Tokenizer, folder: Path) -> Dict:
+def _pack(data_cfg: DataConfig, tokenizer, folder: Path) -> Dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     with _encoder(tokenizer.sp, dtype, data_cfg.num_workers) as encode:
         splits = {split: pack_documents(iter_documents(data_cfg, split), encode, folder, split, dtype,
