@@ -1,4 +1,7 @@
-"""Checkpoints: atomic save, keep-last-K + best, and the one loader every stage uses.
+"""Checkpoints on disk: atomic save, keep-last-K + best, and the one loader every stage uses.
+
+This module is the format; `tinyllama.train.checkpointer` decides when a training run saves and
+what goes into train_state.pt (it is handed the run's stateful objects).
 
 A checkpoint folder describes itself:
 
@@ -13,27 +16,29 @@ A checkpoint folder describes itself:
     runs/<name>/checkpoints/latest   text file naming the newest complete folder (written last)
     runs/<name>/checkpoints/best     text file naming the folder with the lowest validation loss
 
-A save writes into a hidden temporary folder and renames it into place, then replaces the
-`latest` pointer, so a save killed at any moment leaves `latest` naming a complete checkpoint.
+A save builds the folder under a temporary name and renames it into place (tinyllama.atomic),
+then replaces the `latest` pointer, so a save killed at any moment leaves `latest` naming a
+complete checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from tinyllama.config import CheckpointConfig, JobConfig, run_dir_of, split_unknown
+from tinyllama.atomic import building_folder, write_text_atomic
+from tinyllama.config import JobConfig, run_dir_of, split_unknown
 from tinyllama.device import pick_device
 from tinyllama.errors import CheckpointError
+from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head, restore_tied_head
 from tinyllama.tokenizer import Tokenizer
@@ -137,8 +142,6 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
 
 def build_model(ckpt: LoadedCheckpoint, device: torch.device | str = "cpu") -> torch.nn.Module:
     """LlamaForCausalLM with the checkpoint's config and weights, in eval mode on `device`."""
-    from tinyllama.model import LlamaForCausalLM
-
     model = LlamaForCausalLM(ckpt.model_config)
     try:
         model.load_state_dict(ckpt.model_state)
@@ -153,16 +156,14 @@ def config_differences(saved: LlamaConfig, current: LlamaConfig) -> List[str]:
     return [f"model.{k}: checkpoint {a[k]!r}, config {b[k]!r}" for k in a if a[k] != b.get(k)]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary name and a rename, so that readers (and a
-    process killed mid-write) see the old file or the new one, never a partial one."""
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic on POSIX
-
-
-def _write_pointer(folder: Path, name: str, target: str) -> None:
-    write_text_atomic(folder / name, target + "\n")
+def save_weights(path: Path, state: Dict[str, torch.Tensor], model_config: LlamaConfig,
+                 dtype: Optional[torch.dtype] = None) -> None:
+    """Write `state` as Hugging Face stores it (checkpoints and the HF export share this): HF key
+    names, a tied lm_head once (as model.embed_tokens.weight), contiguous CPU tensors, cast to
+    `dtype` if given."""
+    tensors = {k: v.detach().to("cpu", dtype).contiguous()
+               for k, v in drop_tied_head(state, model_config).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, model_config: LlamaConfig,
@@ -170,74 +171,40 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, model_config:
                     train_state: Optional[Dict[str, Any]]) -> Path:
     """Write checkpoints/step_<step>/ atomically under `root` (a run's checkpoints/ folder) and
     point `latest` at it. `model` must be the unwrapped module (no DDP/compile wrapper)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp_step_*"):
-        shutil.rmtree(stale)  # left by a save that was killed (only rank 0 ever saves)
-    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
-    tmp.mkdir()
-    state = {k: v.detach().to("cpu").contiguous()
-             for k, v in drop_tied_head(model.state_dict(), model_config).items()}
-    save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-    (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
-    (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-    if train_state is not None:
-        torch.save(train_state, tmp / TRAIN_STATE)
-    (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_pointer(root, LATEST, final.name)
+    final = root / f"step_{step}"
+    with building_folder(final, overwrite=True) as tmp:
+        save_weights(tmp / WEIGHTS, model.state_dict(), model_config)
+        (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
+        (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
+    write_text_atomic(root / LATEST, final.name + "\n")  # last: it names only complete folders
     return final
 
 
-class Checkpointer:
-    """Owns the checkpoint schedule of a run: every `cfg.every` steps and at the end, keeping the
-    last `cfg.keep_last` and the best by validation loss. Only rank 0 writes; every rank calls
-    `maybe_save`, because gathering the per-rank training state is collective.
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The step_<N> folder that `root`/latest names (`root`: a run's checkpoints/), or None."""
+    pointer = root / LATEST
+    return resolve_checkpoint(pointer) if pointer.is_file() else None
 
-    save_fn(root, step) -> Path writes one checkpoint; it is called on every rank (the loop's
-    `Trainer.save`, which gathers per-rank states and lets rank 0 alone write).
-    """
 
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig, is_main: bool, max_steps: int,
-                 save_fn: Callable[[Path, int], Path]) -> None:
-        self.root = run_dir / CHECKPOINTS
-        self.cfg = cfg
-        self.is_main = is_main
-        self.max_steps = max_steps
-        self._save_fn = save_fn
-        self.last_saved: Optional[int] = None
-
-    def latest(self) -> Optional[Path]:
-        pointer = self.root / LATEST
-        return resolve_checkpoint(pointer) if pointer.is_file() else None
-
-    def maybe_save(self, step: int, force: bool = False) -> Optional[Path]:
-        """Save at multiples of cfg.every, at max_steps, or when forced (a stop signal)."""
-        due = step % self.cfg.every == 0 or step == self.max_steps or force
-        if not due or step == self.last_saved:
-            return None
-        path = self._save_fn(self.root, step)
-        self.last_saved = step
-        if self.is_main:
-            self._prune()
-        return path
-
-    def _prune(self) -> None:
-        """Delete all but the newest keep_last folders and the best one; update `best`."""
-        folders = sorted((p for p in self.root.glob("step_*") if (p / META).is_file()),
-                         key=lambda p: int(p.name.split("_")[1]))
-        losses = {p: _read_json(p / META).get("val_loss") for p in folders}
-        scored = [p for p in folders if losses[p] is not None]
-        keep = set(folders[-self.cfg.keep_last:])
-        if scored:
-            best = min(scored, key=lambda p: losses[p])
-            keep.add(best)
-            _write_pointer(self.root, BEST, best.name)
-        for p in folders:
-            if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step folders under `root` and the one with the lowest
+    validation loss, which the `best` pointer then names."""
+    folders = sorted((p for p in root.glob("step_*") if (p / META).is_file()),
+                     key=lambda p: int(p.name.split("_")[1]))
+    losses = {p: _read_json(p / META).get("val_loss") for p in folders}
+    scored = [p for p in folders if losses[p] is not None]
+    keep = set(folders[-keep_last:])
+    if scored:
+        best = min(scored, key=lambda p: losses[p])
+        keep.add(best)
+        write_text_atomic(root / BEST, best.name + "\n")
+    for p in folders:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_for_inference(job: JobConfig, rope_type: Optional[str] = None, rope_factor: float = 1.0):

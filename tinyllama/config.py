@@ -4,6 +4,10 @@ The library takes these dataclasses (not DictConfigs), so every stage is usable 
 without Hydra; `tinyllama.cli` is the only module that composes them from YAML. A misspelt key
 or a wrong type is rejected by OmegaConf against this schema before anything runs, and
 `validate()` then checks the values and their combinations, reporting every problem at once.
+
+The keys that name a choice (data.source, train.nan_policy, train.precision, export.dtype) have
+their allowed values in one table each below, which validate() and the code acting on the value
+both read. This module imports only the model config and the errors, so every layer may use it.
 """
 from __future__ import annotations
 
@@ -11,10 +15,35 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tinyllama.data.sources import SOURCES
+from tinyllama.errors import ConfigError
 from tinyllama.model.config import LlamaConfig
+
+# The allowed values of the keys that name a choice: validate() and the code that acts on each
+# value read these tables, so a new choice is added in one place.
+SOURCES = ("synthetic", "synthetic_zh", "tinystories", "text_files", "hf")
+"""data.source (tinyllama.data.sources reads each)."""
+NAN_POLICIES = ("stop", "skip")
+"""train.nan_policy (tinyllama.train.nan_guard)."""
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Floating-point formats of train.precision and export.dtype: the short name (canonical) -> the
+Hugging Face / torch name, which is accepted as an alias (export.dtype=bfloat16 means bf16)."""
+PRECISIONS = ("auto", *DTYPES)
+"""train.precision (tinyllama.train.precision)."""
+QUANTIZED = ("q8_0",)
+"""export.dtype values that only the GGUF export writes (tinyllama.export_gguf)."""
+
+
+def canonical_dtype(name: str) -> str:
+    """The short name of a floating-point format named either way ("bfloat16" -> "bf16"); any
+    other name is returned as it is, for the caller to refuse."""
+    return {long: short for short, long in DTYPES.items()}.get(name, name)
+
+
+def dtype_choices(extra: Sequence[str] = ()) -> str:
+    """The export dtypes in words for error messages, Hugging Face's names first."""
+    return f"{', '.join([*DTYPES.values(), *extra])} (or {', '.join(DTYPES)})"
 
 
 @dataclass
@@ -87,9 +116,6 @@ class DataConfig:
     """Folder holding tokenizers/ and packed/."""
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 @dataclass
 class TrainConfig:
     max_steps: int = 300
@@ -102,7 +128,7 @@ class TrainConfig:
     """Tokens per training sequence (must not exceed model.max_position_embeddings)."""
     precision: str = "auto"
     """"auto" (bf16 on capable GPUs, fp16 on older GPUs; on CPU bf16 where it multiplies bf16
-    natively, fp32 otherwise), "fp32", "bf16" or "fp16"."""
+    natively, fp32 otherwise), "fp32", "bf16" or "fp16" (or their long names, see DTYPES)."""
     compile: bool = False
     """Apply torch.compile to the model."""
     grad_checkpointing: bool = False
@@ -248,8 +274,9 @@ class ExportConfig:
     out_dir: Optional[str] = None
     """Folder to write; None: <run>/hf (<run>/gguf for GGUF). An existing non-empty folder is
     refused unless overwrite."""
-    dtype: str = "float32"
-    """Weight dtype: float32, bfloat16 or float16; GGUF also q8_0 (the gguf package's quantizer)."""
+    dtype: str = "fp32"
+    """Weight dtype: fp32, bf16 or fp16 (or float32, bfloat16, float16); GGUF also q8_0 (the gguf
+    package's quantizer)."""
     overwrite: bool = False
     """Replace an existing out_dir (only once the new folder is complete)."""
     verify: bool = True
@@ -328,10 +355,14 @@ def split_unknown(data: Dict[str, Any], schema: type = JobConfig,
     return known, unknown
 
 
+def precision_problem(name: str) -> str:
+    """What is wrong with train.precision=`name` (validate() and resolve_precision say the same)."""
+    return (f"train.precision={name!r}: choose {', '.join(PRECISIONS)} "
+            f"(or the long names {', '.join(DTYPES.values())})")
+
+
 def validate(job: JobConfig) -> None:
     """Check values and their combinations; raise one ConfigError listing every problem."""
-    from tinyllama.errors import ConfigError
-
     problems: List[str] = []
 
     def need(ok: bool, msg: str) -> None:
@@ -346,9 +377,9 @@ def validate(job: JobConfig) -> None:
     need(t.seq_len <= job.model.max_position_embeddings,
          f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
          f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context")
-    need(t.precision in PRECISIONS,
-         f"train.precision={t.precision!r}: choose {', '.join(PRECISIONS)}")
-    need(t.nan_policy in ("stop", "skip"), f"train.nan_policy={t.nan_policy!r}: choose stop or skip")
+    need(canonical_dtype(t.precision) in PRECISIONS, precision_problem(t.precision))
+    need(t.nan_policy in NAN_POLICIES,
+         f"train.nan_policy={t.nan_policy!r}: choose {' or '.join(NAN_POLICIES)}")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     need(o.schedule in ("cosine", "wsd", "constant"),
          f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")
@@ -394,8 +425,9 @@ def validate(job: JobConfig) -> None:
          f"evaluate.rope_type={ev.rope_type!r}: choose linear, dynamic or llama3 (or null)")
     need(ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
          "evaluate.batch_size and evaluate.seq_len must be > 0")
-    need(ex.dtype in ("float32", "bfloat16", "float16", "q8_0"),
-         f"export.dtype={ex.dtype!r}: choose float32, bfloat16 or float16 (or q8_0, GGUF only)")
+    need(canonical_dtype(ex.dtype) in (*DTYPES, *QUANTIZED),
+         f"export.dtype={ex.dtype!r}: choose one of {dtype_choices(QUANTIZED)}; "
+         f"{', '.join(QUANTIZED)} for GGUF only")
     sa = job.sample
     need(sa.max_new_tokens >= 0, f"sample.max_new_tokens={sa.max_new_tokens}: must be >= 0")
     need(sa.num_samples >= 0, f"sample.num_samples={sa.num_samples}: must be >= 0")

@@ -22,32 +22,34 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from tinyllama.checkpoint import LoadedCheckpoint, load_for_inference
+from tinyllama.atomic import building_folder
+from tinyllama.checkpoint import LoadedCheckpoint, load_for_inference, save_weights
+from tinyllama.config import DTYPES, canonical_dtype, dtype_choices
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.generate import generate
 from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
-from tinyllama.model.heads import drop_tied_head, restore_tied_head
+from tinyllama.model.heads import restore_tied_head
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How both exports tell the user to replace an existing folder (tinyllama.atomic refuses it).
+OVERWRITE_HINT = "choose another export.out_dir, or set export.overwrite=true to replace it"
 # RoPE types both sides implement; transformers' yarn/longrope/... have no counterpart here.
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
-def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> Dict[str, Any]:
-    """config.json contents for `cfg`. RoPE is written as rope_theta + rope_scaling, which
-    transformers 4.x reads as is and 5.x converts into its rope_parameters."""
+def hf_config(cfg: LlamaConfig, dtype: str = "fp32") -> Dict[str, Any]:
+    """config.json contents for `cfg` with weights in `dtype` (either name). RoPE is written as
+    rope_theta + rope_scaling, which transformers 4.x reads as is and 5.x converts into its
+    rope_parameters."""
     out: Dict[str, Any] = {
         "architectures": [ARCHITECTURES[cfg.model_type]],
         "model_type": cfg.model_type,
@@ -69,7 +71,7 @@ def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> Dict[str, Any]:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
-        "torch_dtype": dtype,
+        "torch_dtype": DTYPES[canonical_dtype(dtype)],  # Hugging Face's long name
         "use_cache": True,
     }
     if cfg.model_type == "qwen2":  # q/k/v bias is implied by the architecture
@@ -130,7 +132,7 @@ def exported_parts(model: Union[nn.Module, LoadedCheckpoint],
 
 
 def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Path],
-              tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "float32",
+              tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "fp32",
               generation: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
     """Write a Hugging Face folder for `model` (a LlamaForCausalLM or a LoadedCheckpoint).
 
@@ -141,13 +143,11 @@ def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Pat
     is refused unless overwrite=True (then replaced only once the new folder is complete).
     """
     cfg, state, tokenizer_path = exported_parts(model, tokenizer_path)
-    if dtype not in DTYPES:
-        raise ConfigError(f"export dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if canonical_dtype(dtype) not in DTYPES:
+        raise ConfigError(f"export dtype={dtype!r}: choose one of {dtype_choices()}")
     out_dir = Path(out_dir)
-    with building_folder(out_dir, overwrite) as tmp:
-        tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
-                   for k, v in drop_tied_head(state, cfg).items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    with building_folder(out_dir, overwrite, OVERWRITE_HINT) as tmp:
+        save_weights(tmp / "model.safetensors", state, cfg, getattr(torch, DTYPES[canonical_dtype(dtype)]))
         _write_json(tmp / "config.json", hf_config(cfg, dtype))
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation or {})}
         if cfg.pad_token_id is not None:
@@ -156,29 +156,6 @@ def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Pat
         if tokenizer_path is not None:
             write_hf_tokenizer(Path(tokenizer_path), tmp, cfg.max_position_embeddings)
     return out_dir
-
-
-@contextmanager
-def building_folder(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """An empty folder beside `out_dir` to write an export into; when the block ends without an
-    error it replaces `out_dir`, otherwise it is deleted and `out_dir` is left as it was. An
-    existing non-empty `out_dir` is refused unless overwrite (the HF and GGUF exports share this)."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"{out_dir} already exists and is not empty; it is kept. Choose another "
-                          f"export.out_dir, or set export.overwrite=true to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Named by process (as packing names its own), and made with the umask's permissions:
-    # mkdtemp's 0700 would make the export private to its writer.
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Tensor]]:
@@ -350,7 +327,7 @@ def check_export(path: Path, reader: str, module: str, pip_name: str, dtype: str
     print(f"verified with {reader}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     exact = (report["max_rel_logit_error"] < rtol and report["same_greedy_text"]
              and report["same_token_ids"])
-    if dtype == "float32" and not exact:
+    if canonical_dtype(dtype) == "fp32" and not exact:
         raise CheckpointError(f"{path} does not reproduce the model in {reader} ({report})")
 
 

@@ -37,18 +37,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinyllama.atomic import building_folder
 from tinyllama.checkpoint import LoadedCheckpoint
+from tinyllama.config import QUANTIZED, canonical_dtype, dtype_choices
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import (building_folder, check_export, export_inputs, exported_parts,
-                              generation_defaults, sentencepiece_proto)
+from tinyllama.export import (OVERWRITE_HINT, check_export, export_inputs, exported_parts, generation_defaults,
+                              sentencepiece_proto)
 from tinyllama.generate import generate
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head
 from tinyllama.model.rotary import compute_inv_freq
 
-# export.dtype -> (GGMLQuantizationType name of 2-D tensors, LlamaFileType name, file-name tag)
-GGUF_DTYPES = {"float32": ("F32", "ALL_F32", "F32"), "float16": ("F16", "MOSTLY_F16", "F16"),
-               "bfloat16": ("BF16", "MOSTLY_BF16", "BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0")}
+# export.dtype (config.DTYPES and config.QUANTIZED, by their short names) -> (GGMLQuantizationType
+# name of 2-D tensors, LlamaFileType name, file-name tag)
+GGUF_DTYPES = {"fp32": ("F32", "ALL_F32", "F32"), "fp16": ("F16", "MOSTLY_F16", "F16"),
+               "bf16": ("BF16", "MOSTLY_BF16", "BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0")}
 ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2"}  # gguf.MODEL_ARCH members
 
 
@@ -114,7 +117,7 @@ def gguf_tensors(cfg: LlamaConfig, state: Dict[str, torch.Tensor]) -> Dict[str, 
 
 
 def encode_tensor(array: np.ndarray, dtype: str):
-    """(data, GGMLQuantizationType) to store `array` (float32) as for export.dtype."""
+    """(data, GGMLQuantizationType) to store `array` (float32) as for export.dtype (a short name)."""
     gguf = import_gguf()
     kind = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]] if array.ndim == 2 else gguf.GGMLQuantizationType.F32
     if kind == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
@@ -178,7 +181,7 @@ def add_hyperparameters(writer, cfg: LlamaConfig) -> None:
 
 
 def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Path],
-                tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "float32",
+                tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "fp32",
                 name: str = "model", generation: Optional[Dict[str, Any]] = None,
                 chat_template: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write `out_dir`/<name>-<type>.gguf and its Ollama Modelfile; return the .gguf path.
@@ -191,8 +194,9 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
     is refused unless overwrite=True. A model llama.cpp cannot run is refused with the reasons.
     """
     cfg, state, tokenizer_path = exported_parts(model, tokenizer_path)
-    if dtype not in GGUF_DTYPES:
-        raise ConfigError(f"export dtype={dtype!r}: choose one of {', '.join(GGUF_DTYPES)}")
+    if canonical_dtype(dtype) not in GGUF_DTYPES:
+        raise ConfigError(f"export dtype={dtype!r}: choose one of {dtype_choices(QUANTIZED)}")
+    dtype = canonical_dtype(dtype)
     if tokenizer_path is None:
         raise ConfigError("a GGUF file carries its vocabulary: give tokenizer_path (the SentencePiece .model)")
     problems = gguf_problems(cfg)
@@ -202,7 +206,7 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs the temporary path
     file_name = f"{name}-{GGUF_DTYPES[dtype][2]}.gguf"
     out_dir = Path(out_dir)
-    with building_folder(out_dir, overwrite) as tmp:
+    with building_folder(out_dir, overwrite, OVERWRITE_HINT) as tmp:
         arch = gguf.MODEL_ARCH[ARCHITECTURES[cfg.model_type]]
         writer = gguf.GGUFWriter(tmp / file_name, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(name)

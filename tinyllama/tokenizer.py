@@ -12,16 +12,15 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import sentencepiece as spm
 
+from tinyllama.atomic import building_folder
+from tinyllama.config import DataConfig, TokenizerConfig
+from tinyllama.data.sources import describe_source, iter_documents
 from tinyllama.errors import DataError
-
-if TYPE_CHECKING:  # the config module imports torch; packing workers must stay light
-    from tinyllama.config import DataConfig, TokenizerConfig
 
 MODEL_FILE = "tokenizer.model"
 SETTINGS_FILE = "settings.json"
@@ -93,8 +92,6 @@ def tokenizer_dir(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> Path:
 
 def training_settings(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> dict:
     """What decides the trained model: the tokenizer settings and the training text's source."""
-    from tinyllama.data.sources import describe_source
-
     settings = {k: getattr(tok_cfg, k) for k in _TRAINING_FIELDS}
     settings["user_defined_symbols"] = list(settings["user_defined_symbols"])
     return {"tokenizer": settings, "source": describe_source(data_cfg)}
@@ -124,25 +121,16 @@ def ensure_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> Tokenize
 
 def train_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig, out: Path) -> Path:
     """Train a SentencePiece model on the source's train split into `out` (built in a temporary
-    folder and renamed into place, so an interrupted run leaves nothing that looks complete)."""
-    from tinyllama.data.sources import iter_documents
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"  # the umask's permissions, not 0700
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    folder and renamed into place by tinyllama.atomic, so an interrupted run leaves nothing that
+    looks complete)."""
+    with building_folder(out) as tmp:
         sentences = _training_sentences(iter_documents(data_cfg, "train"), tok_cfg.max_train_bytes)
         _run_trainer(tok_cfg, sentences, tmp / "tokenizer")
         settings = training_settings(tok_cfg, data_cfg)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished the same tokenizer first: keep theirs
-            if not (out / MODEL_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # `out` is ours, or that of another process which trained the same tokenizer first.
+    if not (out / MODEL_FILE).is_file():
+        raise DataError(f"{out} holds no {MODEL_FILE} after training: move it away and rerun")
     return out
 
 

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tinyllama.cli import CONFIG_DIR, to_job
+from tinyllama.config import SOURCES
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
@@ -20,10 +21,15 @@ def compose_job(*overrides):
         return to_job(compose(config_name="train", overrides=list(overrides)))
 
 
+# Presets named after their source, but for a local sample of a hub dataset.
+PRESET_SOURCE = {"tinystories_sample": "tinystories"}
+
+
 @pytest.mark.parametrize("name", DATA)
 def test_data_presets(name):
     job = compose_job(f"data={name}")
-    assert job.data.name.startswith(name.split("_")[0]) and job.data.source in name + "hf text_files"
+    assert job.data.name == name  # each preset keys its own packed folder
+    assert job.data.source == PRESET_SOURCE.get(name, name) and job.data.source in SOURCES
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)

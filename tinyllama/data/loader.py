@@ -122,10 +122,6 @@ class BatchLoader:
                 self.epoch, self.taken, self._order = self.epoch + 1, 0, None
         return _to_xy(windows)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
     def state_dict(self) -> Dict:
         return {"epoch": self.epoch, "taken": self.taken, "seed": self.seed, "seq_len": self.seq_len,
                 "world_size": self.world_size, "split": self.split, "fingerprint": self.fingerprint}

@@ -13,8 +13,8 @@ and writes shards, in input order (so the output does not depend on the number o
 with a few chunks in flight at most: memory stays flat however large the corpus. Threads, not
 processes: SentencePiece's C++ encoder releases the GIL, so N threads encode on N cores with no
 pickling of text and token arrays between processes (that copying cost processes ~30% more
-CPU). The folder is built under a temporary name and renamed into place, so an interrupted run
-never leaves a complete-looking output.
+CPU). The folder is built under a temporary name and renamed into place (tinyllama.atomic), so
+an interrupted run never leaves a complete-looking output.
 """
 from __future__ import annotations
 
@@ -23,33 +23,34 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+from tinyllama.atomic import building_folder
+from tinyllama.config import DataConfig
 from tinyllama.data.sources import describe_source, iter_documents
 from tinyllama.errors import DataError
-
-if TYPE_CHECKING:
-    from tinyllama.config import DataConfig
-    from tinyllama.tokenizer import Tokenizer
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 18  # text per worker task: amortises per-task overhead, keeps workers evenly loaded
 
 
-def packed_dir(data_cfg: "DataConfig", tokenizer: "Tokenizer") -> Path:
+# `tokenizer` below is a tinyllama.tokenizer.Tokenizer, left unannotated: tokenizer training reads
+# its text through this package, so importing the tokenizer here, even for typing, closes a cycle.
+
+
+def packed_dir(data_cfg: DataConfig, tokenizer) -> Path:
     return Path(data_cfg.root) / "packed" / data_cfg.name / tokenizer.fingerprint
 
 
-def ensure_packed(data_cfg: "DataConfig", tokenizer: "Tokenizer") -> Path:
+def ensure_packed(data_cfg: DataConfig, tokenizer) -> Path:
     """Return the packed folder for this source and tokenizer, packing it first if missing.
     An existing complete folder made from the same source is reused; one made from another
     source or tokenizer is refused (never overwritten)."""
@@ -58,19 +59,11 @@ def ensure_packed(data_cfg: "DataConfig", tokenizer: "Tokenizer") -> Path:
         meta = read_meta(out)
         _check_same(meta, out, data_cfg, tokenizer)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with building_folder(out) as tmp:
         meta = _pack(data_cfg, tokenizer, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first: use its output if it is complete
-            _check_same(read_meta(out), out, data_cfg, tokenizer)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # `out` is ours, or that of another process which finished first: use it if it is the same.
+    _check_same(read_meta(out), out, data_cfg, tokenizer)
     return out
 
 
@@ -93,7 +86,7 @@ def read_meta(packed_dir: Path) -> Dict:
     return meta
 
 
-def _check_same(meta: Dict, out: Path, data_cfg: "DataConfig", tokenizer: "Tokenizer") -> None:
+def _check_same(meta: Dict, out: Path, data_cfg: DataConfig, tokenizer) -> None:
     have = meta["tokenizer"]["fingerprint"]
     if have != tokenizer.fingerprint:
         raise DataError(f"{out} was packed with tokenizer {have}, not {tokenizer.fingerprint} "
@@ -106,25 +99,7 @@ def _check_same(meta: Dict, out: Path, data_cfg: "DataConfig", tokenizer: "Token
                         f"new source, or delete {out} to repack.")
 
 
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete temporary folders of earlier packing runs that were killed (their pid is gone)."""
-    for tmp in out.parent.glob(f".tmp-{out.name}-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pack(data_cfg: "DataConfig", tokenizer: "Tokenizer", folder: Path) -> Dict:
+def _pack(data_cfg: DataConfig, tokenizer, folder: Path) -> Dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     with _encoder(tokenizer.sp, dtype, data_cfg.num_workers) as encode:
         splits = {split: pack_documents(iter_documents(data_cfg, split), encode, folder, split, dtype,

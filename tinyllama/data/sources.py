@@ -21,19 +21,16 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List
+from typing import Dict, Iterator, List
 from urllib.parse import urlparse
 
+from tinyllama.config import SOURCES, DataConfig
 from tinyllama.data import synthetic, synthetic_zh
 from tinyllama.errors import DataError
 
-if TYPE_CHECKING:  # the config module imports torch; packing workers must stay light
-    from tinyllama.config import DataConfig
-
 TINYSTORIES = "roneneldan/TinyStories"
-# The built-in story corpora: source name -> generate_story(seed, index).
+# The built-in story corpora among config.SOURCES: source name -> generate_story(seed, index).
 STORY_CORPORA = {"synthetic": synthetic.generate_story, "synthetic_zh": synthetic_zh.generate_story}
-SOURCES = (*STORY_CORPORA, "tinystories", "text_files", "hf")
 
 
 class DataWarning(UserWarning):
@@ -305,4 +302,4 @@ def _offline_advice(cfg: DataConfig, path: str) -> str:
             f"{cfg.text_field!r} field, and parquet files all work.")
 
 
-__all__ = ["iter_documents", "describe_source", "expand_files", "DataWarning", "SOURCES"]
+__all__ = ["iter_documents", "describe_source", "expand_files", "DataWarning"]

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
+from tinyllama.atomic import write_text_atomic
 from tinyllama.errors import ConfigError
 from tinyllama.run_record import SUMMARY, read_summary
 
@@ -304,10 +305,6 @@ def write_best(study: Any, sweep_dir: Path, fixed: Dict[str, Any], groups: Dict[
     as model=tiny, experiment=cpu_quick) and the trial's params, taken from the study. None
     while no trial has completed."""
     from optuna.trial import TrialState
-
-    # Lazy, like Optuna: Hydra's plugin discovery imports this module (hydra_plugins/tinyllama_search)
-    # in every Hydra app of the environment, and tinyllama.checkpoint would bring torch with it.
-    from tinyllama.checkpoint import write_text_atomic
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None

@@ -9,20 +9,21 @@ import torch
 
 from tinyllama.checkpoint import config_differences, load_checkpoint
 from tinyllama.config import JobConfig
+from tinyllama.data import ensure_packed
 from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.export import import_hf
+from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
+from tinyllama.tokenizer import Tokenizer, ensure_tokenizer
 from tinyllama.train.distributed import DistEnv
 
 # LlamaConfig fields that change how a model runs, not what its weights mean.
 RUNTIME_FIELDS = {"attn_implementation", "attention_dropout", "initializer_range"}
 
 
-def prepare_data(job: JobConfig, env: DistEnv) -> Tuple["Tokenizer", Path]:  # noqa: F821
+def prepare_data(job: JobConfig, env: DistEnv) -> Tuple[Tokenizer, Path]:
     """Tokenizer and packed shards for job.data/job.tokenizer, made by rank 0 when missing while
     the other ranks wait, then reused by every rank (both stages are idempotent)."""
-    from tinyllama.data import ensure_packed
-    from tinyllama.tokenizer import ensure_tokenizer
-
     if env.is_main:
         tokenizer = ensure_tokenizer(job.tokenizer, job.data)
         packed = ensure_packed(job.data, tokenizer)
@@ -51,8 +52,6 @@ def initial_weights(init_from: str, model_config: LlamaConfig) -> Dict[str, torc
     """State dict from a checkpoint/run folder or from "hf:<local Hugging Face folder>"; refused
     with the differing fields named when its architecture differs from model_config."""
     if init_from.startswith("hf:"):
-        from tinyllama.export import import_hf
-
         source_config, state = import_hf(init_from[3:])
     else:
         ckpt = load_checkpoint(init_from, train_state=False)
@@ -67,8 +66,6 @@ def initial_weights(init_from: str, model_config: LlamaConfig) -> Dict[str, torc
 def build_training_model(job: JobConfig, tokenizer, device: torch.device) -> torch.nn.Module:
     """LlamaForCausalLM(job.model) initialised from run.seed (identical on every rank), or
     loaded from job.init_from; gradient checkpointing set as configured; on `device`."""
-    from tinyllama.model import LlamaForCausalLM
-
     check_vocab(job.model, tokenizer)
     torch.manual_seed(job.run.seed)
     model = LlamaForCausalLM(job.model)

@@ -4,8 +4,9 @@
 
 Components own their schedules: the loop calls `evaluator.maybe_eval(step)`,
 `checkpointer.maybe_save(step)` and `tracker.log_step(...)` after every optimizer step and
-never does cadence arithmetic itself. Resuming restores everything a step depends on (weights,
-optimizer, scaler, schedule, loader position, RNG states per rank), so losses after a resume
+never does cadence arithmetic itself. The Trainer declares the run's state once, handing it to
+the Checkpointer, which saves and resumes everything a step depends on (weights, optimizer,
+scaler, schedule, counters, loader position and RNG states per rank), so losses after a resume
 equal those of an uninterrupted run.
 """
 from __future__ import annotations
@@ -13,23 +14,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
-from tinyllama.checkpoint import Checkpointer, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from tinyllama.config import JobConfig, run_dir_of
-from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.data import BatchLoader
 from tinyllama.run_record import record_launch, write_summary
-from tinyllama.train.build import build_training_model, prepare_data, weight_differences
+from tinyllama.train.build import build_training_model, prepare_data
+from tinyllama.train.checkpointer import Attribute, Checkpointer, resume_checkpoint
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
-from tinyllama.train.nan_guard import NanGuard, NonFiniteLossError
+from tinyllama.train.nan_guard import NanGuard
 from tinyllama.train.optim import build_optimizer, build_schedule
 from tinyllama.train.precision import resolve_precision
-from tinyllama.train.rng import rng_state, seed_everything, set_rng_state
+from tinyllama.train.rng import RNGStates, seed_everything
 from tinyllama.train.samples import write_samples
 from tinyllama.train.signals import StopRequest
 from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
@@ -66,16 +66,13 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
         self.guard = NanGuard(t.nan_policy)
-        from tinyllama.data import BatchLoader
-
         self.loader = BatchLoader(self.packed_dir, "train", t.batch_size, t.seq_len,
                                   seed=job.run.seed, rank=env.rank, world_size=env.world_size)
         self.loader.check_compatible(self.tokenizer.fingerprint, job.model.vocab_size)
         self.step, self.tokens, self.resumed_from = 0, 0, None
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
-        self.checkpointer = Checkpointer(self.run_dir, job.checkpoint, env.is_main, t.max_steps,
-                                         self.save)
-        resume = self._resume_source()  # refusals happen here, before anything is written
+        # Refusals happen here, before anything is written.
+        resume = resume_checkpoint(self.run_dir, job, self.tokenizer, env.world_size)
         if env.is_main:
             record_launch(self.run_dir, job, overrides, resumed_from_step=resume.step if resume
                           else 0, device=str(env.device), world_size=env.world_size,
@@ -85,81 +82,20 @@ class Trainer:
                                    OmegaConf.structured(job)))
         self.evaluator = Evaluator(self.model, self.packed_dir, job.eval, t.batch_size, t.seq_len,
                                    env, self.precision.autocast, t.max_steps, self.tracker.log_eval)
+        # The run's state, declared once: the checkpointer saves, restores and prunes it.
+        self.checkpointer = Checkpointer(
+            self.run_dir, job, env, self.model, self.tokenizer, self.evaluator,
+            states={"step": Attribute(self, "step"), "tokens": Attribute(self, "tokens"),
+                    "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                    "best_val_loss": Attribute(self.evaluator, "best_loss")},
+            rank_states={"loader": self.loader, "rng": RNGStates()})
         if resume:
-            self.load(resume)  # last: restores the RNG states everything above consumed
+            self.checkpointer.load(resume)  # last: restores the RNG states everything above consumed
+            self.resumed_from = resume.path
         compiled = torch.compile(self.model) if t.compile else self.model
         self.train_model = wrap_ddp(compiled, env)
         self.throughput = Throughput(self.tokens_per_step, _flops_per_token(self.model, t.seq_len), peak_flops(
             env.device, self.precision.dtype), env.world_size)
-
-    # ---- resume ---------------------------------------------------------------------------
-    def _resume_source(self) -> Optional[LoadedCheckpoint]:
-        mode, latest = self.job.checkpoint.resume, self.checkpointer.latest()
-        if mode == "never":
-            if latest is not None:
-                raise ConfigError(f"{self.run_dir} already holds checkpoints ({latest.name}): "
-                                  "continue it with checkpoint.resume=auto, or pick another "
-                                  "run.name (nothing was overwritten)")
-            return None
-        if mode == "auto" and latest is None:
-            return None  # a fresh run
-        ckpt = load_checkpoint(latest if mode == "auto" else mode)
-        self._check_resumable(ckpt)
-        return ckpt
-
-    def _check_resumable(self, ckpt: LoadedCheckpoint) -> None:
-        """Refuse `ckpt` if its model, tokenizer or world size differ, naming each difference."""
-        diffs = weight_differences(ckpt.model_config, self.job.model)  # sdpa/eager may change
-        if ckpt.tokenizer_fingerprint != self.tokenizer.fingerprint:
-            diffs.append(f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, "
-                         f"config {self.tokenizer.fingerprint}")
-        state = ckpt.train_state
-        if state["world_size"] != self.env.world_size:
-            diffs.append(f"world size: checkpoint {state['world_size']}, now {self.env.world_size} "
-                         "(each rank resumes its own data stream)")
-        if diffs:
-            raise CheckpointError(f"cannot resume from {ckpt.path}:\n  " + "\n  ".join(diffs) +
-                                  "\nuse the run's original settings, or start a new run.name "
-                                  f"with init_from={ckpt.path} to reuse the weights only")
-
-    def load(self, ckpt: LoadedCheckpoint) -> None:
-        """Continue from `ckpt` (checked by _check_resumable): weights, optimizer, scaler, schedule,
-        counters, this rank's loader position and RNG states."""
-        state = ckpt.train_state
-        self.model.load_state_dict(ckpt.model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.evaluator.best_loss = state["best_val_loss"]
-        if ckpt.val_loss is not None:  # a run resumed at its end is not evaluated twice
-            self.evaluator.last_step, self.evaluator.last_loss = ckpt.step, ckpt.val_loss
-        rank = state["ranks"][self.env.rank]
-        self.loader.load_state_dict(rank["loader"])
-        set_rng_state(rank["rng"])
-        self.resumed_from = ckpt.path
-
-    def save(self, root: Path, step: int) -> Path:
-        """Write a checkpoint of the current state (collective: every rank calls it)."""
-        # Every rank holds the same weights, so every rank reaches the same verdict and raises
-        # together (a rank-0-only raise would leave the others waiting at the barrier below).
-        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
-        if not bool(finite):
-            raise NonFiniteLossError(f"weights at step {step} are not finite: not saving them")
-        ranks = self.env.all_gather_object({"loader": self.loader.state_dict(), "rng": rng_state()})
-        if self.env.is_main:
-            train_state = {
-                "step": step, "tokens": self.tokens, "world_size": self.env.world_size,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "best_val_loss": self.evaluator.best_loss,
-                "ranks": ranks,
-            }
-            meta = {"tokens": self.tokens, "val_loss": self.evaluator.loss_at(step),
-                    "tokenizer_fingerprint": self.tokenizer.fingerprint}
-            save_checkpoint(root, step, self.model, self.job.model, self.job,
-                            self.tokenizer.model_path, meta, train_state)
-        self.env.barrier()
-        return root / f"step_{step}"
 
     # ---- one optimizer step ---------------------------------------------------------------
     def forward_backward(self) -> Tuple[float, float]:

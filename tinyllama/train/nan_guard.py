@@ -6,7 +6,8 @@ but gives up after MAX_CONSECUTIVE_SKIPS bad steps in a row (the run has diverge
 """
 from __future__ import annotations
 
-from tinyllama.errors import TinyLlamaError
+from tinyllama.config import NAN_POLICIES
+from tinyllama.errors import ConfigError, TinyLlamaError
 
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -17,8 +18,8 @@ class NonFiniteLossError(TinyLlamaError):
 
 class NanGuard:
     def __init__(self, policy: str) -> None:
-        if policy not in ("stop", "skip"):
-            raise ValueError(f"train.nan_policy={policy!r}: choose stop or skip")
+        if policy not in NAN_POLICIES:
+            raise ConfigError(f"train.nan_policy={policy!r}: choose {' or '.join(NAN_POLICIES)}")
         self.policy = policy
         self.skipped = 0
         self._in_a_row = 0

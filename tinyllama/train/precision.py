@@ -16,11 +16,9 @@ from typing import ContextManager, Tuple
 
 import torch
 
-from tinyllama.config import PRECISIONS
+from tinyllama.config import DTYPES, PRECISIONS, canonical_dtype, precision_problem
 from tinyllama.errors import ConfigError
 from tinyllama.train.throughput import measured_cpu_flops
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # bf16 must beat fp32 on the probe's matmul by this factor before `auto` picks it: the rest of a
 # training step (norms, softmax, the optimizer) does not speed up, so a marginal matmul gain
@@ -39,7 +37,7 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.name]
+        return getattr(torch, DTYPES[self.name])
 
     def autocast(self) -> ContextManager:
         """Context for forward passes (training and evaluation); a no-op in fp32."""
@@ -88,16 +86,18 @@ def cpu_native_bf16() -> Tuple[bool, str]:
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """Turn train.precision ("auto", "fp32", "bf16", "fp16") into a Precision for `device`."""
-    if requested not in PRECISIONS:
-        raise ConfigError(f"train.precision={requested!r}: choose {', '.join(PRECISIONS)}")
-    if requested == "fp16" and device.type != "cuda":
+    """Turn train.precision ("auto", "fp32", "bf16", "fp16", or a long name such as "bfloat16")
+    into a Precision for `device`."""
+    name = canonical_dtype(requested)
+    if name not in PRECISIONS:
+        raise ConfigError(precision_problem(requested))
+    if name == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    if requested != "auto":
+    if name != "auto":
         reason = "train.precision=" + requested
-        if requested == "bf16" and device.type == "cpu" and not cpu_bf16_instructions():
+        if name == "bf16" and device.type == "cpu" and not cpu_bf16_instructions():
             reason += " (this CPU emulates bf16: expect it to be slower than fp32)"
-        return Precision(requested, device.type, reason)
+        return Precision(name, device.type, reason)
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "cuda", "auto: the GPU supports bf16")

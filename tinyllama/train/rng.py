@@ -33,3 +33,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGStates:
+    """This process's RNG states as a stateful object (state_dict / load_state_dict), so the
+    checkpointer saves and restores them like any other piece of the run's state."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        set_rng_state(state)
