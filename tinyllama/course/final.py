@@ -26,7 +26,12 @@ from tinyllama.config import JobConfig
 from tinyllama.course.checks import run_check
 from tinyllama.course.grading import load_learner_module
 from tinyllama.course.lessons import CourseError, get_lesson
+from tinyllama.data import BatchLoader, ensure_packed, eval_batches
+from tinyllama.evaluate import evaluate_loss
+from tinyllama.generate import generate
 from tinyllama.model import LlamaForCausalLM, ModelParts, causal_lm_loss
+from tinyllama.tokenizer import ensure_tokenizer
+from tinyllama.train.optim import build_optimizer, build_schedule
 
 # ModelParts field -> (lesson, class name in the learner's file).
 LEARNER_PIECES = {"norm": (2, "RMSNorm"), "rotary": (3, "RotaryEmbedding"),
@@ -90,11 +95,6 @@ def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 
     seq_len, job.optim (lr, warmup, weight decay; the schedule is held constant after warmup,
     since the number of steps depends on the machine) and job.run.seed.
     """
-    from tinyllama.data import BatchLoader, ensure_packed, eval_batches
-    from tinyllama.evaluate import evaluate_loss
-    from tinyllama.tokenizer import ensure_tokenizer
-    from tinyllama.train.optim import build_optimizer, build_schedule
-
     parts, described = learner_parts(workspace)
     for part, who in described.items():
         log(f"  {part:9s} {who}")
@@ -139,8 +139,6 @@ def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 
 
 def _sample(model: LlamaForCausalLM, tokenizer, job: JobConfig, new_tokens: int = 40) -> str:
     """A short story from the trained model (it uses the learner's attention with the KV cache)."""
-    from tinyllama.generate import generate
-
     prompt = torch.tensor([tokenizer.encode(job.sample.prompt, bos=True)])
     ids = generate(model, prompt, max_new_tokens=new_tokens, temperature=job.sample.temperature,
                    top_p=job.sample.top_p, seed=job.run.seed)

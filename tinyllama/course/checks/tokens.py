@@ -12,6 +12,7 @@ from tinyllama.config import DataConfig, TokenizerConfig
 from tinyllama.course.grading import CaseResult, Grader, Mismatch, compare, learner_attr
 from tinyllama.data.synthetic import iter_stories
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.tokenizer import ensure_tokenizer
 
 TEXTS = ["Once upon a time, there was a little fox named Pip.",
          "Mia said, \"Look at the 42 red balloons!\"\nThe end.", "ünïcödé and emoji 🦊"]
@@ -19,8 +20,6 @@ TEXTS = ["Once upon a time, there was a little fox named Pip.",
 
 def _tokenizer(folder: Path):
     """A small BPE tokenizer trained on 300 synthetic stories (about a second)."""
-    from tinyllama.tokenizer import ensure_tokenizer
-
     return ensure_tokenizer(TokenizerConfig(name="course", vocab_size=400, num_threads=1),
                             DataConfig(num_docs=300, root=str(folder)))
 
