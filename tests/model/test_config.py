@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.model import MLP, LlamaConfig, LlamaForCausalLM
+from tinyllama.model.mlp import ACTIVATIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -59,11 +60,14 @@ def test_all_problems_are_reported_at_once():
     assert "vocab_size=0" in text and "hidden_act='tanh'" in text and "rope_theta=0.0" in text
 
 
-def test_valid_edge_cases():
-    from tinyllama.model.config import ACTIVATIONS
-    from tinyllama.model.mlp import ACT2CLS
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_every_accepted_activation_builds_and_runs(act):
+    mlp = MLP(LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2, hidden_act=act))
+    x = torch.randn(2, 3, 8)
+    assert mlp(x).shape == (2, 3, 8) and not torch.equal(mlp.act_fn(x), x)
 
-    assert set(ACTIVATIONS) == set(ACT2CLS)  # every accepted hidden_act can be built
+
+def test_valid_edge_cases():
     LlamaConfig(num_key_value_heads=None)  # MHA
     LlamaConfig(hidden_size=100, head_dim=16)  # explicit head_dim frees hidden_size from heads
     LlamaConfig(rope_scaling=LLAMA3)
