@@ -8,7 +8,7 @@ Shape: the llama2c_15m preset with a 4096 vocabulary, seq 256. Four variants run
 on the same weights, in alternating rounds (so a load spike from another process hits all of
 them alike): ours and transformers' LlamaForCausalLM, each with sdpa and eager attention. The
 same script measures the machine's float32 matmul throughput (best of square matmuls) and
-reports each variant's achieved FLOP/s, counted as tinyllama.inspect.flops_per_token's
+reports each variant's achieved FLOP/s, counted as tinyllama.inspection.flops_per_token's
 training figure (6N + 12 L H D T), as a share of it.
 
 Targets: ours/transformers time ratio >= 1.0, achieved >= 85% of matmul throughput.
@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tinyllama.config import OptimConfig
-from tinyllama.inspect import flops_per_token
+from tinyllama.inspection import flops_per_token
 from tinyllama.model import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 from tinyllama.train.optim import build_optimizer
 from tinyllama.train.precision import bf16_matmul_speedup, cpu_native_bf16, resolve_precision

@@ -103,7 +103,7 @@ def load() -> str:
 def bench_presets(args) -> None:
     print(f"\n### The loop per preset (batch {args.batch} x seq {args.seq}, fp32, "
           f"{args.threads} thread(s); {load()})\n")
-    from tinyllama.inspect import flops_per_token
+    from tinyllama.inspection import flops_per_token
     from tinyllama.train.throughput import measured_cpu_flops
 
     # One peak for every row, measured here (best of 50): each child's own figure is measured

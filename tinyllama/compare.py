@@ -120,7 +120,7 @@ def _read_summary(run: RunSummary) -> None:
 
 def _read_config(run: RunSummary) -> None:
     from tinyllama.config import split_unknown
-    from tinyllama.inspect import count_parameters
+    from tinyllama.inspection import count_parameters
     from tinyllama.model.config import LlamaConfig
 
     if not (run.path / CONFIG).is_file():

@@ -296,6 +296,6 @@ class Trainer:
 def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token from inspect's counter (6N plus the attention term), counted on
     the built model (from a config it would build a meta model: seconds of start-up)."""
-    from tinyllama.inspect import flops_per_token
+    from tinyllama.inspection import flops_per_token
 
     return flops_per_token(model, seq_len)["training"]

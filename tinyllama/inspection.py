@@ -249,7 +249,7 @@ def format_flops(model: LlamaForCausalLM, seq_len: int) -> str:
     f = flops_per_token(model, seq_len)
     return "\n".join([
         f"FLOPs per token at T={seq_len} (inspect.seq_len; multiply-add = 2 FLOPs; formula in "
-        "tinyllama/inspect.py):",
+        "tinyllama/inspection.py):",
         f"  N (non-embedding, LM head included) = {f['n']:,}",
         f"  forward  = 2N + 4LHDT   = {f['forward'] / 1e9:10.3f} GFLOP"
         f"  (attention {100 * f['attention_forward'] / f['forward']:.1f}%)",
