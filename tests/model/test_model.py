@@ -142,6 +142,8 @@ def test_tied_head_shares_the_embedding(tiny_config):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - 97 * 32
+    model.model.norm.weight.requires_grad_(False)  # a frozen gain (C = 32)
+    assert model.num_parameters(only_trainable=True) == model.num_parameters() - 32
 
 
 def test_rmsnorm_computes_in_float32_and_returns_input_dtype():

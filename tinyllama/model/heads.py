@@ -120,6 +120,34 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels)
         return CausalLMOutput(logits, loss, out.past_key_values)
 
+    def flops_per_token(self, seq_len: int) -> Dict[str, int]:
+        """FLOPs per token at sequence length T = seq_len (a multiply-add counts as 2 FLOPs):
+
+            N        = num_parameters(exclude_embeddings=True), plus the lm_head when it is tied:
+                       the embedding lookup is free, the (C -> V) head matmul is not (nanoGPT
+                       counts it the same way)
+            forward  = 2 N + 4 L H D T'      2 N: every weight multiplies every token once;
+                                             4 L H D T': Q K^T and softmax(.) V, 2 H D T' each per layer
+            training = 6 N + 12 L H D T'     backward costs twice the forward (grads of inputs and weights)
+
+        L layers, H query heads of width D, T' = T (or the sliding window, where smaller). Like
+        PaLM's appendix B and nanoGPT's MFU, the attention term counts the full T x T score matrix
+        although the causal mask makes half of it useless work; norms, softmax and SiLU are ignored
+        (a few % at most). The train loop divides training x tokens/s by the hardware peak (MFU).
+
+        Returns forward, training, n (the N of 6N), attention_forward (the 4 L H D T' part of
+        forward) and seq_len."""
+        config = self.config
+        n = self.num_parameters(exclude_embeddings=True)
+        if self.lm_head.weight is self.model.embed_tokens.weight:
+            n += self.lm_head.weight.numel()
+        attention = 0
+        for layer in range(config.num_hidden_layers):
+            context = min(seq_len, config.sliding_window) if config.uses_sliding_window(layer) else seq_len
+            attention += 4 * config.num_attention_heads * config.resolved_head_dim * context
+        return {"forward": 2 * n + attention, "training": 6 * n + 3 * attention, "n": n,
+                "attention_forward": attention, "seq_len": seq_len}
+
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):
     """Backbone + score head (C -> num_labels) read at each row's last non-pad token: with
