@@ -72,6 +72,7 @@ def child_bare(preset: str, batch: int, seq: int, steps: int, gc: bool) -> dict:
     cfg = model_config(preset)
     model = LlamaForCausalLM(cfg)
     model.model.gradient_checkpointing = gc
+    model.chunked_loss = gc  # as train/build.py pairs them
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     base = peak_rss_mb()

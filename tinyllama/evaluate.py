@@ -20,8 +20,9 @@ from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Opt
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from tinyllama.model import causal_lm_loss
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -94,8 +95,7 @@ def evaluate_loss(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             logits = model(x).logits  # (B, T, V)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                               reduction="none").view_as(y)  # (B, T), 0 where ignored
+        nats = causal_lm_loss(logits, y, reduction="none")  # (B, T), 0 where ignored
         valid = y != -100
         sums["nats"] += nats.sum(dtype=torch.float64)
         sums["tokens"] += valid.sum()

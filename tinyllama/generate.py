@@ -137,10 +137,11 @@ def stream_tokens(
 def _model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                   position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
     """Logits of the last position only, (B, V) float32: the backbone runs on all T positions
-    (filling the cache), but the (C -> V) head only on the last, so a prefill does not pay
-    T x V for logits it would throw away."""
-    hidden = model.model(input_ids, attention_mask, position_ids, cache, use_cache=True).last_hidden_state
-    return model.lm_head(hidden[:, -1]).float()
+    (filling the cache), the (C -> V) head only on the last (logits_to_keep=1), so a prefill
+    does not pay T x V for logits it would throw away."""
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],

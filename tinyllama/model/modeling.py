@@ -93,7 +93,8 @@ class LlamaPreTrainedModel(nn.Module):
         Works on the meta device: only shapes are read."""
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         return sum(p.numel() for p in self.parameters()  # yields a shared (tied) tensor once
-                   if not (exclude_embeddings and id(p) in embeddings) and (p.requires_grad or not only_trainable))
+                   if not (exclude_embeddings and id(p) in embeddings)
+                   and (p.requires_grad or not only_trainable))
 
 
 class LlamaModel(LlamaPreTrainedModel):
