@@ -39,6 +39,23 @@ def test_kv_cache_decoding_equals_full_forward(impl, window, tiny_config, assert
     assert preallocated.keys[0].shape[2] == 20  # written in place, never regrown
 
 
+def test_cache_takes_tensors_and_arrays_in_turn(tiny_config):
+    """update (the attention layers) and update_arrays (fast_decode's NumPy step) fill the same
+    buffers; a cache that is not float32 on the CPU refuses arrays before writing anything."""
+    cfg = tiny_config()  # 2 key/value heads of width 8
+    cache = KVCache(cfg, batch_size=1, max_length=2)  # no dtype: allocated at the first write
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    cache.update(k, v, layer_idx=0)  # 3 positions: the buffers grow past 2
+    keys, values = cache.update_arrays(2 * k[:, :, :1].numpy(), 2 * v[:, :, :1].numpy(), layer_idx=0)
+    assert cache.get_seq_length(0) == 4 and keys.shape == values.shape == (1, 2, 4, 8)
+    torch.testing.assert_close(cache.keys[0][:, :, :4], torch.cat([k, 2 * k[:, :, :1]], dim=2))
+    assert torch.equal(torch.from_numpy(values), cache.values[0][:, :, :4])  # views, not copies
+    half = KVCache(cfg, batch_size=1, max_length=4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 CPU buffers"):
+        half.update_arrays(k[:, :, :1].numpy(), v[:, :, :1].numpy(), layer_idx=0)
+    assert half.get_seq_length(0) == 0
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_left_and_right_padded_batch_equals_unpadded_rows(impl, tiny_config, assert_close):
     cfg = tiny_config(pad_token_id=0, attn_implementation=impl)
