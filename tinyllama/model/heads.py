@@ -1,4 +1,8 @@
-"""Task heads on the backbone: next-token prediction and sequence classification."""
+"""Task heads on the backbone: next-token prediction and sequence classification.
+
+Also the causal-LM loss, defined once (`causal_lm_loss`; `chunked_causal_lm_loss` sums it over
+chunks of positions, evaluation reads it per token), and the causal LM's FLOPs per token, which
+the train loop's MFU and the inspect stage read (`LlamaForCausalLM.flops_per_token`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,6 @@
-"""The decoder backbone: token embedding, a stack of pre-norm decoder layers, a final RMSNorm."""
+"""The decoder backbone: token embedding, a stack of pre-norm decoder layers, a final RMSNorm;
+and what every model of this package shares (LlamaPreTrainedModel: initialisation,
+num_parameters)."""
 from __future__ import annotations
 
 import functools
