@@ -167,7 +167,7 @@ def test_tied_head_shares_the_embedding(tiny_config):
 
 
 def test_rmsnorm_computes_in_float32_and_returns_input_dtype():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     x = (torch.randn(2, 3, 16) * 50).to(torch.bfloat16)
