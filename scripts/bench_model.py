@@ -7,9 +7,9 @@
 Shape: the llama2c_15m preset with a 4096 vocabulary, seq 256. Four variants run in one process
 on the same weights, in alternating rounds (so a load spike from another process hits all of
 them alike): ours and transformers' LlamaForCausalLM, each with sdpa and eager attention. The
-same script measures the machine's float32 matmul throughput (best of square matmuls) and
-reports each variant's achieved FLOP/s, counted as tinyllama.inspect.flops_per_token's
-training figure (6N + 12 L H D T), as a share of it.
+same script measures the machine's float32 matmul throughput (best of 2048^3 matmuls, with the
+train loop's own measured_cpu_flops) and reports each variant's achieved FLOP/s, counted as
+LlamaForCausalLM.flops_per_token's training figure (6N + 12 L H D T), as a share of it.
 
 Targets: ours/transformers time ratio >= 1.0, achieved >= 85% of matmul throughput.
 """
@@ -26,10 +26,10 @@ import torch
 from omegaconf import OmegaConf
 
 from tinyllama.config import OptimConfig
-from tinyllama.inspect import flops_per_token
 from tinyllama.model import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 from tinyllama.train.optim import build_optimizer
 from tinyllama.train.precision import bf16_matmul_speedup, cpu_native_bf16, resolve_precision
+from tinyllama.train.throughput import measured_cpu_flops
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "model" / "llama2c_15m.yaml"
 
@@ -56,18 +56,6 @@ def hf_twin(config: LlamaConfig, ours: torch.nn.Module, attn: str) -> torch.nn.M
     model = transformers.LlamaForCausalLM(hf_config)
     model.load_state_dict(ours.state_dict(), strict=True)
     return model
-
-
-def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of a (size x size) @ (size x size) matmul: 2 size^3 FLOPs each."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm the BLAS threads and caches
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
 
 
 class Variant:
@@ -158,13 +146,13 @@ def main() -> None:
             v.step(x, y)
     peaks = []
     for _ in range(args.rounds):
-        peaks.append(matmul_flops())  # each round: the machine's load changes under us
+        peaks.append(measured_cpu_flops(n=2048, repeats=5))  # each round: the machine's load changes under us
         for v in variants:
             v.times.append(v.step(x, y))
     load_after = os.getloadavg()
     peak = max(peaks)
 
-    flops = flops_per_token(config, args.seq_len)
+    flops = ours.flops_per_token(args.seq_len)
     tokens = args.batch_size * args.seq_len
     print(f"shape: llama2c_15m, vocab {config.vocab_size}, batch {args.batch_size} x seq {args.seq_len}, "
           f"fp32, {args.threads} threads, torch {torch.__version__}")

@@ -72,6 +72,7 @@ def child_bare(preset: str, batch: int, seq: int, steps: int, gc: bool) -> dict:
     cfg = model_config(preset)
     model = LlamaForCausalLM(cfg)
     model.model.gradient_checkpointing = gc
+    model.chunked_loss = gc  # as train/build.py pairs them
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     base = peak_rss_mb()
@@ -103,7 +104,7 @@ def load() -> str:
 def bench_presets(args) -> None:
     print(f"\n### The loop per preset (batch {args.batch} x seq {args.seq}, fp32, "
           f"{args.threads} thread(s); {load()})\n")
-    from tinyllama.inspect import flops_per_token
+    from tinyllama.inspection import flops_per_token
     from tinyllama.train.throughput import measured_cpu_flops
 
     # One peak for every row, measured here (best of 50): each child's own figure is measured

@@ -1,7 +1,10 @@
-"""FastDecoder (the packed-weight decoding path of generate) equals the model's own forward."""
+"""FastDecoder (the packed-weight decoding path of generate) equals the model's own forward: that
+equality is its contract. Also: it follows every change of the weights, writes the cache only
+through KVCache, and generate names the path it decodes with."""
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 import torch
@@ -109,6 +112,13 @@ def test_packed_weights_follow_weight_changes():
     model.model.layers[1].mlp.act_fn = torch.nn.Tanh()  # a swapped module, no parameter touched
     assert FastDecoder.for_model(model) is not second
     assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    third = FastDecoder.for_model(model)
+    model.model.layers[1].self_attn.q_proj.weight.data[0, 0] += 1.0  # a write no autograd sees
+    assert FastDecoder.for_model(model) is not third
+    fourth = FastDecoder.for_model(model)
+    model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach() * 2)  # replaced
+    assert FastDecoder.for_model(model) is not fourth
+    assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
     # The packed copy lives beside the model, not in it: saving the model saves its weights once.
     assert saved_size(model) < 1.2 * saved_size(make_model())
 
@@ -152,9 +162,24 @@ def test_a_custom_norm_runs_inside_the_fast_path():
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
+def test_the_decoding_path_is_logged_by_name(caplog):
+    model = make_model()
+    prompt = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(12))
+    with caplog.at_level(logging.DEBUG, logger="tinyllama.generate"):
+        generate(model, prompt, 3, temperature=0.0)
+        generate(model, prompt, 3, temperature=0.0, fast=False)
+        generate(model.to(torch.float64), prompt, 3, temperature=0.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "decoding steps run through fast_decode.FastDecoder (NumPy, packed weights)",
+        "decoding steps run through the model's forward (fast=False)",
+        "decoding steps run through the model's forward (weights not float32 on the CPU)"]
+
+
 def test_unknown_parts_and_sliding_windows_use_the_model_itself():
     custom = LlamaForCausalLM(LlamaConfig(**BASE), parts=ModelParts(mlp=ScaledMLP)).eval()
     windowed = make_model(model_type="qwen2", sliding_window=4, max_window_layers=1)
+    assert FastDecoder.unsupported(custom) == "custom attention, MLP or rotary parts"
+    assert FastDecoder.unsupported(windowed) == "sliding-window layers"
     for model in (custom, windowed):
         assert not FastDecoder.supports(model)
         prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))

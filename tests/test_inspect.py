@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tinyllama.cli import CONFIG_DIR, to_job
 from tinyllama.errors import ConfigError
-from tinyllama.inspect import (COMPONENTS, build_meta_model, choose_trace_device, count_parameters,
+from tinyllama.inspection import (COMPONENTS, build_meta_model, choose_trace_device, count_parameters,
                                flops_per_token, memory_estimate, trace_shapes, trace_tensors)
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 

@@ -137,7 +137,7 @@ def prepare_main(job: JobConfig) -> None:
 def inspect_main(job: JobConfig) -> None:
     """Course tooling for `model`: module tree, parameter/FLOP counts, memory, shape trace.
     Builds the model on the meta device, so any preset (7B included) prints in seconds."""
-    from tinyllama.inspect import inspect_report
+    from tinyllama.inspection import inspect_report
 
     print(inspect_report(job.model, job.inspect, job.run.seed))
 

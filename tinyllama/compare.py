@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from tinyllama.config import split_unknown
 from tinyllama.errors import DataError
+from tinyllama.inspection import count_parameters
 from tinyllama.model.config import LlamaConfig
 from tinyllama.run_record import CONFIG, first_overrides, read_summary
 
@@ -118,8 +119,6 @@ def _read_summary(run: RunSummary) -> None:
 
 
 def _read_config(run: RunSummary) -> None:
-    from tinyllama.inspect import count_parameters
-
     if not (run.path / CONFIG).is_file():
         run.notes.append(f"no {CONFIG}: parameter count unknown")
         return

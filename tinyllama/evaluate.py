@@ -24,13 +24,13 @@ from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Opt
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from tinyllama.checkpoint import load_for_inference
 from tinyllama.data import ensure_packed, iter_documents
 from tinyllama.data.loader import eval_batches, window_batches
 from tinyllama.errors import DataError
+from tinyllama.model import causal_lm_loss
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -103,8 +103,7 @@ def evaluate_loss(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             logits = model(x).logits  # (B, T, V)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                               reduction="none").view_as(y)  # (B, T), 0 where ignored
+        nats = causal_lm_loss(logits, y, reduction="none")  # (B, T), 0 where ignored
         valid = y != -100
         sums["nats"] += nats.sum(dtype=torch.float64)
         sums["tokens"] += valid.sum()

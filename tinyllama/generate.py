@@ -1,11 +1,13 @@
 """Sampling from a causal LM with a preallocated KV cache.
 
-One prefill pass of the model over the prompt fills the cache; each further step feeds one
-token per row, so a step costs one position, not a re-run of the prefix. On a CPU those steps
-run through fast_decode.py (the same math in NumPy, weights packed for matrix-vector products);
-elsewhere through the model. The cache is sized for
-prompt + max_new_tokens up front and written in place, and the loop keeps per-token Python
-work to a handful of tensor ops (no mask rebuilds, no host syncs except the EOS check).
+One prefill pass of the model over the prompt fills the cache (its forward with
+logits_to_keep=1: the head runs on the last position only); each further step feeds one token
+per row, so a step costs one position, not a re-run of the prefix. On a CPU those steps run
+through fast_decode.py's FastDecoder (the same math in NumPy, weights packed for matrix-vector
+products); elsewhere through the model; a DEBUG line of the logger tinyllama.generate says which.
+The cache is sized for prompt + max_new_tokens up front and written in place, and the loop keeps
+per-token Python work to a handful of tensor ops (no mask rebuilds, no host syncs except the EOS
+check).
 
     from tinyllama.generate import generate
     ids = generate(model, input_ids, max_new_tokens=200, temperature=0.8, top_p=0.95, seed=0)
@@ -18,6 +20,7 @@ them as they come; training's samples.txt is written through `generate`).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Iterator, List, Optional
 
 import torch
@@ -26,6 +29,8 @@ from torch import nn
 from tinyllama.errors import ConfigError
 from tinyllama.fast_decode import FastDecoder
 from tinyllama.model import KVCache
+
+logger = logging.getLogger(__name__)
 
 
 def generate(
@@ -112,12 +117,8 @@ def stream_tokens(
 
     cache = KVCache(config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=dtype)
     # The prompt goes through the model (a prefill is compute-bound: GEMMs and attention kernels).
-    # Each new token goes through the same math in NumPy with weights packed for decoding
-    # (fast_decode.py), or through the model on GPUs, in other dtypes, for parts that path does
-    # not know, or when asked (fast=False).
-    model_logits = functools.partial(_model_logits, model)
-    step_logits = FastDecoder.for_model(model) if fast and FastDecoder.supports(model) else model_logits
-    logits = model_logits(input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    logits = _model_logits(model, input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    step_logits = None  # chosen at the first step: a single new token needs no decoding step
     for step in range(max_new_tokens):
         tokens = _next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
         if eos_token_id is not None:
@@ -128,19 +129,34 @@ def stream_tokens(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
+        if step_logits is None:
+            step_logits = _decoding_step(model, fast)
         logits = step_logits(tokens[:, None], mask[:, : T + step + 1] if padded else None,
                              next_position, cache)
         if padded:
             next_position = next_position + 1
 
 
+def _decoding_step(model: nn.Module, fast: bool) -> Callable[..., torch.Tensor]:
+    """What runs each step after the prefill, logged by name: fast_decode's FastDecoder (the
+    model's math in NumPy, weights packed for decoding) where it supports the model and `fast`
+    allows it, else the model's own forward (GPUs, other dtypes, parts that path does not know)."""
+    reason = FastDecoder.unsupported(model) if fast else "fast=False"
+    if reason is None:
+        logger.debug("decoding steps run through fast_decode.FastDecoder (NumPy, packed weights)")
+        return FastDecoder.for_model(model)
+    logger.debug("decoding steps run through the model's forward (%s)", reason)
+    return functools.partial(_model_logits, model)
+
+
 def _model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                   position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
     """Logits of the last position only, (B, V) float32: the backbone runs on all T positions
-    (filling the cache), but the (C -> V) head only on the last, so a prefill does not pay
-    T x V for logits it would throw away."""
-    hidden = model.model(input_ids, attention_mask, position_ids, cache, use_cache=True).last_hidden_state
-    return model.lm_head(hidden[:, -1]).float()
+    (filling the cache), the (C -> V) head only on the last (logits_to_keep=1), so a prefill
+    does not pay T x V for logits it would throw away."""
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tinyllama.course.lessons import LESSONS
-from tinyllama.inspect import trace_shapes
+from tinyllama.inspection import trace_shapes
 from tinyllama.model import LlamaConfig
 
 REPO = Path(__file__).resolve().parents[2]

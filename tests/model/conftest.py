@@ -1,12 +1,13 @@
-"""Model-test helpers: tiny configs and the same model in transformers, weights copied strictly."""
+"""Model-test helpers: tiny configs and the same model in transformers, weights copied strictly.
+
+transformers is a dev dependency: a test that asks for `hf_twin` is skipped without it, the
+others (most of this folder) run anyway."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from tinyllama.model import LlamaConfig
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
@@ -19,6 +20,7 @@ def make_tiny_config(**overrides) -> LlamaConfig:
 
 def hf_config(cfg: LlamaConfig):
     """The transformers config with the same shape and behaviour."""
+    import transformers
     rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -38,6 +40,8 @@ def hf_config(cfg: LlamaConfig):
 def make_hf_twin(model, head: str = "CausalLM"):
     """transformers' model of the same class (e.g. Qwen2ForCausalLM), with `model`'s weights
     loaded by load_state_dict(strict=True): every key and shape must match exactly."""
+    import transformers
+
     cfg = model.config
     family = "Qwen2" if cfg.model_type == "qwen2" else "Llama"
     cls = getattr(transformers, f"{family}For{head}")
@@ -66,7 +70,9 @@ def tiny_config():
 
 @pytest.fixture
 def hf_twin():
-    """hf_twin(model, head="CausalLM") -> transformers' model with the same weights, eval mode."""
+    """hf_twin(model, head="CausalLM") -> transformers' model with the same weights, eval mode;
+    the test is skipped where transformers is not installed."""
+    pytest.importorskip("transformers")
     return make_hf_twin
 
 

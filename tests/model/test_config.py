@@ -1,12 +1,17 @@
 """LlamaConfig validation and the model presets in configs/model/."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.cli import to_job
+from tinyllama.model import MLP, LlamaConfig, LlamaForCausalLM
+from tinyllama.model.mlp import ACTIVATIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -59,11 +64,14 @@ def test_all_problems_are_reported_at_once():
     assert "vocab_size=0" in text and "hidden_act='tanh'" in text and "rope_theta=0.0" in text
 
 
-def test_valid_edge_cases():
-    from tinyllama.model.config import ACTIVATIONS
-    from tinyllama.model.mlp import ACT2CLS
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_every_accepted_activation_builds_and_runs(act):
+    mlp = MLP(LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2, hidden_act=act))
+    x = torch.randn(2, 3, 8)
+    assert mlp(x).shape == (2, 3, 8) and not torch.equal(mlp.act_fn(x), x)
 
-    assert set(ACTIVATIONS) == set(ACT2CLS)  # every accepted hidden_act can be built
+
+def test_valid_edge_cases():
     LlamaConfig(num_key_value_heads=None)  # MHA
     LlamaConfig(hidden_size=100, head_dim=16)  # explicit head_dim frees hidden_size from heads
     LlamaConfig(rope_scaling=LLAMA3)
@@ -71,25 +79,36 @@ def test_valid_edge_cases():
     assert [cfg.uses_sliding_window(i) for i in range(4)] == [False, False, True, True]
 
 
+def stated_size(header: str):
+    """The parameter count a preset's header comment states ("6,738,415,616 parameters",
+    "1.25M parameters", "a ~11M-parameter model"), with the way to print a count like it; or None."""
+    exact = re.search(r"(\d{1,3}(?:,\d{3})+) parameters", header)
+    if exact:
+        return exact.group(1), lambda n: f"{n:,}"
+    approx = re.search(r"(\d+(?:\.\d+)?)M[- ]parameter", header)
+    if approx:
+        decimals = len(approx.group(1).partition(".")[2])
+        return approx.group(1), lambda n: f"{n / 1e6:.{decimals}f}"
+    return None
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_compose_validate_and_build(preset):
-    from hydra import compose, initialize_config_dir
-
-    from tinyllama.cli import to_job
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         job = to_job(compose("train", overrides=[f"model={preset}"]))
-    assert isinstance(job.model, LlamaConfig)
+    path = CONFIG_DIR / "model" / f"{preset}.yaml"
+    yaml = OmegaConf.to_container(OmegaConf.load(path))
+    assert {key: getattr(job.model, key) for key in yaml} == yaml  # every key of the preset took effect
     with torch.device("meta"):  # shapes only: no memory even for the 8B preset
         model = LlamaForCausalLM(job.model)
     assert model.lm_head.weight.shape == (job.model.vocab_size, job.model.hidden_size)
+    stated = stated_size("\n".join(line for line in path.read_text().splitlines() if line.startswith("#")))
+    if stated is not None:  # the comment cannot drift from the shape it describes
+        text, formatted = stated
+        assert formatted(model.num_parameters()) == text, f"{path.name} states {text} parameters"
 
 
 def test_tiny_preset_is_the_default_and_runs_a_step():
-    from hydra import compose, initialize_config_dir
-
-    from tinyllama.cli import to_job
-
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = to_job(compose("train")).model
     assert cfg.vocab_size == 4096 and cfg.hidden_size == 128 and cfg.num_hidden_layers == 4

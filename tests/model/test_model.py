@@ -1,11 +1,11 @@
 """Behaviour of the model on its own: cache, padding, eager vs sdpa, checkpointing, init, parts."""
 from __future__ import annotations
 
-import functools
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tinyllama.model import (KVCache, LlamaForCausalLM, ModelParts, RMSNorm, RotaryEmbedding,
                              causal_lm_loss, repeat_kv)
@@ -37,6 +37,23 @@ def test_kv_cache_decoding_equals_full_forward(impl, window, tiny_config, assert
     preallocated = KVCache(cfg, batch_size=2, max_length=20, dtype=torch.float32)
     assert_close(decode_in_steps(model, ids, [8] + [1] * 12, preallocated), full)
     assert preallocated.keys[0].shape[2] == 20  # written in place, never regrown
+
+
+def test_cache_takes_tensors_and_arrays_in_turn(tiny_config):
+    """update (the attention layers) and update_arrays (fast_decode's NumPy step) fill the same
+    buffers; a cache that is not float32 on the CPU refuses arrays before writing anything."""
+    cfg = tiny_config()  # 2 key/value heads of width 8
+    cache = KVCache(cfg, batch_size=1, max_length=2)  # no dtype: allocated at the first write
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    cache.update(k, v, layer_idx=0)  # 3 positions: the buffers grow past 2
+    keys, values = cache.update_arrays(2 * k[:, :, :1].numpy(), 2 * v[:, :, :1].numpy(), layer_idx=0)
+    assert cache.get_seq_length(0) == 4 and keys.shape == values.shape == (1, 2, 4, 8)
+    torch.testing.assert_close(cache.keys[0][:, :, :4], torch.cat([k, 2 * k[:, :, :1]], dim=2))
+    assert torch.equal(torch.from_numpy(values), cache.values[0][:, :, :4])  # views, not copies
+    half = KVCache(cfg, batch_size=1, max_length=4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 CPU buffers"):
+        half.update_arrays(k[:, :, :1].numpy(), v[:, :, :1].numpy(), layer_idx=0)
+    assert half.get_seq_length(0) == 0
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -117,6 +134,9 @@ def test_labels_loss_is_shifted_and_ignores_minus_100(tiny_config):
     # The aligned form the train loop uses gives the same number.
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     torch.testing.assert_close(causal_lm_loss(logits, targets), out.loss)
+    per_token = causal_lm_loss(logits, targets, reduction="none")  # what evaluation sums
+    assert per_token.shape == (2, 8) and (per_token[targets == -100] == 0).all()
+    torch.testing.assert_close(per_token.sum(), causal_lm_loss(logits, targets, reduction="sum"))
 
 
 def test_init_and_hf_state_dict_keys(tiny_config):
@@ -142,10 +162,12 @@ def test_tied_head_shares_the_embedding(tiny_config):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - 97 * 32
+    model.model.norm.weight.requires_grad_(False)  # a frozen gain (C = 32)
+    assert model.num_parameters(only_trainable=True) == model.num_parameters() - 32
 
 
 def test_rmsnorm_computes_in_float32_and_returns_input_dtype():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     x = (torch.randn(2, 3, 16) * 50).to(torch.bfloat16)
@@ -218,15 +240,15 @@ def test_bf16_autocast_and_bf16_weights_with_padding(impl, tiny_config):
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_chunked_loss_under_checkpointing_equals_full_logits_loss(tied, tiny_config, assert_close, monkeypatch):
-    """Checkpointing + training + targets: the loss is computed 5 positions at a time (a ragged last
-    chunk, one chunk all -100) without logits, with the full-logits loss's value and gradients."""
-    from tinyllama.model import heads
-    monkeypatch.setattr(heads, "chunked_causal_lm_loss",
-                        functools.partial(heads.chunked_causal_lm_loss, chunk_tokens=5))
+def test_chunked_loss_equals_full_logits_loss(tied, tiny_config, assert_close):
+    """chunked_loss on (here with gradient checkpointing, as train/build.py pairs them): the loss
+    is computed 5 positions at a time (a ragged last chunk, one chunk all -100) without logits,
+    with the full-logits loss's value and gradients. Off, or without targets, logits come back."""
     cfg = tiny_config(tie_word_embeddings=tied)
     plain, chunked = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
     chunked.load_state_dict(plain.state_dict())
+    assert not plain.chunked_loss  # off unless the builder of the model turns it on
+    chunked.chunked_loss, chunked.loss_chunk_tokens = True, 5
     chunked.model.gradient_checkpointing = True
     ids, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))  # 24 positions: 5+5+5+5+4
     y[0, 5:10] = -100  # the whole second chunk
@@ -239,8 +261,31 @@ def test_chunked_loss_under_checkpointing_equals_full_logits_loss(tied, tiny_con
     out.loss.backward()
     for p, q in zip(plain.parameters(), chunked.parameters()):
         assert_close(q.grad, p.grad)
-    # labels= keeps its shift in the chunked mode; outside training the logits come back.
+    # labels= keeps its shift in the chunked mode; the switch alone decides, not train/eval mode.
     torch.testing.assert_close(chunked(ids, labels=ids).loss, plain(ids, labels=ids).loss)
-    assert chunked.eval()(ids, shift_labels=y).logits is not None
+    chunked.eval()
+    assert chunked(ids, shift_labels=y).logits is None
+    assert_close(chunked(ids).logits, plain(ids).logits)  # no targets: nothing to chunk
+    chunked.chunked_loss = False
+    off = chunked(ids, shift_labels=y)
+    assert off.logits is not None
+    torch.testing.assert_close(off.loss, ref.loss)
     with pytest.raises(ValueError, match="not both"):
         chunked(ids, labels=ids, shift_labels=y)
+
+
+def test_logits_to_keep_returns_the_last_positions(tiny_config):
+    model = LlamaForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids, labels=ids)
+    torch.testing.assert_close(model(ids, logits_to_keep=0).logits, full.logits)  # 0: every position
+    assert model(ids, logits_to_keep=1).logits.shape == (2, 1, 97)
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+    for k in (1, 3, 9):
+        out = model(ids, labels=ids, logits_to_keep=k)
+        torch.testing.assert_close(out.logits, full.logits[:, -k:])
+        # The loss covers the kept positions (k=1: only the last, which has no target: nan).
+        torch.testing.assert_close(out.loss, causal_lm_loss(full.logits[:, -k:], targets[:, -k:]),
+                                   equal_nan=True)
+    with pytest.raises(ValueError, match="logits_to_keep=-1"):
+        model(ids, logits_to_keep=-1)

@@ -10,12 +10,18 @@ generation loop that knows its total length makes one of that size up front:
                     device=input_ids.device, dtype=torch.float32)
     out = model(prompt_ids, past_key_values=cache, use_cache=True)      # prefill
     out = model(next_ids, past_key_values=out.past_key_values, use_cache=True)  # one token at a time
+
+Writers go through `update` (tensors: the attention layers) or `update_arrays` (NumPy arrays:
+fast_decode.py's decoding step on CPU); nothing else writes the buffers or the lengths.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from tinyllama.model.config import LlamaConfig
 
@@ -36,7 +42,8 @@ class KVCache:
         if dtype is not None:
             self.keys = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(n)]
             self.values = [torch.zeros_like(k) for k in self.keys]
-        # Tokens written so far, per layer: a forward pass updates layer 0 first, then 1, ...
+        # Tokens written so far, per layer (a forward pass updates layer 0 first, then 1, ...);
+        # only update and update_arrays write the buffers and these lengths.
         self.lengths: List[int] = [0] * config.num_hidden_layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -48,16 +55,32 @@ class KVCache:
         """Append (B, H_kv, T, D) keys/values for one layer; return all (B, H_kv, past + T, D)."""
         start = self.lengths[layer_idx]
         end = start + key_states.shape[2]
-        self.reserve(layer_idx, end, key_states.dtype, key_states.device)
+        self._reserve(layer_idx, end, key_states.dtype, key_states.device)
         self.keys[layer_idx][:, :, start:end] = key_states
         self.values[layer_idx][:, :, start:end] = value_states
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def reserve(self, layer_idx: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
+    def update_arrays(self, key_states: "np.ndarray", value_states: "np.ndarray",
+                      layer_idx: int) -> Tuple["np.ndarray", "np.ndarray"]:
+        """`update` for float32 NumPy arrays (B, H_kv, T, D), as fast_decode.py's decoding step
+        computes them: written into the same buffers through zero-copy NumPy views of them, so
+        the model's forward and that step can take turns on one cache. Returns the filled part,
+        (B, H_kv, past + T, D) views. The buffers must be float32 on the CPU."""
+        start = self.lengths[layer_idx]
+        end = start + key_states.shape[2]
+        self._reserve(layer_idx, end, torch.float32, torch.device("cpu"))
+        if self.keys[layer_idx].dtype != torch.float32 or self.keys[layer_idx].device.type != "cpu":
+            raise ValueError(f"update_arrays writes float32 CPU buffers; this cache holds "
+                             f"{self.keys[layer_idx].dtype} on {self.keys[layer_idx].device}")
+        keys, values = self.keys[layer_idx].numpy(), self.values[layer_idx].numpy()
+        keys[:, :, start:end], values[:, :, start:end] = key_states, value_states
+        self.lengths[layer_idx] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def _reserve(self, layer_idx: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make one layer's buffers hold `end` positions: allocated on first use, reallocated
-        (capacity at least doubling) when full. A writer other than `update` (fast_decode.py's
-        NumPy step) calls this, writes the buffers in place and advances `lengths` itself."""
+        (capacity at least doubling) when full."""
         if self.keys[layer_idx] is None:
             self.keys[layer_idx] = torch.zeros(self.shape, dtype=dtype, device=device)
             self.values[layer_idx] = torch.zeros(self.shape, dtype=dtype, device=device)

@@ -1,5 +1,8 @@
 """Model configuration with Hugging Face's field names, so a learner can read the course notes
-(and `transformers`' LlamaConfig / Qwen2Config) side by side with this file."""
+(and `transformers`' LlamaConfig / Qwen2Config) side by side with this file.
+
+The allowed values of a field live where they are used: hidden_act in mlp.ACTIVATIONS,
+rope_scaling's types and keys in rotary.ROPE_TYPES; this module checks against those tables."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,15 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from tinyllama.errors import ConfigError
+from tinyllama.model.mlp import ACTIVATIONS
+from tinyllama.model.rotary import ROPE_TYPES
 
-# Keys each RoPE scaling type needs (the same as transformers' rope validation).
-ROPE_SCALING_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")  # the keys of mlp.ACT2CLS
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -161,11 +158,11 @@ def _rope_scaling_problems(rs: Optional[Dict[str, Any]]) -> List[str]:
     if not isinstance(rs, Mapping):
         return [f"rope_scaling={rs!r}: must be a mapping such as {{rope_type: linear, factor: 2.0}}"]
     kind = rs.get("rope_type")
-    if kind not in ROPE_SCALING_KEYS:
+    if kind not in ROPE_TYPES:
         hint = " (rename the key \"type\" to \"rope_type\")" if "type" in rs else ""
-        return [f"rope_scaling.rope_type={kind!r}: choose one of {', '.join(ROPE_SCALING_KEYS)}{hint}"]
+        return [f"rope_scaling.rope_type={kind!r}: choose one of {', '.join(ROPE_TYPES)}{hint}"]
     out = [f"rope_scaling={dict(rs)}: rope_type {kind} needs the key {key!r}"
-           for key in ROPE_SCALING_KEYS[kind] if rs.get(key) is None]
+           for key in ROPE_TYPES[kind] if rs.get(key) is None]
     if not out and kind != "default" and rs["factor"] < 1:
         out.append(f"rope_scaling.factor={rs['factor']}: must be >= 1 (it stretches the context)")
     if not out and kind == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:

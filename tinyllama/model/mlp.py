@@ -1,10 +1,13 @@
 """The SwiGLU feed-forward block: down(act(gate(x)) * up(x))."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from tinyllama.model.config import LlamaConfig
+if TYPE_CHECKING:  # config.py validates hidden_act against ACTIVATIONS, so it imports this module
+    from tinyllama.model.config import LlamaConfig
 
 # hidden_act name -> module (the names transformers' ACT2FN uses).
 ACT2CLS = {
@@ -13,6 +16,7 @@ ACT2CLS = {
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
     "relu": nn.ReLU,
 }
+ACTIVATIONS = tuple(ACT2CLS)  # the accepted values of hidden_act: exactly those the MLP can build
 
 
 class MLP(nn.Module):

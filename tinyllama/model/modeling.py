@@ -1,4 +1,6 @@
-"""The decoder backbone: token embedding, a stack of pre-norm decoder layers, a final RMSNorm."""
+"""The decoder backbone: token embedding, a stack of pre-norm decoder layers, a final RMSNorm;
+and what every model of this package shares (LlamaPreTrainedModel: initialisation,
+num_parameters)."""
 from __future__ import annotations
 
 import functools
@@ -86,14 +88,15 @@ class LlamaPreTrainedModel(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Distinct parameters (a tied lm_head counts once); optionally without the embedding table."""
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embeddings:
-            for m in self.modules():
-                if isinstance(m, nn.Embedding):
-                    params.pop(id(m.weight), None)
-        return sum(p.numel() for p in params.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters, as transformers' `num_parameters`: a tied lm_head is the embedding
+        tensor and counts once. only_trainable leaves out frozen ones (requires_grad=False);
+        exclude_embeddings leaves out the token embedding table (and so a head tied to it).
+        Works on the meta device: only shapes are read."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()  # yields a shared (tied) tensor once
+                   if not (exclude_embeddings and id(p) in embeddings)
+                   and (p.requires_grad or not only_trainable))
 
 
 class LlamaModel(LlamaPreTrainedModel):

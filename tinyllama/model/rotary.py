@@ -15,12 +15,22 @@ formula by formula, in float32 as it computes them, so the two match to rounding
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from tinyllama.model.config import LlamaConfig
+if TYPE_CHECKING:  # config.py validates rope_scaling against ROPE_TYPES, so it imports this module
+    from tinyllama.model.config import LlamaConfig
+
+# The RoPE types this module computes, each with the rope_scaling keys it needs (the same as
+# transformers' rope validation): the one list that config validation and checkpoint import read.
+ROPE_TYPES: Dict[str, Tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def compute_inv_freq(config: LlamaConfig, seq_len: Optional[int] = None,

@@ -72,4 +72,5 @@ def build_training_model(job: JobConfig, tokenizer, device: torch.device) -> tor
     if job.init_from:
         model.load_state_dict(initial_weights(job.init_from, job.model))
     model.model.gradient_checkpointing = job.train.grad_checkpointing
+    model.chunked_loss = job.train.grad_checkpointing  # else the (B, T, V) logits outweigh the saving
     return model.to(device)

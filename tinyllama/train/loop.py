@@ -94,8 +94,8 @@ class Trainer:
             self.resumed_from = resume.path
         compiled = torch.compile(self.model) if t.compile else self.model
         self.train_model = wrap_ddp(compiled, env)
-        self.throughput = Throughput(self.tokens_per_step, _flops_per_token(self.model, t.seq_len), peak_flops(
-            env.device, self.precision.dtype), env.world_size)
+        self.throughput = Throughput(self.tokens_per_step, self.model.flops_per_token(t.seq_len)["training"],
+                                     peak_flops(env.device, self.precision.dtype), env.world_size)
 
     # ---- one optimizer step ---------------------------------------------------------------
     def forward_backward(self) -> Tuple[float, float]:
@@ -203,7 +203,7 @@ class Trainer:
         return self.evaluator.last_loss if self.evaluator.last_loss is not None else float("nan")
 
     def _announce(self) -> None:
-        t, n = self.job.train, sum(p.numel() for p in self.model.parameters())
+        t, n = self.job.train, self.model.num_parameters()
         self.tracker.print(
             f"precision: {self.precision.name} ({self.precision.reason})\n"
             f"model: {n / 1e6:.2f}M parameters | device {self.env.device} x {self.env.world_size}\n"
@@ -227,11 +227,3 @@ class Trainer:
         self.tracker.summary(summary)
         if self.env.is_main:
             write_summary(self.run_dir, summary)
-
-
-def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token from inspect's counter (6N plus the attention term), counted on
-    the built model (from a config it would build a meta model: seconds of start-up)."""
-    from tinyllama.inspect import flops_per_token
-
-    return flops_per_token(model, seq_len)["training"]

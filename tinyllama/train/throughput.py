@@ -1,7 +1,7 @@
 """Throughput, model FLOPs utilisation (MFU) and peak memory.
 
 MFU = achieved training FLOPs / the device's peak FLOPs, with the training FLOPs per token
-from `tinyllama.inspect.flops_per_token` (6N plus the attention term). GPU peaks come from a
+from the model's own `flops_per_token` (6N plus the attention term). GPU peaks come from a
 table of dense tensor-core figures; on a CPU there is no honest datasheet number, so the peak
 is a measured matmul rate in the run's precision (float32, or bfloat16 under bf16 autocast;
 measured once per process). CPU MFU is therefore "share of what this CPU reaches on a large

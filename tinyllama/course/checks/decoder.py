@@ -1,5 +1,5 @@
 """Lesson 6 check: the decoder layer against tinyllama/model/modeling.py, parameter counts against
-tinyllama/inspect.py, and the meta-device model."""
+tinyllama/inspection.py, and the meta-device model."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -7,7 +7,7 @@ from types import ModuleType
 import torch
 
 from tinyllama.course.grading import Grader, Mismatch, compare, learner_attr
-from tinyllama.inspect import count_parameters
+from tinyllama.inspection import count_parameters
 from tinyllama.model import DecoderLayer, LlamaConfig, LlamaForCausalLM, RotaryEmbedding
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "total")

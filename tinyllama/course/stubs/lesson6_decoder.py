@@ -1,7 +1,7 @@
 """Lesson 6: the decoder layer and the full model.   Read course/en/06-decoder.md.
 
 Reference: tinyllama/model/modeling.py (DecoderLayer, LlamaModel), tinyllama/model/heads.py
-(LlamaForCausalLM), tinyllama/inspect.py (count_parameters, build_meta_model).  Grade with:
+(LlamaForCausalLM), tinyllama/inspection.py (count_parameters, build_meta_model).  Grade with:
 
     python -m tinyllama.course check 6
 """

@@ -1,22 +1,19 @@
-"""Course tooling: look inside a model without training it.
+"""The inspect stage's library: look inside a model without training it.
 
     python scripts/inspect_model.py model=llama2_7b                  # tree, counts, FLOPs, memory
     python scripts/inspect_model.py model=tiny inspect.trace=true    # + tensor shapes of one forward
 
-Big presets are built on PyTorch's ``meta`` device: every parameter has a shape and a dtype but
-no storage, so a 7B model "exists" in a second and a few megabytes.
+What the model itself does not say, for learners (the course) and for sizing a run: parameters
+per component (embeddings, attention, mlp, norms, head), the memory of the training state, and
+the tensor shapes at every step of one forward pass (forward hooks, plus the attention steps
+replayed between the projections), formatted as one report. Totals and FLOPs come from the model
+(`num_parameters`, `LlamaForCausalLM.flops_per_token`, whose docstring gives the FLOP formula):
+the functions here only add the breakdown and accept a config as well as a model.
 
-FLOPs (a multiply-add counts as 2 FLOPs), per token, for a causal LM at sequence length T:
+Given a config, a model is built on PyTorch's ``meta`` device: every parameter has a shape and a
+dtype but no storage, so a 7B model "exists" in a second and a few megabytes.
 
-    N        = non-embedding parameters, with the LM head counted even when it is tied to the
-               embedding (the lookup is free, the (C -> V) head matmul is not; nanoGPT does the same)
-    forward  = 2 N + 4 L H D T'      2 N: every weight multiplies every token once;
-                                     4 L H D T': Q K^T and softmax(.) V, each 2 H D T' per layer
-    training = 6 N + 12 L H D T'     backward costs twice the forward (grads of inputs and weights)
-
-L layers, H query heads of width D, T' = T (or the sliding window, where smaller). Like PaLM's
-appendix B and nanoGPT's MFU, the attention term counts the full T x T score matrix although the
-causal mask makes half of it useless work; norms, softmax and SiLU are ignored (a few % at most).
+(Named inspection, not inspect: a module called inspect shadows the standard library's.)
 """
 from __future__ import annotations
 
@@ -57,48 +54,34 @@ def _component(name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no known component {COMPONENTS}")
 
 
+def _as_model(config_or_model: Union[LlamaConfig, nn.Module]) -> nn.Module:
+    """The model itself, or one built on the meta device from a config (the first meta build in a
+    process takes a few seconds: torch imports its compiler stack for meta initialisers)."""
+    if isinstance(config_or_model, LlamaConfig):
+        return build_meta_model(config_or_model)
+    return config_or_model
+
+
 def count_parameters(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str, int]:
-    """Exact parameter counts: total, non_embedding, and one entry per component.
+    """Exact parameter counts: one entry per component, total and non_embedding.
 
     A tied LM head shares the embedding's tensor, so it is counted once, under embeddings
-    (``head`` is then 0), as ``sum(p.numel() for p in model.parameters())`` does. Given a
-    config, the model is built on the meta device (the first meta build in a process takes a
-    few seconds: torch imports its compiler stack for meta initialisers); given a model, its
-    own parameters are counted at once.
+    (``head`` is then 0); total is the model's ``num_parameters()``, non_embedding its
+    ``num_parameters(exclude_embeddings=True)``.
     """
-    model = config_or_model
-    if isinstance(config_or_model, LlamaConfig):
-        model = build_meta_model(config_or_model)
+    model = _as_model(config_or_model)
     counts = dict.fromkeys(COMPONENTS, 0)
     for name, p in model.named_parameters():  # yields a shared (tied) tensor once
         counts[_component(name)] += p.numel()
-    counts["total"] = sum(counts[c] for c in COMPONENTS)
-    counts["non_embedding"] = counts["total"] - counts["embeddings"]
+    counts["total"] = model.num_parameters()
+    counts["non_embedding"] = model.num_parameters(exclude_embeddings=True)
     return counts
 
 
-def flops_per_token(config_or_model: Union[LlamaConfig, nn.Module], seq_len: int) -> Dict[str, float]:
-    """FLOPs per token of a causal LM at ``seq_len`` (formula in the module docstring).
-
-    Returns forward, training (forward + backward), n (the N of 6N) and attention_forward
-    (the 4 L H D T' part of forward). The train loop divides training x tokens/s by the
-    hardware peak to report MFU (pass it the built model: no meta build needed).
-    """
-    counts = count_parameters(config_or_model)
-    config = config_or_model if isinstance(config_or_model, LlamaConfig) else config_or_model.config
-    head_matmul = config.vocab_size * config.hidden_size
-    n = counts["non_embedding"] - counts["head"] + head_matmul
-    attention = 0
-    for layer in range(config.num_hidden_layers):
-        context = min(seq_len, config.sliding_window) if config.uses_sliding_window(layer) else seq_len
-        attention += 4 * config.num_attention_heads * config.resolved_head_dim * context
-    return {
-        "forward": 2 * n + attention,
-        "training": 6 * n + 3 * attention,
-        "n": n,
-        "attention_forward": attention,
-        "seq_len": seq_len,
-    }
+def flops_per_token(config_or_model: Union[LlamaConfig, nn.Module], seq_len: int) -> Dict[str, int]:
+    """The model's ``flops_per_token(seq_len)`` (forward, training, n, attention_forward,
+    seq_len), for a config too."""
+    return _as_model(config_or_model).flops_per_token(seq_len)
 
 
 def memory_estimate(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str, object]:
@@ -108,7 +91,7 @@ def memory_estimate(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str,
     autocast) keeps fp32 weights, gradients and moments: read the fp32 row. Activations are not
     included: they grow with batch x seq_len (gradient checkpointing trades them for compute).
     """
-    total = count_parameters(config_or_model)["total"]
+    total = _as_model(config_or_model).num_parameters()
     estimate: Dict[str, object] = {"parameters": total}
     for dtype, nbytes in BYTES_PER_VALUE.items():
         row = {"weights": total * nbytes, "gradients": total * nbytes, "adamw": 2 * total * nbytes}
@@ -246,10 +229,10 @@ def format_parameters(model: LlamaForCausalLM) -> str:
 
 
 def format_flops(model: LlamaForCausalLM, seq_len: int) -> str:
-    f = flops_per_token(model, seq_len)
+    f = model.flops_per_token(seq_len)
     return "\n".join([
         f"FLOPs per token at T={seq_len} (inspect.seq_len; multiply-add = 2 FLOPs; formula in "
-        "tinyllama/inspect.py):",
+        "LlamaForCausalLM.flops_per_token, tinyllama/model/heads.py):",
         f"  N (non-embedding, LM head included) = {f['n']:,}",
         f"  forward  = 2N + 4LHDT   = {f['forward'] / 1e9:10.3f} GFLOP"
         f"  (attention {100 * f['attention_forward'] / f['forward']:.1f}%)",
@@ -308,7 +291,7 @@ def _collapse_repeated_layers(trace: List[Tuple[str, Tuple[int, ...]]]) -> List[
 
 def choose_trace_device(config_or_model: Union[LlamaConfig, nn.Module], requested: str) -> str:
     """"auto" traces real tensors on the CPU for small models and shapes on meta for big ones."""
-    total = count_parameters(config_or_model)["total"]
+    total = _as_model(config_or_model).num_parameters()
     if requested == "auto":
         return "cpu" if total <= TRACE_CPU_MAX_PARAMS else "meta"
     if requested == "cpu" and total > TRACE_CPU_MAX_PARAMS:
