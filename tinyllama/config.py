@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tinyllama.errors import ConfigError
 from tinyllama.model.config import LlamaConfig
+from tinyllama.model.rotary import ROPE_TYPES
 
 # The allowed values of the keys that name a choice: validate() and the code that acts on each
 # value read these tables, so a new choice is added in one place.
@@ -421,8 +422,9 @@ def validate(job: JobConfig) -> None:
     ev, ex = job.evaluate, job.export
     need(ev.source in ("run", "data"), f"evaluate.source={ev.source!r}: choose run or data")
     need(ev.split in ("train", "val"), f"evaluate.split={ev.split!r}: choose val or train")
-    need(ev.rope_type in (None, "linear", "dynamic", "llama3"),
-         f"evaluate.rope_type={ev.rope_type!r}: choose linear, dynamic or llama3 (or null)")
+    scalings = [t for t in ROPE_TYPES if t != "default"]
+    need(ev.rope_type is None or ev.rope_type in scalings,
+         f"evaluate.rope_type={ev.rope_type!r}: choose {', '.join(scalings)} (or null)")
     need(ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
          "evaluate.batch_size and evaluate.seq_len must be > 0")
     need(canonical_dtype(ex.dtype) in (*DTYPES, *QUANTIZED),

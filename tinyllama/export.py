@@ -38,12 +38,11 @@ from tinyllama.generate import generate
 from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import restore_tied_head
+from tinyllama.model.rotary import ROPE_TYPES  # transformers' yarn, longrope, ... have no counterpart here
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # How both exports tell the user to replace an existing folder (tinyllama.atomic refuses it).
 OVERWRITE_HINT = "choose another export.out_dir, or set export.overwrite=true to replace it"
-# RoPE types both sides implement; transformers' yarn/longrope/... have no counterpart here.
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
 def hf_config(cfg: LlamaConfig, dtype: str = "fp32") -> Dict[str, Any]:
