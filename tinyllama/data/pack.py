@@ -12,8 +12,8 @@ ends. Worker threads encode ~256 KB chunks of documents while the main thread re
 and writes shards, in input order (so the output does not depend on the number of workers) and
 with a few chunks in flight at most: memory stays flat however large the corpus. Threads, not
 processes: SentencePiece's C++ encoder releases the GIL, so N threads encode on N cores with no
-pickling of text and token arrays between processes (that copying cost processes ~30% more
-CPU). The folder is built under a temporary name and renamed into place (tinyllama.atomic), so
+pickling of text and token arrays between processes (that copying made processes cost more
+CPU: BENCHMARKS.md, data packing). The folder is built under a temporary name and renamed into place (tinyllama.atomic), so
 an interrupted run never leaves a complete-looking output.
 """
 from __future__ import annotations

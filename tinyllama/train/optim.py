@@ -37,7 +37,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `param_groups`, with the fused kernel (one pass over all parameters instead of a
-    chain of per-tensor ops): about 4x faster than the default on CPU too, equal to fp32 rounding."""
+    chain of per-tensor ops): faster than the default on CPU too (BENCHMARKS.md), equal to fp32
+    rounding."""
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,

@@ -62,8 +62,8 @@ def cpu_bf16_instructions() -> Tuple[str, ...]:
 
 
 def bf16_matmul_speedup(n: int = 512, repeats: int = 5) -> float:
-    """bf16 / fp32 matmul FLOP/s on this CPU (an n x n product, best of `repeats`; ~0.1 s where
-    bf16 is native)."""
+    """bf16 / fp32 matmul FLOP/s on this CPU (an n x n product, best of `repeats`: a fraction of a
+    second where bf16 is native)."""
     return (measured_cpu_flops(n, repeats, torch.bfloat16)
             / measured_cpu_flops(n, repeats, torch.float32))
 

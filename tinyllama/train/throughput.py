@@ -39,7 +39,7 @@ GPU_PEAK_FLOPS = {
 def measured_cpu_flops(n: int = 1024, repeats: int = 20,
                        dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of an n x n `dtype` matmul on this CPU with torch's current thread count
-    (best of `repeats`, after one warm-up: ~0.5 s in float32; the best survives other processes'
+    (best of `repeats`, after one warm-up; the best survives other processes'
     load better than the mean, but on a busy machine the figure, and so MFU, is still noisy).
     Repeats stop after a second, so a dtype the CPU emulates costs a few products, not minutes."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
