@@ -115,7 +115,7 @@ def encode_conversation(tokenizer: "Tokenizer", messages: Sequence[Message],
     end = sp.piece_to_id(END_OF_TURN)
     input_ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
     for i, message in enumerate(messages):
-        role, content = _checked(message, i)
+        role, content = check_message(message, i)
         body = encode_text(tokenizer, content) + [end]
         input_ids += [sp.piece_to_id(ROLE_PIECES[role])] + body
         labels += [IGNORE_INDEX] + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
@@ -142,14 +142,17 @@ def add_chat_template(folder: Union[str, Path], template: str = CHAT_TEMPLATE) -
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def _checked(message: Message, index: int) -> Tuple[str, str]:
+def check_message(message: Message, index: int, where: str = "") -> Tuple[str, str]:
+    """(role, content) of message `index`, or one DataError (`where` names the record) for a
+    message without role or content, an unknown role, or content that is not a string."""
+    at = f"{where}: message {index}" if where else f"message {index}"
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise DataError(f"message {index} is {message!r}: each message needs 'role' and 'content'")
+        raise DataError(f"{at} is {message!r}: each message needs 'role' and 'content'")
     role, content = message["role"], message["content"]
     if role not in ROLE_PIECES:
-        raise DataError(f"message {index} has role {role!r}: use one of {', '.join(ROLES)}")
+        raise DataError(f"{at} has unknown role {role!r}: use one of {', '.join(ROLES)} (rename it in the data)")
     if not isinstance(content, str):
-        raise DataError(f"message {index} ({role}) has content {content!r}: it must be a string")
+        raise DataError(f"{at} ({role}) has content {content!r}: it must be a string")
     return role, content
 
 

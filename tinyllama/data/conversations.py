@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Sequence
 
-from tinyllama.chat_template import ROLES, Message
+from tinyllama.chat_template import Message, check_message
 from tinyllama.data import sources
 from tinyllama.errors import DataError
 
@@ -59,14 +59,8 @@ def check_conversation(messages: Any, where: str) -> List[Message]:
                         f"and an assistant message, or remove the record")
     checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: message {i} is {m!r}: each message needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has unknown role {m['role']!r}: use one of "
-                            f"{', '.join(ROLES)} (rename it in the data)")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {i} ({m['role']}) has content {m['content']!r}: it must be a string")
-        checked.append({"role": m["role"], "content": m["content"]})
+        role, content = check_message(m, i, where)
+        checked.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in checked):
         raise DataError(f"{where}: no assistant turn, so there is nothing to learn from: add the reply as "
                         f"an assistant message, or remove the record")
