@@ -8,7 +8,7 @@ import pytest
 
 from tinyllama.chat_template import ROLES
 from tinyllama.data.synthetic import generate_story, generate_story_with_facts
-from tinyllama.data.synthetic_chat import KINDS, chat_example, iter_chat_examples, split_range
+from tinyllama.data.synthetic_chat import KINDS, chat_example, iter_chat_examples, short_story, split_range
 
 SEED = 11
 
@@ -38,6 +38,9 @@ def test_story_with_facts_is_the_story_and_names_its_parts():
         assert story == generate_story(SEED, index)
         assert facts.hero.name in story and story.endswith(facts.ending)
         assert facts.hero.name != facts.friend.name
+        short = short_story(story, facts)
+        assert story.startswith(short.rsplit(" ", len(facts.ending.split()))[0])
+        assert short.endswith(facts.ending) and short.count("\n") == 1 and len(short) < len(story)
 
 
 def test_conversations_are_well_formed_and_answers_are_written_in_them(examples):
@@ -51,7 +54,7 @@ def test_conversations_are_well_formed_and_answers_are_written_in_them(examples)
             assert e["answer"] is None
             continue
         assert e["answer"] == messages[-1]["content"]
-        story = generate_story(SEED, e["story_index"])
+        story = short_story(*generate_story_with_facts(SEED, e["story_index"]))
         assert e["answer"] in story, e
         # The story the question is about is in the conversation before the answer.
         assert any(story in m["content"] for m in messages[:-1])
@@ -61,3 +64,10 @@ def test_every_question_kind_is_asked(examples):
     asked = collections.Counter(e["messages"][-2]["content"].split("\n")[-1].split()[0]
                                 for e in examples if e["answer"])
     assert {"Who", "What", "Where", "How", "Is"} <= set(asked)
+
+
+def test_answer_matching_is_exact_up_to_surrounding_whitespace():
+    from tinyllama.data.synthetic_chat import answer_matches
+
+    assert answer_matches(" Mia\n", "Mia")
+    assert not answer_matches("mia", "Mia") and not answer_matches("Mia.", "Mia")

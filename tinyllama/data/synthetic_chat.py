@@ -1,7 +1,8 @@
 """The built-in chat corpus: conversations about the synthetic stories, offline and deterministic.
 
 Example `index` of the corpus with a seed is built from story `index` of the synthetic story
-corpus with that seed (a pure function of both, like the stories). Kinds:
+corpus with that seed (a pure function of both, like the stories), shortened by `short_story`
+to fit the demo model's context. Kinds:
 
 - "question": the user gives a story and asks who it is about, who the friend is, what kind of
   child or animal the hero is, where the hero lives, which thing or food is in it, or how it
@@ -12,7 +13,7 @@ corpus with that seed (a pure function of both, like the stories). Kinds:
 
 Every example holds the expected `answer` of its last turn where that is a short answer (None
 for "write"), so an evaluation can prompt with all messages but the last and compare the greedy
-reply with it. The train split is examples 0..num_docs-1, the held-out split the next
+reply with it (`answer_matches`). The train split is examples 0..num_docs-1, the held-out split the next
 max(1, num_docs // 50): held-out stories are never trained on.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ def iter_chat_examples(split: str, num_docs: int, seed: int) -> Iterator[Example
 def chat_example(seed: int, index: int) -> Example:
     """Example `index` of the chat corpus with this seed."""
     story, facts = generate_story_with_facts(seed, index)
+    story = short_story(story, facts)
     rng = random.Random(f"chat:{seed}:{index}")  # its own stream: the story's stays untouched
     kind = rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
     questions = story_questions(story, facts)
@@ -72,6 +74,14 @@ def chat_example(seed: int, index: int) -> Example:
     return {"messages": messages, "answer": answer, "kind": kind, "story_index": index}
 
 
+def short_story(story: str, facts: StoryFacts) -> str:
+    """The story without the second half of its plot: the opening paragraph, the first half of the
+    plot and the ending sentence (about 85 tokens with bpe_4k instead of 145), so that a story,
+    its questions and answers fit in the context that the demo model was pretrained on (128)."""
+    opening, first_half = story.split("\n")[:2]
+    return f"{opening}\n{first_half} {facts.ending}"
+
+
 def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
     """(question, short answer) pairs whose answer is written in the story (so it can be copied)."""
     hero, friend = facts.hero, facts.friend
@@ -93,3 +103,9 @@ def write_request(rng: random.Random, facts: StoryFacts) -> str:
     return rng.choice([f"Write a short story about {hero.name} and {friend.name}.",
                        f"Tell me a story about a {hero.kind} named {hero.name}.",
                        f"Please write a children's story about {hero.name}, with {friend.name} in it."])
+
+
+def answer_matches(reply: str, answer: str) -> bool:
+    """The exact-match rule of answer accuracy: the reply, stripped of surrounding whitespace, is
+    the expected short answer (case and punctuation count)."""
+    return reply.strip() == answer
