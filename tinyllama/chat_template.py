@@ -150,7 +150,8 @@ def check_message(message: Message, index: int, where: str = "") -> Tuple[str, s
         raise DataError(f"{at} is {message!r}: each message needs 'role' and 'content'")
     role, content = message["role"], message["content"]
     if role not in ROLE_PIECES:
-        raise DataError(f"{at} has unknown role {role!r}: use one of {', '.join(ROLES)} (rename it in the data)")
+        raise DataError(f"{at} has unknown role {role!r}: use one of {', '.join(ROLES)} "
+                        f"(rename it in the data)")
     if not isinstance(content, str):
         raise DataError(f"{at} ({role}) has content {content!r}: it must be a string")
     return role, content

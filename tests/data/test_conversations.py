@@ -17,7 +17,8 @@ ALPACA = {"instruction": "Name a color.", "input": "Think of the sky.", "output"
 PROMPT = {"prompt": "2 + 2 =", "completion": "4", "system": "You add."}
 EXPECTED = [
     MESSAGES["messages"],
-    [{"role": "user", "content": "Name a color.\n\nThink of the sky."}, {"role": "assistant", "content": "blue"}],
+    [{"role": "user", "content": "Name a color.\n\nThink of the sky."},
+     {"role": "assistant", "content": "blue"}],
     [{"role": "system", "content": "You add."}, {"role": "user", "content": "2 + 2 ="},
      {"role": "assistant", "content": "4"}],
 ]
@@ -25,12 +26,14 @@ EXPECTED = [
 
 def _hf_cfg(**kw):
     """The DataConfig fields the Hugging Face loader reads."""
-    return SimpleNamespace(**{"hf_name": None, "streaming": False, "source": "hf", "text_field": "text", **kw})
+    fields = {"hf_name": None, "streaming": False, "source": "hf", "text_field": "text"}
+    return SimpleNamespace(**{**fields, **kw})
 
 
 def test_every_shape_becomes_messages():
     assert [to_messages(r, "x") for r in (MESSAGES, ALPACA, PROMPT)] == EXPECTED
-    assert to_messages({"instruction": "Say hi.", "input": "", "output": "hi"}, "x")[0]["content"] == "Say hi."
+    no_input = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    assert to_messages(no_input, "x")[0]["content"] == "Say hi."
     conversational = {"prompt": [{"role": "user", "content": "Hi"}],
                       "completion": [{"role": "assistant", "content": "Hey"}]}
     assert to_messages(conversational, "x") == conversational["prompt"] + conversational["completion"]
@@ -51,7 +54,8 @@ def test_jsonl_json_and_parquet_files_read_alike(tmp_path):
 
 def test_hf_save_to_disk_folder_and_local_data_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([ALPACA, ALPACA])}).save_to_disk(tmp_path / "saved")
+    saved = datasets.DatasetDict({"train": datasets.Dataset.from_list([ALPACA, ALPACA])})
+    saved.save_to_disk(tmp_path / "saved")
     assert list(load_hf_conversations(_hf_cfg(), str(tmp_path / "saved"), "train")) == [EXPECTED[1]] * 2
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "train.jsonl").write_text(json.dumps(MESSAGES) + "\n")
@@ -84,7 +88,8 @@ def test_bad_records_get_one_clear_error_naming_the_row(record, message):
 
 def test_bad_files_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(MESSAGES) + "\n" + json.dumps({"messages": [{"role": "user", "content": "?"}]}) + "\n")
+    no_reply = {"messages": [{"role": "user", "content": "?"}]}
+    bad.write_text(json.dumps(MESSAGES) + "\n" + json.dumps(no_reply) + "\n")
     with pytest.raises(DataError, match=rf"{bad}:2: no assistant turn"):
         list(read_conversation_files([str(bad)]))
     (tmp_path / "broken.jsonl").write_text("{not json\n")

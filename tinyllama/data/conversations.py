@@ -104,7 +104,8 @@ def _records(path: Path) -> Iterable[tuple]:
                 yield f"{path} row {row}", record
                 row += 1
     else:
-        raise DataError(f"{path}: conversations are read from .jsonl, .json or .parquet files, not {suffix!r}")
+        raise DataError(f"{path}: conversations are read from .jsonl, .json or .parquet files, "
+                        f"not {suffix!r}")
 
 
 def _json(text: str, where: str) -> Any:

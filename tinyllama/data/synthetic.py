@@ -364,7 +364,8 @@ def generate_story_with_facts(seed: int, index: int) -> Tuple[str, StoryFacts]:
     plot = rng.choice(PLOTS)
     middle = plot(rng, slots)
     end = rng.choice(ENDINGS).format(**fill)
-    facts = StoryFacts(hero, friend, fill["place"], slots["thing"], color, food, plot.__name__.lstrip("_"), end)
+    facts = StoryFacts(hero, friend, fill["place"], slots["thing"], color, food,
+                       plot.__name__.lstrip("_"), end)
     return paragraphs(rng, opening, middle, end, space=" "), facts
 
 

@@ -85,13 +85,15 @@ def short_story(story: str, facts: StoryFacts) -> str:
 def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
     """(question, short answer) pairs whose answer is written in the story (so it can be copied)."""
     hero, friend = facts.hero, facts.friend
-    kind = f"What kind of animal is {hero.name}?" if hero.kind in ANIMALS else f"Is {hero.name} a boy or a girl?"
+    kind = (f"What kind of animal is {hero.name}?" if hero.kind in ANIMALS
+            else f"Is {hero.name} a boy or a girl?")
     pairs = [("Who is the story about?", hero.name), (kind, hero.kind),  # every opening names both
              ("How does the story end?", facts.ending)]
     checks: List[Tuple[str, str, Callable[[], bool]]] = [
         (f"Who is {hero.name}'s friend?", friend.name, lambda: friend.name in story),
         (f"Where does {hero.name} live?", facts.place, lambda: facts.place in story),
-        (f"What {facts.color} thing is in the story?", facts.thing, lambda: f"{facts.color} {facts.thing}" in story),
+        (f"What {facts.color} thing is in the story?", facts.thing,
+         lambda: f"{facts.color} {facts.thing}" in story),
         # A bake story names two foods, so "which food" has no single answer there.
         ("What food is in the story?", facts.food, lambda: facts.food in story and facts.plot != "bake"),
     ]

@@ -95,7 +95,8 @@ def check(grader: Grader, learner: ModuleType) -> None:
     folder = tempfile.TemporaryDirectory(prefix="course-chat-")
     tokenizer = _tokenizer(Path(folder.name))
     for name in CONVERSATIONS:
-        grader.case(f"encode_conversation: {name}", lambda name=name: _case_conversation(learner, tokenizer, name))
+        grader.case(f"encode_conversation: {name}",
+                    lambda name=name: _case_conversation(learner, tokenizer, name))
     for name in SEGMENTS:
         grader.case(f"segment_mask: {name}", lambda name=name: _case_mask(learner, name))
     folder.cleanup()
