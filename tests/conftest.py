@@ -97,3 +97,17 @@ def tiny_overrides(tiny_data) -> list:
         "eval.every=2", "eval.batches=1", "checkpoint.every=2", "sample.num_samples=1",
         "sample.max_new_tokens=2", "run.device=cpu",
     ]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory):
+    """A BPE-512 tokenizer with the chat template's pieces, trained on 200 synthetic stories."""
+    from tinyllama.chat_template import CHAT_PIECES
+    from tinyllama.config import DataConfig, TokenizerConfig
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    data = DataConfig(name="synthetic", source="synthetic", num_docs=200, seed=7,
+                      root=str(tmp_path_factory.mktemp("chat_tokenizer")))
+    tok = TokenizerConfig(name="bpe_512_chat", vocab_size=512, num_threads=1,
+                          user_defined_symbols=list(CHAT_PIECES))
+    return ensure_tokenizer(tok, data)

@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import sentencepiece as spm
 
+from tinyllama import chat_template
 from tinyllama.atomic import building_folder
 from tinyllama.config import DataConfig, TokenizerConfig
 from tinyllama.data.sources import describe_source, iter_documents
@@ -84,6 +85,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> List[int]:
+        """Ids of a conversation [{"role", "content"}, ...] in the chat template (transformers' name
+        and meaning; see tinyllama/chat_template.py). add_generation_prompt: end with the
+        assistant's piece, ready for the reply."""
+        return chat_template.apply_chat_template(self, messages, add_generation_prompt)
 
 
 def tokenizer_dir(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> Path:

@@ -50,6 +50,12 @@ PLANTED_BUGS = [
     (8, "targets[:, :-1] = labels[:, 1:]", "targets[:, 1:] = labels[:, :-1]", "shifted the wrong way"),
     (8, "    optimizer.zero_grad(set_to_none=True)\n", "", "call optimizer.zero_grad() every step"),
     (8, "logits.float().flatten(0, 1)", "logits.flatten(0, 1)", "expected torch.float32"),
+    (9, 'if message["role"] == "assistant":', 'if message["role"] != "system":', "system/user tokens carry loss"),
+    (9, "labels += [IGNORE_INDEX] + body", "labels += [role] + body", "the <|assistant|> piece is labelled"),
+    (9, "[IGNORE_INDEX] + body\n", "[IGNORE_INDEX] + body[:-1] + [IGNORE_INDEX]\n", "never learns to stop"),
+    (9, "same & causal & real", "causal & real", "attend to the conversations packed before them"),
+    (9, "same & causal & real", "same & real", "the mask must stay causal"),
+    (9, " | torch.eye(t, dtype=torch.bool))", ")", "let a padding token see itself"),
 ]
 
 

@@ -64,8 +64,8 @@ def test_check_exit_status_and_report(tmp_path, capsys):
 def test_check_before_start_and_unknown_lesson_are_clear_errors(tmp_path, capsys):
     assert main(["check", "3", "--workspace", str(tmp_path)]) == 2
     assert "run `python -m tinyllama.course start 3` first" in capsys.readouterr().err
-    assert main(["start", "9", "--workspace", str(tmp_path)]) == 2
-    assert "unknown lesson '9'" in capsys.readouterr().err
+    assert main(["start", "99", "--workspace", str(tmp_path)]) == 2
+    assert "unknown lesson '99'" in capsys.readouterr().err
 
 
 def test_list_shows_progress(tmp_path, capsys):

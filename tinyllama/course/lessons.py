@@ -53,6 +53,7 @@ LESSONS: Tuple[Lesson, ...] = (
     Lesson(6, "decoder", "The decoder layer and the full model"),
     Lesson(7, "generation", "KV cache and sampling"),
     Lesson(8, "training", "Training a tiny model end to end"),
+    Lesson(9, "chat", "Fine-tuning for chat (SFT)"),
 )
 
 

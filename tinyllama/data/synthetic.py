@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Tuple
 
 GIRLS = ["Mia", "Lucy", "Ella", "Rosa", "Nora", "Zoe", "Ivy", "Ruby", "Hana", "Leah", "Maya", "Amy",
          "Sofia", "Anna", "Clara", "Daisy", "Emma", "Grace", "Kira", "Luna", "Nina", "Olive", "Pia",
@@ -326,8 +326,27 @@ def paragraphs(rng: random.Random, opening: List[str], middle: List[str], end: s
     return "\n".join([space.join(opening), space.join(middle[:half]), space.join(middle[half:]) + space + end])
 
 
+@dataclass
+class StoryFacts:
+    """What story `index` is made of, for questions about it. `place` is drawn for every story
+    but only some openings mention it; check `place in text` before asking about it."""
+    hero: Character
+    friend: Character
+    place: str
+    thing: str
+    color: str
+    food: str
+    plot: str  # the plot's name, e.g. "lost", "bake"
+    ending: str  # the last sentence
+
+
 def generate_story(seed: int, index: int) -> str:
     """Story number `index` of the corpus with this seed (a pure function of both)."""
+    return generate_story_with_facts(seed, index)[0]
+
+
+def generate_story_with_facts(seed: int, index: int) -> Tuple[str, StoryFacts]:
+    """Story number `index` and the facts it was built from (same text as generate_story)."""
     rng = story_rng(seed, index)
     hero = _character(rng)
     friend = _character(rng, avoid=hero.name)
@@ -342,9 +361,12 @@ def generate_story(seed: int, index: int) -> str:
         opening.append(rng.choice(WEATHER))
     if rng.random() < 0.5:
         opening.append(f"{_cap(hero.he)} loved {hero.his} {color} {slots['thing']}.")
-    middle = rng.choice(PLOTS)(rng, slots)
+    plot = rng.choice(PLOTS)
+    middle = plot(rng, slots)
     end = rng.choice(ENDINGS).format(**fill)
-    return paragraphs(rng, opening, middle, end, space=" ")
+    facts = StoryFacts(hero, friend, fill["place"], slots["thing"], color, food,
+                       plot.__name__.lstrip("_"), end)
+    return paragraphs(rng, opening, middle, end, space=" "), facts
 
 
 def iter_stories(num_docs: int, seed: int, start: int = 0,

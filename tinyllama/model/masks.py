@@ -16,7 +16,8 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], query_length: i
     """Mask of shape (B or 1, 1, T, S) for T queries over S = past_length + T keys.
 
     attention_mask: (B, S) with 1 for real tokens and 0 for padding (left or right), covering the
-        cached positions too; None means no padding.
+        cached positions too; None means no padding. A 4D boolean mask (B or 1, 1, T, S) is
+        returned as is (as transformers does): the caller built it, e.g. `segment_attention_mask`.
     Query t sits at cache index past_length + t; it may see key s when s <= that index (causal),
     s is not padding, and, with a sliding window W, s > index - W (the last W keys, itself included).
     Indices are cache slots, not position_ids: left padding shifts positions, not slots.
@@ -25,6 +26,8 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], query_length: i
     that sdpa's is_causal flag gives it without materialising (T, S): no padding, no window, and
     either an empty cache or a single query.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:  # already (B|1, 1, T, S), e.g. packed
+        return attention_mask.bool()
     kv_length = past_length + query_length
     if attention_mask is not None and attention_mask.shape[-1] != kv_length:
         raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; it must cover the "
@@ -50,3 +53,19 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     batch) finite: they become a uniform average instead of NaN, and nobody reads them.
     """
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask (B, 1, T, T) for windows that pack several sequences.
+
+    segment_ids: (B, T), the same id > 0 on the tokens of one sequence, 0 on padding. A token may
+    see the earlier tokens of its own sequence only, so packed sequences never attend to each
+    other. A padding token sees itself alone: a row that sees nothing would make sdpa's softmax
+    NaN, and a NaN there poisons the gradients even though no loss is taken on it.
+    """
+    t = segment_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    real = (segment_ids != 0)[:, None, :]  # (B, 1, T): keys that are tokens
+    itself = torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    return ((same & causal & real) | itself)[:, None]  # (B, 1, T, T)

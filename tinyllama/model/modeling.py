@@ -119,6 +119,7 @@ class LlamaModel(LlamaPreTrainedModel):
         """input_ids (B, T) -> hidden states (B, T, C).
 
         attention_mask: (B, past + T), 1 = token, 0 = padding; None = no padding.
+            Or a boolean (B|1, 1, T, past + T) mask, used as is (packed sequences: masks.py).
         position_ids: (B, T); None means past, past + 1, ..., the cache length onward. A left-padded
             batch must pass its own, counting from each row's first real token, as transformers'
             generate does: `(attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]`.

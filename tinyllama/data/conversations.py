@@ -1,0 +1,128 @@
+"""Conversations from your files or a Hugging Face dataset, normalised to chat messages.
+
+Every record becomes `[{"role": "system"|"user"|"assistant", "content": str}, ...]`. Accepted
+shapes (the first that matches wins):
+
+    messages             {"messages": [{"role": "user", "content": "..."}, ...]}
+    Alpaca               {"instruction": "...", "input": "..." (optional), "output": "..."}
+    prompt / completion  {"prompt": "...", "completion": "..."}; either may also be a list of
+                         messages (transformers' conversational prompt-completion shape)
+
+An optional "system" string field is put first in the Alpaca and prompt/completion shapes.
+Files: .jsonl (one record a line), .json (a list of records), .parquet. A Hugging Face dataset
+is given by its Hub name, a local folder of such files, or a `save_to_disk` folder (`datasets`
+is imported only then). Bad input is refused with one DataError naming the file and row and the
+fix: an unknown role, an empty conversation, no assistant turn, none of the recognised fields.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Sequence
+
+from tinyllama.chat_template import Message, check_message
+from tinyllama.data import sources
+from tinyllama.errors import DataError
+
+if TYPE_CHECKING:
+    from tinyllama.config import DataConfig
+
+SHAPES = ("messages", "instruction/input/output (Alpaca)", "prompt/completion")
+_FIX = ("give each record a 'messages' list of {role, content} (roles system/user/assistant), or "
+        "'instruction' (+ optional 'input') and 'output' (Alpaca), or 'prompt' and 'completion'")
+
+
+def to_messages(record: Any, where: str) -> List[Message]:
+    """One record of any accepted shape -> checked messages; `where` names it in errors ("f.jsonl:3")."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}: {_FIX}")
+    if "messages" in record:
+        messages = record["messages"]
+    elif "instruction" in record and "output" in record:
+        instruction, extra = record["instruction"], record.get("input")
+        user = f"{instruction}\n\n{extra}" if isinstance(instruction, str) and extra else instruction
+        messages = _system(record) + [{"role": "user", "content": user},
+                                      {"role": "assistant", "content": record["output"]}]
+    elif "prompt" in record and "completion" in record:
+        messages = (_system(record) + _turns(record["prompt"], "user", where)
+                    + _turns(record["completion"], "assistant", where))
+    else:
+        raise DataError(f"{where}: none of the recognised fields (found {sorted(record)}): {_FIX}")
+    return check_conversation(messages, where)
+
+
+def check_conversation(messages: Any, where: str) -> List[Message]:
+    """The messages as plain dicts, or one DataError for an empty conversation, a malformed or
+    unknown-role message, or a conversation without an assistant turn (nothing to learn from)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: empty conversation (its messages are {messages!r}): give at least a user "
+                        f"and an assistant message, or remove the record")
+    checked = []
+    for i, m in enumerate(messages):
+        role, content = check_message(m, i, where)
+        checked.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in checked):
+        raise DataError(f"{where}: no assistant turn, so there is nothing to learn from: add the reply as "
+                        f"an assistant message, or remove the record")
+    return checked
+
+
+def read_conversation_files(patterns: Sequence[str]) -> Iterator[List[Message]]:
+    """Conversations of .jsonl / .json / .parquet files (globs allowed), in sorted file order."""
+    for path in sources.expand_files(list(patterns)):
+        for where, record in _records(path):
+            yield to_messages(record, where)
+
+
+def load_hf_conversations(cfg: "DataConfig", path: str, split: str) -> Iterator[List[Message]]:
+    """Conversations of split `split` of a Hugging Face dataset: a Hub name (cfg.hf_name is its
+    config), a local folder or a save_to_disk folder. Offline, a Hub name fails with advice."""
+    ds = sources._load_hf(cfg, path, split)
+    for i, record in enumerate(ds):
+        yield to_messages(dict(record), f"dataset {path} split {split!r} row {i}")
+
+
+def _records(path: Path) -> Iterable[tuple]:
+    """(where, record) for each record of one file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield f"{path}:{lineno}", _json(line, f"{path}:{lineno}")
+    elif suffix == ".json":
+        records = _json(path.read_text(encoding="utf-8"), str(path))
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of conversations: {_FIX}")
+        yield from ((f"{path}[{i}]", r) for i, r in enumerate(records))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"{path} row {row}", record
+                row += 1
+    else:
+        raise DataError(f"{path}: conversations are read from .jsonl, .json or .parquet files, "
+                        f"not {suffix!r}")
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e.msg}): {_FIX}") from None
+
+
+def _system(record: Dict[str, Any]) -> List[Message]:
+    return [{"role": "system", "content": record["system"]}] if record.get("system") else []
+
+
+def _turns(value: Any, role: str, where: str) -> List[Any]:
+    """A prompt or completion: a string (one message of `role`) or already a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise DataError(f"{where}: {role} side is {value!r}: give a string or a list of messages")

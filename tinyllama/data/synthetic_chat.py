@@ -1,0 +1,113 @@
+"""The built-in chat corpus: conversations about the synthetic stories, offline and deterministic.
+
+Example `index` of the corpus with a seed is built from story `index` of the synthetic story
+corpus with that seed (a pure function of both, like the stories), shortened by `short_story`
+to fit the demo model's context. Kinds:
+
+- "question": the user gives a story and asks who it is about, who the friend is, what kind of
+  child or animal the hero is, where the hero lives, which thing or food is in it, or how it
+  ends; the reply is a short answer copied from the story, checkable by exact match;
+- "follow_up": the same with a second question in a second user turn;
+- "write": the user asks for a story about a named hero and friend; the reply is the story;
+- "write_follow_up": a story is written, then a question about it is answered.
+
+Every example holds the expected `answer` of its last turn where that is a short answer (None
+for "write"), so an evaluation can prompt with all messages but the last and compare the greedy
+reply with it (`answer_matches`). The train split is examples 0..num_docs-1, the held-out split the next
+max(1, num_docs // 50): held-out stories are never trained on.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from tinyllama.data.synthetic import ANIMALS, StoryFacts, generate_story_with_facts
+
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You answer questions about stories in a few words."]
+# Shares of the kinds, in this order: question, follow_up, write, write_follow_up.
+KINDS = ("question", "follow_up", "write", "write_follow_up")
+KIND_WEIGHTS = (0.55, 0.2, 0.15, 0.1)
+SPLITS = ("train", "validation")
+
+Example = Dict[str, object]  # {"messages": [...], "answer": str | None, "kind": str, "story_index": int}
+
+
+def split_range(split: str, num_docs: int) -> range:
+    """Example indices of a split: train 0..num_docs-1, validation the next max(1, num_docs // 50)."""
+    if split == "train":
+        return range(num_docs)
+    if split == "validation":
+        return range(num_docs, num_docs + max(1, num_docs // 50))
+    raise ValueError(f"split {split!r}: use one of {SPLITS}")
+
+
+def iter_chat_examples(split: str, num_docs: int, seed: int) -> Iterator[Example]:
+    """The examples of one split (see `split_range`), in index order."""
+    for index in split_range(split, num_docs):
+        yield chat_example(seed, index)
+
+
+def chat_example(seed: int, index: int) -> Example:
+    """Example `index` of the chat corpus with this seed."""
+    story, facts = generate_story_with_facts(seed, index)
+    story = short_story(story, facts)
+    rng = random.Random(f"chat:{seed}:{index}")  # its own stream: the story's stays untouched
+    kind = rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
+    questions = story_questions(story, facts)
+    messages: List[Dict[str, str]] = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    answer: Optional[str] = None
+    if kind in ("question", "follow_up"):
+        asked = rng.sample(questions, 2 if kind == "follow_up" else 1)
+        question, answer = asked[0]
+        messages += [{"role": "user", "content": f"{story}\n\n{question}"},
+                     {"role": "assistant", "content": answer}]
+        for question, answer in asked[1:]:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    else:
+        messages += [{"role": "user", "content": write_request(rng, facts)},
+                     {"role": "assistant", "content": story}]
+        if kind == "write_follow_up":
+            question, answer = rng.choice(questions)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "answer": answer, "kind": kind, "story_index": index}
+
+
+def short_story(story: str, facts: StoryFacts) -> str:
+    """The story without the second half of its plot: the opening paragraph, the first half of the
+    plot and the ending sentence (about 85 tokens with bpe_4k instead of 145), so that a story,
+    its questions and answers fit in the context that the demo model was pretrained on (128)."""
+    opening, first_half = story.split("\n")[:2]
+    return f"{opening}\n{first_half} {facts.ending}"
+
+
+def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
+    """(question, short answer) pairs whose answer is written in the story (so it can be copied)."""
+    hero, friend = facts.hero, facts.friend
+    kind = (f"What kind of animal is {hero.name}?" if hero.kind in ANIMALS
+            else f"Is {hero.name} a boy or a girl?")
+    pairs = [("Who is the story about?", hero.name), (kind, hero.kind),  # every opening names both
+             ("How does the story end?", facts.ending)]
+    checks: List[Tuple[str, str, Callable[[], bool]]] = [
+        (f"Who is {hero.name}'s friend?", friend.name, lambda: friend.name in story),
+        (f"Where does {hero.name} live?", facts.place, lambda: facts.place in story),
+        (f"What {facts.color} thing is in the story?", facts.thing,
+         lambda: f"{facts.color} {facts.thing}" in story),
+        # A bake story names two foods, so "which food" has no single answer there.
+        ("What food is in the story?", facts.food, lambda: facts.food in story and facts.plot != "bake"),
+    ]
+    return pairs + [(q, a) for q, a, present in checks if present()]
+
+
+def write_request(rng: random.Random, facts: StoryFacts) -> str:
+    hero, friend = facts.hero, facts.friend
+    return rng.choice([f"Write a short story about {hero.name} and {friend.name}.",
+                       f"Tell me a story about a {hero.kind} named {hero.name}.",
+                       f"Please write a children's story about {hero.name}, with {friend.name} in it."])
+
+
+def answer_matches(reply: str, answer: str) -> bool:
+    """The exact-match rule of answer accuracy: the reply, stripped of surrounding whitespace, is
+    the expected short answer (case and punctuation count)."""
+    return reply.strip() == answer
