@@ -3,6 +3,7 @@
 With no arguments it runs the built-in demo (tiny model, synthetic stories, CPU-friendly).
 All the work is in `tinyllama.cli.train_main`; this file only makes `python train.py` work.
 """
+
 from tinyllama.cli import train_main
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ interpreter, in the order OLD, NEW, OLD, NEW, ... so both see the same machine l
 output is printed under its label. Absolute figures on a shared machine move from minute to
 minute; compare the two labels within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def checkout(rev: str) -> Iterator[Path]:
         yield REPO
         return
     folder = Path(tempfile.mkdtemp(prefix="bench-ab-")) / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(folder), rev],
-                   check=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(folder), rev], check=True
+    )
     try:
         yield folder
     finally:
@@ -44,7 +46,9 @@ def run(tree: Path, command: List[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--repeats", type=int, default=2, help="runs of the command per revision")

@@ -14,6 +14,7 @@ by <|endoftext|> lines) and a bpe_4k tokenizer is trained once. Then, in the sam
   - pack (synthetic source): the same stories generated on the fly by the packing process.
 Throughput is reported in tokens/s and MB/s of UTF-8 text.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,14 @@ def data_cfg(args):
     from tinyllama.config import DataConfig
 
     if args.train_file:  # the stories written to disk: the packer reads files
-        return DataConfig(name="bench", source="text_files", train_files=[args.train_file],
-                          val_files=[args.val_file], num_workers=args.workers, root=args.root)
+        return DataConfig(
+            name="bench",
+            source="text_files",
+            train_files=[args.train_file],
+            val_files=[args.val_file],
+            num_workers=args.workers,
+            root=args.root,
+        )
     return DataConfig(name="bench", num_docs=args.num_docs, seed=0, num_workers=args.workers, root=args.root)
 
 
@@ -100,15 +107,21 @@ def child_pack(args) -> None:
     memory.running = False
     memory.join()
     meta = read_meta(out)
-    print(json.dumps({
-        "seconds": seconds,
-        "cpu_seconds": cpu,
-        "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
-        "rss_imports_mb": rss_imports,
-        "rss_peak_mb": max(memory.peak_self, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "rss_worker_peak_mb": memory.peak_worker,
-        "rss_total_peak_mb": memory.peak_total,
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
+                "rss_imports_mb": rss_imports,
+                "rss_peak_mb": max(
+                    memory.peak_self, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                ),
+                "rss_worker_peak_mb": memory.peak_worker,
+                "rss_total_peak_mb": memory.peak_total,
+            }
+        )
+    )
 
 
 def write_corpus(num_docs: int, folder: Path):
@@ -129,7 +142,12 @@ def write_corpus(num_docs: int, folder: Path):
 
 
 def read_docs(paths):
-    return [d.strip() for p in paths for d in Path(p).read_text(encoding="utf-8").split("\n<|endoftext|>\n") if d.strip()]
+    return [
+        d.strip()
+        for p in paths
+        for d in Path(p).read_text(encoding="utf-8").split("\n<|endoftext|>\n")
+        if d.strip()
+    ]
 
 
 def bench_encode(model: str, docs) -> dict:
@@ -146,8 +164,19 @@ def bench_encode(model: str, docs) -> dict:
 
 def run_pack(model: str, workers: int, root: Path, files=None, num_docs: int = 0) -> dict:
     out_root = tempfile.mkdtemp(prefix=f"w{workers}-", dir=root)  # always a fresh pack
-    cmd = [sys.executable, __file__, "--child", "--model", model, "--workers", str(workers), "--root", out_root,
-           "--num-docs", str(num_docs)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--model",
+        model,
+        "--workers",
+        str(workers),
+        "--root",
+        out_root,
+        "--num-docs",
+        str(num_docs),
+    ]
     if files:
         cmd += ["--train-file", files[0], "--val-file", files[1]]
     env = dict(os.environ, TINYLLAMA_PROGRESS="0")
@@ -159,8 +188,9 @@ def train_tokenizer(files, root: Path) -> str:
     from tinyllama.config import DataConfig, TokenizerConfig
     from tinyllama.tokenizer import ensure_tokenizer
 
-    data = DataConfig(name="bench", source="text_files", train_files=[files[0]], val_files=[files[1]],
-                      root=str(root))
+    data = DataConfig(
+        name="bench", source="text_files", train_files=[files[0]], val_files=[files[1]], root=str(root)
+    )
     return str(ensure_tokenizer(TokenizerConfig(name="bpe_4k", max_train_bytes=5_000_000), data).model_path)
 
 
@@ -169,17 +199,26 @@ def row(name: str, r: dict, mb: float, base: dict = None) -> str:
     spent per token (1.00 = no overhead over bare encoding; independent of other load)."""
     tps = r["tokens"] / r["seconds"]
     speed = f"{tps / (base['tokens'] / base['seconds']):.2f}x" if base else "1.00x"
-    cpu = f"{(r['cpu_seconds'] / r['tokens']) / (base['cpu_seconds'] / base['tokens']):.2f}" if base else "1.00"
-    mem = (f"{r['rss_peak_mb']:.0f} MB | {r['rss_worker_peak_mb']:.0f} MB | {r['rss_total_peak_mb']:.0f} MB"
-           if "rss_peak_mb" in r else "- | - | -")
-    return (f"| {name} | {mb:.1f} | {r['tokens'] / 1e6:.2f} M | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
-            f"{tps / 1e6:.2f} M | {mb / r['seconds']:.2f} | {speed} | {cpu} | {mem} |")
+    cpu = (
+        f"{(r['cpu_seconds'] / r['tokens']) / (base['cpu_seconds'] / base['tokens']):.2f}" if base else "1.00"
+    )
+    mem = (
+        f"{r['rss_peak_mb']:.0f} MB | {r['rss_worker_peak_mb']:.0f} MB | {r['rss_total_peak_mb']:.0f} MB"
+        if "rss_peak_mb" in r
+        else "- | - | -"
+    )
+    return (
+        f"| {name} | {mb:.1f} | {r['tokens'] / 1e6:.2f} M | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+        f"{tps / 1e6:.2f} M | {mb / r['seconds']:.2f} | {speed} | {cpu} | {mem} |"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=20, help="corpus size for the throughput comparison")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="encoding threads; 0: the main thread")
+    p.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 1, 2], help="encoding threads; 0: the main thread"
+    )
     p.add_argument("--memory-mb", type=float, nargs="+", default=[20, 80], help="sizes for the memory check")
     p.add_argument("--memory-workers", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -199,25 +238,46 @@ def main() -> None:
         files, mb = write_corpus(num_docs, root)
         model = train_tokenizer(files, root)
         docs = read_docs(files)
-        print(f"corpus: {len(docs)} synthetic stories, {mb:.1f} MB; tokenizer bpe_4k; cpus: {os.cpu_count()}; "
-              f"load: {os.getloadavg()}")
-        print("| run | MB | tokens | s | CPU s | tokens/s | MB/s | vs encode | CPU vs encode | peak RSS main | "
-              "RSS per worker | PSS all |")
+        print(
+            f"corpus: {len(docs)} synthetic stories, {mb:.1f} MB; tokenizer bpe_4k; cpus: {os.cpu_count()}; "
+            f"load: {os.getloadavg()}"
+        )
+        print(
+            "| run | MB | tokens | s | CPU s | tokens/s | MB/s | vs encode | CPU vs encode | peak RSS main | "
+            "RSS per worker | PSS all |"
+        )
         print("|" + "---|" * 12)
         base = bench_encode(model, docs)
         del docs
         print(row("SentencePiece encode, 1 process (text in memory)", base, mb), flush=True)
         for w in args.workers:
             r = run_pack(model, w, root, files=files)
-            print(row(f"ensure_packed from files, {w or 'no'} worker{'s' * (w != 1)}", r, mb, base), flush=True)
+            print(
+                row(f"ensure_packed from files, {w or 'no'} worker{'s' * (w != 1)}", r, mb, base), flush=True
+            )
         r = run_pack(model, args.workers[-1], root, num_docs=num_docs)
-        print(row(f"ensure_packed, synthetic source (generation included), {args.workers[-1]} workers", r, mb,
-                  base), flush=True)
+        print(
+            row(
+                f"ensure_packed, synthetic source (generation included), {args.workers[-1]} workers",
+                r,
+                mb,
+                base,
+            ),
+            flush=True,
+        )
         for size in args.memory_mb:
             paths, size_mb = write_corpus(int(size * 1e6 / STORY_BYTES), root)
             r = run_pack(model, args.memory_workers, root, files=paths)
-            print(row(f"memory check: from files, {args.memory_workers} workers (imports alone: "
-                      f"{r['rss_imports_mb']:.0f} MB)", r, size_mb, base), flush=True)
+            print(
+                row(
+                    f"memory check: from files, {args.memory_workers} workers (imports alone: "
+                    f"{r['rss_imports_mb']:.0f} MB)",
+                    r,
+                    size_mb,
+                    base,
+                ),
+                flush=True,
+            )
             for p in paths:
                 os.remove(p)
         print(f"load after: {os.getloadavg()}")

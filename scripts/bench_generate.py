@@ -22,6 +22,7 @@ Each figure is the median of --rounds timed rounds (after one warm-up); the two 
 alternating rounds, so a load spike from another process hits both alike.
 Target: ours >= 3x transformers' decode rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,11 @@ NEW_TOKENS, DECODE_PROMPT, PREFILL_PROMPT = 256, 8, 256
 
 def load_config(vocab_size: int) -> LlamaConfig:
     """The llama2c_15m preset with this vocabulary; context 512 so prompt + 256 new tokens fit."""
-    cfg = OmegaConf.merge(OmegaConf.structured(LlamaConfig), OmegaConf.load(PRESET),
-                          {"vocab_size": vocab_size, "max_position_embeddings": 512})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(LlamaConfig),
+        OmegaConf.load(PRESET),
+        {"vocab_size": vocab_size, "max_position_embeddings": 512},
+    )
     return OmegaConf.to_object(cfg)
 
 
@@ -68,7 +72,9 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
     torch.manual_seed(0)
     ours = LlamaForCausalLM(load_config(vocab_size)).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        theirs = AutoModelForCausalLM.from_pretrained(export_hf(ours, Path(tmp) / "hf"), dtype=torch.float32).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(
+            export_hf(ours, Path(tmp) / "hf"), dtype=torch.float32
+        ).eval()
     g = torch.Generator().manual_seed(1)
     short = torch.randint(3, vocab_size, (1, DECODE_PROMPT), generator=g)
     long = torch.randint(3, vocab_size, (1, PREFILL_PROMPT), generator=g)
@@ -76,8 +82,9 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
 
     def hf_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
         with torch.inference_mode():
-            return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                   min_new_tokens=n, **hf_kwargs)
+            return theirs.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **hf_kwargs
+            )
 
     linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, 1, m.in_features) for m in linears]
@@ -115,10 +122,14 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
             timed(fn, times[name])
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
-        "ours_decode": NEW_TOKENS / med["ours_decode"], "hf_decode": NEW_TOKENS / med["hf_decode"],
-        "ours_model_decode": NEW_TOKENS / med["ours_model_decode"], "packed_ceiling": 1 / med["packed_matvecs"],
-        "ours_prefill": PREFILL_PROMPT / med["ours_prefill"], "hf_prefill": PREFILL_PROMPT / med["hf_prefill"],
-        "same_tokens": same, "ceiling": 1 / med["matvecs"],
+        "ours_decode": NEW_TOKENS / med["ours_decode"],
+        "hf_decode": NEW_TOKENS / med["hf_decode"],
+        "ours_model_decode": NEW_TOKENS / med["ours_model_decode"],
+        "packed_ceiling": 1 / med["packed_matvecs"],
+        "ours_prefill": PREFILL_PROMPT / med["ours_prefill"],
+        "hf_prefill": PREFILL_PROMPT / med["hf_prefill"],
+        "same_tokens": same,
+        "ceiling": 1 / med["matvecs"],
     }
 
 
@@ -132,18 +143,25 @@ def main() -> None:
     threadpool_limits(args.threads)  # NumPy's OpenBLAS too (and torch's OpenMP pool, again)
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
-          f"load average {os.getloadavg()[0]:.2f} at start")
-    print("| vocab | decode ours (tok/s) | ours, fast=False | decode transformers (tok/s) | ratio "
-          "| prefill ours (tok/s) | prefill transformers (tok/s) | ratio | matvecs, Linear layout (tok/s) "
-          "| matvecs, packed layout (tok/s) | same greedy tokens |")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
+    print(
+        "| vocab | decode ours (tok/s) | ours, fast=False | decode transformers (tok/s) | ratio "
+        "| prefill ours (tok/s) | prefill transformers (tok/s) | ratio | matvecs, Linear layout (tok/s) "
+        "| matvecs, packed layout (tok/s) | same greedy tokens |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for vocab in args.vocab:
         r = bench_vocab(vocab, args.rounds)
-        print(f"| {vocab} | {r['ours_decode']:.0f} | {r['ours_model_decode']:.0f} | {r['hf_decode']:.0f} "
-              f"| {r['ours_decode'] / r['hf_decode']:.2f}x | {r['ours_prefill']:.0f} | {r['hf_prefill']:.0f} "
-              f"| {r['ours_prefill'] / r['hf_prefill']:.2f}x | {r['ceiling']:.0f} | {r['packed_ceiling']:.0f} "
-              f"| {r['same_tokens']} |", flush=True)
+        print(
+            f"| {vocab} | {r['ours_decode']:.0f} | {r['ours_model_decode']:.0f} | {r['hf_decode']:.0f} "
+            f"| {r['ours_decode'] / r['hf_decode']:.2f}x | {r['ours_prefill']:.0f} | {r['hf_prefill']:.0f} "
+            f"| {r['ours_prefill'] / r['hf_prefill']:.2f}x | {r['ceiling']:.0f} | {r['packed_ceiling']:.0f} "
+            f"| {r['same_tokens']} |",
+            flush=True,
+        )
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 

@@ -10,6 +10,7 @@ EOS stop); tokens / second, the median of --rounds alternating rounds after a wa
 library gets --threads threads (torch, NumPy's BLAS through threadpoolctl, llama.cpp's n_threads).
 The script also reports whether llama.cpp's float32 greedy tokens equal ours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ NEW_TOKENS, PROMPT = 256, 8
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", required=True, help="a SentencePiece .model (its vocabulary goes into the GGUF)")
+    parser.add_argument(
+        "--tokenizer", required=True, help="a SentencePiece .model (its vocabulary goes into the GGUF)"
+    )
     parser.add_argument("--vocab", type=int, default=4096, help="model vocab_size (>= the tokenizer's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -51,8 +54,13 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LlamaConfig), OmegaConf.load(PRESET),
-                                              {"vocab_size": args.vocab, "max_position_embeddings": 512}))
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(LlamaConfig),
+            OmegaConf.load(PRESET),
+            {"vocab_size": args.vocab, "max_position_embeddings": 512},
+        )
+    )
     torch.manual_seed(0)
     ours = LlamaForCausalLM(cfg).eval()
     tok = Tokenizer(args.tokenizer)
@@ -60,10 +68,16 @@ def main() -> None:
     ids = torch.tensor([prompt])
     tmp = Path(tempfile.mkdtemp(prefix="bench_gguf-"))  # a few 10s of MB; llama.cpp maps the files
     theirs = AutoModelForCausalLM.from_pretrained(export_hf(ours, tmp / "hf"), dtype=torch.float32).eval()
-    llms = {dtype: llama_cpp.Llama(model_path=str(export_gguf(ours, tmp / dtype, tokenizer_path=tok.model_path,
-                                                              dtype=dtype)),
-                                   n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-            for dtype in ("float32", "q8_0")}
+    llms = {
+        dtype: llama_cpp.Llama(
+            model_path=str(export_gguf(ours, tmp / dtype, tokenizer_path=tok.model_path, dtype=dtype)),
+            n_ctx=512,
+            n_threads=args.threads,
+            n_threads_batch=args.threads,
+            verbose=False,
+        )
+        for dtype in ("float32", "q8_0")
+    }
 
     def llama_cpp_decode(llm) -> List[int]:
         out = []
@@ -75,8 +89,15 @@ def main() -> None:
 
     def hf_decode() -> torch.Tensor:
         with torch.inference_mode():
-            return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                   min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return theirs.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
 
     runs: Dict[str, Callable[[], object]] = {
         "llama.cpp f32": lambda: llama_cpp_decode(llms["float32"]),
@@ -84,7 +105,7 @@ def main() -> None:
         "ours (generate, f32)": lambda: generate(ours, ids, NEW_TOKENS, temperature=0.0),
         "transformers (f32)": hf_decode,
     }
-    ours_tokens = runs["ours (generate, f32)"]()[0, len(prompt):].tolist()
+    ours_tokens = runs["ours (generate, f32)"]()[0, len(prompt) :].tolist()
     same_f32 = runs["llama.cpp f32"]() == ours_tokens
     q8 = runs["llama.cpp q8_0"]()
     q8_agree = next((i for i, (a, b) in enumerate(zip(q8, ours_tokens)) if a != b), NEW_TOKENS)
@@ -96,15 +117,19 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    print(f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; vocab {args.vocab}, {args.threads} thread(s), {args.rounds} rounds; "
-          f"load average {os.getloadavg()[0]:.2f} at the end")
+    print(
+        f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; vocab {args.vocab}, {args.threads} thread(s), {args.rounds} rounds; "
+        f"load average {os.getloadavg()[0]:.2f} at the end"
+    )
     print("| decoder | tok/s | vs transformers |\n|---|---|---|")
     rates = {name: NEW_TOKENS / statistics.median(t) for name, t in times.items()}
     for name, rate in rates.items():
         print(f"| {name} | {rate:.0f} | {rate / rates['transformers (f32)']:.2f}x |")
-    print(f"llama.cpp f32 greedy tokens equal ours: {same_f32}; q8_0 agrees on the first "
-          f"{q8_agree}/{NEW_TOKENS} greedy tokens")
+    print(
+        f"llama.cpp f32 greedy tokens equal ours: {same_f32}; q8_0 agrees on the first "
+        f"{q8_agree}/{NEW_TOKENS} greedy tokens"
+    )
     for llm in llms.values():
         llm.close()
     shutil.rmtree(tmp)

@@ -16,6 +16,7 @@ random tokens as the train loop steps (or given with --steps-per-minute when the
 and the quiet figure is known). Prints one Markdown row per budget, with the load average,
 since other work on the machine stretches the wall time (not the result).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,13 @@ def measured_steps_per_minute(recipe: str, extra: list, steps: int = 10) -> floa
 
 
 def run(cmd: list) -> str:
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [sys.executable, *cmd],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -74,16 +80,32 @@ def bench(recipe: str, steps: int, extra: list, prefix: str = "") -> dict:
     name = f"{prefix or 'bench_' + recipe}_{steps}"
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    run(["train.py", f"experiment={recipe}", f"train.max_steps={steps}", f"run.name={name}",
-         "checkpoint.resume=never", *extra])
+    run(
+        [
+            "train.py",
+            f"experiment={recipe}",
+            f"train.max_steps={steps}",
+            f"run.name={name}",
+            "checkpoint.resume=never",
+            *extra,
+        ]
+    )
     wall = time.perf_counter() - start
     summary = json.loads((REPO / "runs" / name / "summary.json").read_text())
     run(["scripts/evaluate.py", f"run.dir=runs/{name}", "evaluate.plot=false"])
     results = sorted((REPO / "runs" / name / "eval").glob(f"step_{steps}-*.json"))
     ev = json.loads(results[-1].read_text())
-    return {"name": name, "steps": steps, "tokens": summary["tokens_seen"],
-            "train_s": summary["wall_time_s"], "wall_s": wall, "load": (load_before + os.getloadavg()[0]) / 2,
-            "loss": ev["loss"], "bpb": ev["bits_per_byte"], "bytes": ev["bytes"]}
+    return {
+        "name": name,
+        "steps": steps,
+        "tokens": summary["tokens_seen"],
+        "train_s": summary["wall_time_s"],
+        "wall_s": wall,
+        "load": (load_before + os.getloadavg()[0]) / 2,
+        "loss": ev["loss"],
+        "bpb": ev["bits_per_byte"],
+        "bytes": ev["bytes"],
+    }
 
 
 def main() -> None:
@@ -92,10 +114,12 @@ def main() -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--minutes", type=float, nargs="+", help="training budgets in minutes")
     budget.add_argument("--steps", type=int, nargs="+", help="training budgets in optimizer steps")
-    p.add_argument("--name", default="",
-                   help="run folders runs/<name>_<steps> (default bench_<recipe>), one per variant")
-    p.add_argument("--steps-per-minute", type=float,
-                   help="convert --minutes with this rate instead of measuring it now")
+    p.add_argument(
+        "--name", default="", help="run folders runs/<name>_<steps> (default bench_<recipe>), one per variant"
+    )
+    p.add_argument(
+        "--steps-per-minute", type=float, help="convert --minutes with this rate instead of measuring it now"
+    )
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     args = p.parse_args()
     steps = args.steps
@@ -103,13 +127,18 @@ def main() -> None:
         rate = args.steps_per_minute or measured_steps_per_minute(args.recipe, args.overrides)
         print(f"{rate:.1f} steps per minute")
         steps = [round(m * rate) for m in args.minutes]
-    print("| run | steps | tokens | train time | wall time | load | val loss | bits/byte |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print(
+        "| run | steps | tokens | train time | wall time | load | val loss | bits/byte |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        flush=True,
+    )
     for n in steps:
         r = bench(args.recipe, n, args.overrides, args.name)
-        print(f"| {r['name']} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_s'] / 60:.1f} min "
-              f"| {r['wall_s'] / 60:.1f} min | {r['load']:.1f} | {r['loss']:.4f} | {r['bpb']:.4f} |",
-              flush=True)
+        print(
+            f"| {r['name']} | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_s'] / 60:.1f} min "
+            f"| {r['wall_s'] / 60:.1f} min | {r['load']:.1f} | {r['loss']:.4f} | {r['bpb']:.4f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ belongs to that measurement alone. The loop runs on the synthetic corpus with to
 (built on first use under data/); the bare step uses random tokens of the same shape. Figures
 are printed as a Markdown table for BENCHMARKS.md, with the load average next to them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,24 @@ def peak_rss_mb() -> float:
 
 def child_loop(preset: str, batch: int, seq: int, steps: int, gc: bool) -> dict:
     """The real loop (run_training) for `steps` steps; tok/s and MFU of its last log window."""
-    from tinyllama.config import (CheckpointConfig, EvalConfig, JobConfig, RunConfig, SampleConfig,
-                                  TrainConfig)
+    from tinyllama.config import CheckpointConfig, EvalConfig, JobConfig, RunConfig, SampleConfig, TrainConfig
     from tinyllama.train.loop import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         job = JobConfig(
             model=model_config(preset),
-            train=TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq, precision="fp32",
-                              grad_checkpointing=gc, log_every=steps // 2),
-            checkpoint=CheckpointConfig(every=10**9), eval=EvalConfig(every=10**9, batches=1),
-            run=RunConfig(dir=tmp, device="cpu"), sample=SampleConfig(num_samples=1, max_new_tokens=1),
+            train=TrainConfig(
+                max_steps=steps,
+                batch_size=batch,
+                seq_len=seq,
+                precision="fp32",
+                grad_checkpointing=gc,
+                log_every=steps // 2,
+            ),
+            checkpoint=CheckpointConfig(every=10**9),
+            eval=EvalConfig(every=10**9, batches=1),
+            run=RunConfig(dir=tmp, device="cpu"),
+            sample=SampleConfig(num_samples=1, max_new_tokens=1),
         )
         run_training(job)
         lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -89,8 +97,19 @@ def child_bare(preset: str, batch: int, seq: int, steps: int, gc: bool) -> dict:
 
 
 def measure(kind: str, preset: str, batch: int, seq: int, steps: int, gc: bool, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, preset, str(batch), str(seq), str(steps),
-           str(int(gc)), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        preset,
+        str(batch),
+        str(seq),
+        str(steps),
+        str(int(gc)),
+        "--threads",
+        str(threads),
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -102,8 +121,10 @@ def load() -> str:
 
 
 def bench_presets(args) -> None:
-    print(f"\n### The loop per preset (batch {args.batch} x seq {args.seq}, fp32, "
-          f"{args.threads} thread(s); {load()})\n")
+    print(
+        f"\n### The loop per preset (batch {args.batch} x seq {args.seq}, fp32, "
+        f"{args.threads} thread(s); {load()})\n"
+    )
     from tinyllama.inspection import flops_per_token
     from tinyllama.train.throughput import measured_cpu_flops
 
@@ -116,13 +137,18 @@ def bench_presets(args) -> None:
     for preset in ("tiny", "small", "llama2c_15m"):
         r = measure("loop", preset, args.batch, args.seq, args.steps, False, args.threads)
         flops = r["tok_per_s"] * flops_per_token(model_config(preset), args.seq)["training"]
-        print(f"| {preset} | {r['tok_per_s']:.0f} | {flops / 1e9:.1f} | {100 * flops / peak:.0f}% | "
-              f"{r['peak_rss_mb']:.0f} |", flush=True)
+        print(
+            f"| {preset} | {r['tok_per_s']:.0f} | {flops / 1e9:.1f} | {100 * flops / peak:.0f}% | "
+            f"{r['peak_rss_mb']:.0f} |",
+            flush=True,
+        )
 
 
 def bench_checkpointing(args) -> None:
-    print(f"\n### Gradient checkpointing, llama2c_15m, batch 32 x seq 256, fp32, bare step "
-          f"({args.threads} thread(s); {load()})\n")
+    print(
+        f"\n### Gradient checkpointing, llama2c_15m, batch 32 x seq 256, fp32, bare step "
+        f"({args.threads} thread(s); {load()})\n"
+    )
     print("| model, grad checkpointing | tokens/s | peak RSS (MB) | RSS before the first step (MB) |")
     print("|---|---|---|---|")
     # With checkpointing on, the model also computes the loss in chunks (never the 1 GB of
@@ -132,27 +158,40 @@ def bench_checkpointing(args) -> None:
         rows = {}
         for gc in (False, True):
             r = rows[gc] = measure("bare", preset, 32, 256, args.gc_steps, gc, args.threads)
-            print(f"| {preset} {'on' if gc else 'off'} | {r['tok_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['rss_before_mb']:.0f} |", flush=True)
+            print(
+                f"| {preset} {'on' if gc else 'off'} | {r['tok_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['rss_before_mb']:.0f} |",
+                flush=True,
+            )
         off, on = rows[False], rows[True]
         act = lambda r: r["peak_rss_mb"] - r["rss_before_mb"]  # noqa: E731  (training-time growth)
-        print(f"\n{preset}: peak RSS {100 * (1 - on['peak_rss_mb'] / off['peak_rss_mb']):.0f}% lower "
-              f"(growth during training {100 * (1 - act(on) / act(off)):.0f}% lower), "
-              f"throughput {100 * (1 - on['tok_per_s'] / off['tok_per_s']):.0f}% lower\n")
+        print(
+            f"\n{preset}: peak RSS {100 * (1 - on['peak_rss_mb'] / off['peak_rss_mb']):.0f}% lower "
+            f"(growth during training {100 * (1 - act(on) / act(off)):.0f}% lower), "
+            f"throughput {100 * (1 - on['tok_per_s'] / off['tok_per_s']):.0f}% lower\n"
+        )
 
 
 def bench_overhead(args) -> None:
-    print(f"\n### Loop overhead over a bare step (best of {args.repeats}, interleaved; "
-          f"{args.threads} thread(s); {load()})\n")
+    print(
+        f"\n### Loop overhead over a bare step (best of {args.repeats}, interleaved; "
+        f"{args.threads} thread(s); {load()})\n"
+    )
     print("| model | batch x seq | bare tokens/s | loop tokens/s | overhead |")
     print("|---|---|---|---|---|")
     for preset, batch, seq in (("tiny", args.batch, args.seq), ("small", args.batch, args.seq)):
         bare, loop = 0.0, 0.0
         for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
-            bare = max(bare, measure("bare", preset, batch, seq, args.steps, False, args.threads)["tok_per_s"])
-            loop = max(loop, measure("loop", preset, batch, seq, args.steps, False, args.threads)["tok_per_s"])
-        print(f"| {preset} | {batch} x {seq} | {bare:.0f} | {loop:.0f} | {100 * (bare / loop - 1):+.1f}% |",
-              flush=True)
+            bare = max(
+                bare, measure("bare", preset, batch, seq, args.steps, False, args.threads)["tok_per_s"]
+            )
+            loop = max(
+                loop, measure("loop", preset, batch, seq, args.steps, False, args.threads)["tok_per_s"]
+            )
+        print(
+            f"| {preset} | {batch} x {seq} | {bare:.0f} | {loop:.0f} | {100 * (bare / loop - 1):+.1f}% |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -175,8 +214,11 @@ def main() -> None:
         print(json.dumps(fn(preset, int(batch), int(seq), int(steps), bool(int(gc)))))
         return
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, no GPU")
-    for name, fn in (("presets", bench_presets), ("checkpointing", bench_checkpointing),
-                     ("overhead", bench_overhead)):
+    for name, fn in (
+        ("presets", bench_presets),
+        ("checkpointing", bench_checkpointing),
+        ("overhead", bench_overhead),
+    ):
         if args.only in (None, name):
             fn(args)
 

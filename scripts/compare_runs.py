@@ -9,6 +9,7 @@ loss, tokens/s, wall time) sorted by validation loss, and writes a PNG of the lo
 (train and validation against tokens). By default both files go beside the runs compared:
 <common parent>/compare.md and <common parent>/loss_curves.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,18 @@ from tinyllama.errors import TinyLlamaError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("paths", nargs="+", help="run folders, or sweep folders holding run folders")
     p.add_argument("--table", type=Path, help="Markdown file to write (default: <parent>/compare.md)")
     p.add_argument("--plot", type=Path, help="PNG to write (default: <parent>/loss_curves.png)")
-    p.add_argument("--top", type=int, default=10,
-                   help="plot only the N runs with the lowest validation loss (default 10)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="plot only the N runs with the lowest validation loss (default 10)",
+    )
     p.add_argument("--no-plot", action="store_true", help="only print and write the table")
     return p.parse_args(argv)
 
@@ -44,8 +50,11 @@ def main(argv=None) -> int:
         print(f"\ntable: {table_path}")
         if not args.no_plot:
             chosen = sort_by_val_loss(runs)[: max(1, args.top)]
-            png = plot_loss_curves(chosen, args.plot or parent / "loss_curves.png",
-                                   title=f"{len(chosen)} of {len(runs)} runs, best first")
+            png = plot_loss_curves(
+                chosen,
+                args.plot or parent / "loss_curves.png",
+                title=f"{len(chosen)} of {len(runs)} runs, best first",
+            )
             print(f"loss curves: {png}")
     except TinyLlamaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@
 Results are printed and written to <run>/eval/. Options: `evaluate.*` in tinyllama/config.py
 (EvaluateConfig). Same as `tinyllama-evaluate`.
 """
+
 from tinyllama.cli import evaluate_main
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Needs the `gguf` package (pip install -e ".[gguf]"); with llama-cpp-python insta
 loaded back in llama.cpp and compared (export.verify). Options: `export.*` in tinyllama/config.py
 (ExportConfig). Same as `tinyllama-export-gguf`.
 """
+
 from tinyllama.cli import export_gguf_main
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Then:  AutoModelForCausalLM.from_pretrained("runs/demo/hf"), AutoTokenizer.from_
 Import goes the other way: python train.py init_from=hf:<local folder> (Llama or Qwen2, safetensors).
 Options: `export.*` in tinyllama/config.py (ExportConfig). Same as `tinyllama-export`.
 """
+
 from tinyllama.cli import export_main
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Checks (in order; each runs the library's real code, mostly through the training
     throughput          tokens/s and MFU of llama2c_15m and llama2c_110m (bf16, compile)
 Exit status 0 when nothing failed. Work files go to a temporary folder (--workdir to keep them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,29 @@ class Context:
     def job(self, *overrides: str):
         """A JobConfig for a short run of the tiny model on a small synthetic corpus."""
         self.runs += 1
-        return compose_job([
-            "model=tiny", "tokenizer=bpe_512", "model.vocab_size=512", "data.num_docs=2000",
-            f"data.root={self.workdir / 'data'}", f"run.dir={self.workdir / f'run{self.runs}'}",
-            f"run.device={self.device}", f"train.max_steps={self.steps}", "train.batch_size=8",
-            "train.seq_len=64", "train.log_every=1", "eval.every=1000", "eval.batches=2",
-            "checkpoint.every=1000", "sample.num_samples=1", "sample.max_new_tokens=4",
-            "optim.lr=3e-3", "optim.warmup_steps=2", *overrides])
+        return compose_job(
+            [
+                "model=tiny",
+                "tokenizer=bpe_512",
+                "model.vocab_size=512",
+                "data.num_docs=2000",
+                f"data.root={self.workdir / 'data'}",
+                f"run.dir={self.workdir / f'run{self.runs}'}",
+                f"run.device={self.device}",
+                f"train.max_steps={self.steps}",
+                "train.batch_size=8",
+                "train.seq_len=64",
+                "train.log_every=1",
+                "eval.every=1000",
+                "eval.batches=2",
+                "checkpoint.every=1000",
+                "sample.num_samples=1",
+                "sample.max_new_tokens=4",
+                "optim.lr=3e-3",
+                "optim.warmup_steps=2",
+                *overrides,
+            ]
+        )
 
     def train(self, job) -> Dict[int, dict]:
         """Run `job` with its console output kept in the run folder; {step: training line}."""
@@ -127,11 +144,15 @@ def loss_rtol(precision: str) -> float:
 def check_cuda(ctx: Context) -> str:
     ctx.need_cuda("the CUDA check")
     if not torch.cuda.is_available():
-        raise AssertionError(f"torch {torch.__version__} sees no GPU (CUDA build: "
-                             f"{torch.version.cuda}); install a CUDA build: make demo TORCH=torch")
+        raise AssertionError(
+            f"torch {torch.__version__} sees no GPU (CUDA build: "
+            f"{torch.version.cuda}); install a CUDA build: make demo TORCH=torch"
+        )
     name, cap = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
-    return (f"{torch.cuda.device_count()} x {name}, compute capability {cap[0]}.{cap[1]}, "
-            f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    return (
+        f"{torch.cuda.device_count()} x {name}, compute capability {cap[0]}.{cap[1]}, "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    )
 
 
 def check_train_bf16(ctx: Context) -> str:
@@ -161,8 +182,13 @@ def check_fused_adamw(ctx: Context) -> str:
     fused = build_optimizer(model, job.optim, torch.device(ctx.device))
     if not fused.defaults.get("fused"):
         raise AssertionError("build_optimizer did not choose the fused kernel")
-    plain = torch.optim.AdamW(reference.parameters(), lr=job.optim.lr, betas=(job.optim.beta1,
-                              job.optim.beta2), eps=job.optim.eps, weight_decay=0.0)
+    plain = torch.optim.AdamW(
+        reference.parameters(),
+        lr=job.optim.lr,
+        betas=(job.optim.beta1, job.optim.beta2),
+        eps=job.optim.eps,
+        weight_decay=0.0,
+    )
     for p, q in zip(model.parameters(), reference.parameters()):
         p.grad = torch.randn_like(p)
         q.grad = p.grad.clone()
@@ -212,12 +238,18 @@ def check_grad_checkpointing(ctx: Context) -> str:
 def check_ddp(ctx: Context) -> str:
     world = torch.cuda.device_count() if ctx.cuda else 2
     if world < 2:
-        raise Skip("one GPU: a multi-GPU DDP run needs two or more (single-GPU runs are the "
-                   "other checks)")
+        raise Skip("one GPU: a multi-GPU DDP run needs two or more (single-GPU runs are the other checks)")
     ddp = ctx.job("train.precision=fp32")
     single = ctx.job("train.precision=fp32", f"train.grad_accum={world}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world}", str(REPO / "train.py"), *job_config_args(ddp, ctx.workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        str(REPO / "train.py"),
+        *job_config_args(ddp, ctx.workdir),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed:\n{proc.stderr[-2000:]}")
@@ -237,8 +269,10 @@ def check_resume(ctx: Context) -> str:
     resumed = ctx.train(resumed_job)
     if losses(resumed) != losses(straight):
         worst = same_losses(resumed, straight, float("inf"))
-        raise AssertionError(f"resumed losses differ from the uninterrupted run by up to "
-                             f"{worst:.2e} relative (non-deterministic kernels?)")
+        raise AssertionError(
+            f"resumed losses differ from the uninterrupted run by up to "
+            f"{worst:.2e} relative (non-deterministic kernels?)"
+        )
     return f"stopped at step {ctx.steps // 2}, resumed: {ctx.steps} losses bit-identical"
 
 
@@ -248,23 +282,45 @@ def check_throughput(ctx: Context) -> str:
     results = []
     for preset, seq, vocab in (("llama2c_15m", 256, 4096), ("llama2c_110m", 1024, 32000)):
         batch = 64 if memory_gb >= 70 else 16  # micro-batch that fits 80 GB-class and 24 GB GPUs
-        job = compose_job([
-            f"model={preset}", f"model.vocab_size={vocab}", "tokenizer=bpe_4k",
-            f"data.root={ctx.workdir / 'data4k'}", f"run.dir={ctx.workdir / ('tp_' + preset)}",
-            "run.device=cuda", "train.precision=bf16", "train.compile=true",
-            f"train.batch_size={batch}", f"train.seq_len={seq}", "train.max_steps=60",
-            "train.log_every=20", "eval.every=1000", "eval.batches=2", "checkpoint.every=1000",
-            "sample.num_samples=1", "sample.max_new_tokens=4"])
+        job = compose_job(
+            [
+                f"model={preset}",
+                f"model.vocab_size={vocab}",
+                "tokenizer=bpe_4k",
+                f"data.root={ctx.workdir / 'data4k'}",
+                f"run.dir={ctx.workdir / ('tp_' + preset)}",
+                "run.device=cuda",
+                "train.precision=bf16",
+                "train.compile=true",
+                f"train.batch_size={batch}",
+                f"train.seq_len={seq}",
+                "train.max_steps=60",
+                "train.log_every=20",
+                "eval.every=1000",
+                "eval.batches=2",
+                "checkpoint.every=1000",
+                "sample.num_samples=1",
+                "sample.max_new_tokens=4",
+            ]
+        )
         last = ctx.train(job)[60]  # steps 41-60: compiled and warm
-        results.append(f"{preset} (batch {batch} x {seq}): {last['tok_per_s']:,.0f} tok/s, "
-                       f"MFU {100 * last.get('mfu', float('nan')):.1f}%")
+        results.append(
+            f"{preset} (batch {batch} x {seq}): {last['tok_per_s']:,.0f} tok/s, "
+            f"MFU {100 * last.get('mfu', float('nan')):.1f}%"
+        )
     return "; ".join(results)
 
 
 CHECKS: Dict[str, Callable[[Context], str]] = {
-    "cuda": check_cuda, "train_bf16": check_train_bf16, "train_fp16": check_train_fp16,
-    "fused_adamw": check_fused_adamw, "sdpa": check_sdpa, "compile": check_compile,
-    "grad_checkpointing": check_grad_checkpointing, "ddp": check_ddp, "resume": check_resume,
+    "cuda": check_cuda,
+    "train_bf16": check_train_bf16,
+    "train_fp16": check_train_fp16,
+    "fused_adamw": check_fused_adamw,
+    "sdpa": check_sdpa,
+    "compile": check_compile,
+    "grad_checkpointing": check_grad_checkpointing,
+    "ddp": check_ddp,
+    "resume": check_resume,
     "throughput": check_throughput,
 }
 

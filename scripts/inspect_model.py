@@ -6,6 +6,7 @@
 
 Options: `inspect.*` in tinyllama/config.py (InspectConfig). Same as `tinyllama-inspect`.
 """
+
 from tinyllama.cli import inspect_main
 
 if __name__ == "__main__":

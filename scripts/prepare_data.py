@@ -7,6 +7,7 @@
 Output: data/packed/<data.name>/<tokenizer fingerprint>/{meta.json,train/,val/}; rerunning
 reuses a complete output (see configs/data/).
 """
+
 from tinyllama.cli import prepare_main
 
 if __name__ == "__main__":

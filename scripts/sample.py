@@ -7,6 +7,7 @@
 
 Options: `sample.*` in tinyllama/config.py (SampleConfig). Same as `tinyllama-sample`.
 """
+
 from tinyllama.cli import sample_main
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
 The model lands in data/tokenizers/<data.name>-<tokenizer.name>/ (see configs/tokenizer/).
 """
+
 from tinyllama.cli import tokenizer_main
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Fixtures shared across the suite. Each area (model, data, train, ...) keeps its own
 fixtures in its own tests/<area>/conftest.py; only cross-area fixtures live here."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,9 @@ def tiny_data(tmp_path_factory):
     from tinyllama.tokenizer import ensure_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_data")
-    data = DataConfig(name="synthetic", source="synthetic", num_docs=400, seed=1234, num_workers=0,
-                      root=str(root))
+    data = DataConfig(
+        name="synthetic", source="synthetic", num_docs=400, seed=1234, num_workers=0, root=str(root)
+    )
     tok = TokenizerConfig(name="bpe_512", vocab_size=512, num_threads=1)
     ensure_packed(data, ensure_tokenizer(tok, data))
     return data, tok
@@ -44,16 +46,30 @@ def tiny_job(tiny_data, tmp_path):
     """JobConfig for a seconds-long CPU run: a ~0.1M-parameter model on tiny_data's tokenizer and
     packed shards, 20 steps of 8 x 32 tokens, evaluation and checkpoints every 10 steps, a log line
     every step, run.dir = tmp_path/run. Tests change fields in place (it is a fresh object)."""
-    from tinyllama.config import (CheckpointConfig, EvalConfig, JobConfig, OptimConfig, RunConfig,
-                                  SampleConfig, TrainConfig)
+    from tinyllama.config import (
+        CheckpointConfig,
+        EvalConfig,
+        JobConfig,
+        OptimConfig,
+        RunConfig,
+        SampleConfig,
+        TrainConfig,
+    )
     from tinyllama.model import LlamaConfig
 
     data, tok = tiny_data
     return JobConfig(
-        model=LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=64),
-        tokenizer=tok, data=data,
+        model=LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+        tokenizer=tok,
+        data=data,
         train=TrainConfig(max_steps=20, batch_size=8, seq_len=32, precision="fp32", log_every=1),
         optim=OptimConfig(lr=3e-3, warmup_steps=5),
         checkpoint=CheckpointConfig(every=10, keep_last=2),
@@ -78,8 +94,16 @@ def saved_run(tiny_job):
     tok = ensure_tokenizer(tiny_job.tokenizer, tiny_job.data)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_job.model)
-    save_checkpoint(Path(tiny_job.run.dir) / "checkpoints", 20, model, tiny_job.model, tiny_job,
-                    tok.model_path, {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint}, None)
+    save_checkpoint(
+        Path(tiny_job.run.dir) / "checkpoints",
+        20,
+        model,
+        tiny_job.model,
+        tiny_job,
+        tok.model_path,
+        {"tokens": 0, "tokenizer_fingerprint": tok.fingerprint},
+        None,
+    )
     return tiny_job, model.eval(), tok
 
 
@@ -89,13 +113,28 @@ def tiny_overrides(tiny_data) -> list:
     tokenizer and packed shards are reused) with a seconds-long model and schedule."""
     data, tok = tiny_data
     return [
-        f"data.root={data.root}", f"data.num_docs={data.num_docs}", f"data.seed={data.seed}",
-        "data.num_workers=0", f"tokenizer.name={tok.name}", f"tokenizer.vocab_size={tok.vocab_size}",
-        "tokenizer.num_threads=1", f"model.vocab_size={tok.vocab_size}", "model.hidden_size=32",
-        "model.intermediate_size=64", "model.num_hidden_layers=1", "model.max_position_embeddings=32",
-        "train.max_steps=2", "train.batch_size=2", "train.seq_len=16", "train.log_every=1",
-        "eval.every=2", "eval.batches=1", "checkpoint.every=2", "sample.num_samples=1",
-        "sample.max_new_tokens=2", "run.device=cpu",
+        f"data.root={data.root}",
+        f"data.num_docs={data.num_docs}",
+        f"data.seed={data.seed}",
+        "data.num_workers=0",
+        f"tokenizer.name={tok.name}",
+        f"tokenizer.vocab_size={tok.vocab_size}",
+        "tokenizer.num_threads=1",
+        f"model.vocab_size={tok.vocab_size}",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+        "model.num_hidden_layers=1",
+        "model.max_position_embeddings=32",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "train.log_every=1",
+        "eval.every=2",
+        "eval.batches=1",
+        "checkpoint.every=2",
+        "sample.num_samples=1",
+        "sample.max_new_tokens=2",
+        "run.device=cpu",
     ]
 
 
@@ -106,8 +145,14 @@ def chat_tokenizer(tmp_path_factory):
     from tinyllama.config import DataConfig, TokenizerConfig
     from tinyllama.tokenizer import ensure_tokenizer
 
-    data = DataConfig(name="synthetic", source="synthetic", num_docs=200, seed=7,
-                      root=str(tmp_path_factory.mktemp("chat_tokenizer")))
-    tok = TokenizerConfig(name="bpe_512_chat", vocab_size=512, num_threads=1,
-                          user_defined_symbols=list(CHAT_PIECES))
+    data = DataConfig(
+        name="synthetic",
+        source="synthetic",
+        num_docs=200,
+        seed=7,
+        root=str(tmp_path_factory.mktemp("chat_tokenizer")),
+    )
+    tok = TokenizerConfig(
+        name="bpe_512_chat", vocab_size=512, num_threads=1, user_defined_symbols=list(CHAT_PIECES)
+    )
     return ensure_tokenizer(tok, data)

@@ -1,5 +1,6 @@
 """The one atomic-write mechanism: a folder appears complete or not at all, what a killed writer
 left is removed, a live writer's folder and an existing artifact are kept."""
+
 from __future__ import annotations
 
 import os

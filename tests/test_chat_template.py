@@ -1,24 +1,41 @@
 """The chat template: the ids and label masks of conversations, the refusal of a tokenizer without
 the chat pieces, and the round trip through an exported folder in transformers."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tinyllama.chat_template import (ASSISTANT_PIECE, CHAT_PIECES, CHAT_TEMPLATE, END_OF_TURN, IGNORE_INDEX,
-                                     USER_PIECE, add_chat_template, apply_chat_template, encode_conversation,
-                                     end_of_turn_id, missing_pieces, require_chat_pieces)
+from tinyllama.chat_template import (
+    ASSISTANT_PIECE,
+    CHAT_PIECES,
+    CHAT_TEMPLATE,
+    END_OF_TURN,
+    IGNORE_INDEX,
+    USER_PIECE,
+    add_chat_template,
+    apply_chat_template,
+    encode_conversation,
+    end_of_turn_id,
+    missing_pieces,
+    require_chat_pieces,
+)
 from tinyllama.errors import ConfigError, DataError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who is the story about?"}, {"role": "assistant", "content": "Mia"}],
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Mia had a red kite.\n\nWhat red thing is in the story?"},
-     {"role": "assistant", "content": "kite"}, {"role": "user", "content": "Who had it?"},
-     {"role": "assistant", "content": "Mia"}],
-    [{"role": "user", "content": "Zoë ate 12 plums at 3:45 — 然后 she slept 😴."},
-     {"role": "assistant", "content": "  Two spaces, then 2024 and a tab\tend. "}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Mia had a red kite.\n\nWhat red thing is in the story?"},
+        {"role": "assistant", "content": "kite"},
+        {"role": "user", "content": "Who had it?"},
+        {"role": "assistant", "content": "Mia"},
+    ],
+    [
+        {"role": "user", "content": "Zoë ate 12 plums at 3:45 — 然后 she slept 😴."},
+        {"role": "assistant", "content": "  Two spaces, then 2024 and a tab\tend. "},
+    ],
     [{"role": "user", "content": "Say <|end|> and </s> literally."}, {"role": "assistant", "content": ""}],
 ]
 
@@ -37,10 +54,12 @@ def test_conversation_ids_mark_turns_with_pieces_and_encode_content_alone(chat_t
     assert ids == expected
     assert len(labels) == len(ids)
     assert apply_chat_template(tok, messages) == ids
-    assert apply_chat_template(tok, messages[:-1], add_generation_prompt=True) == \
-        ids[:-(len(tok.encode("Mia")) + 2)] + [_piece(tok, ASSISTANT_PIECE)]
-    assert tok.apply_chat_template(messages[:-1], add_generation_prompt=True) == \
-        apply_chat_template(tok, messages[:-1], add_generation_prompt=True)
+    assert apply_chat_template(tok, messages[:-1], add_generation_prompt=True) == ids[
+        : -(len(tok.encode("Mia")) + 2)
+    ] + [_piece(tok, ASSISTANT_PIECE)]
+    assert tok.apply_chat_template(messages[:-1], add_generation_prompt=True) == apply_chat_template(
+        tok, messages[:-1], add_generation_prompt=True
+    )
 
 
 def test_labels_cover_assistant_content_and_its_end_of_turn_only(chat_tokenizer):

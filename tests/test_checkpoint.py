@@ -1,5 +1,6 @@
 """Checkpoints: round trip, the one loader, atomicity under a killed save, and clear errors for
 corrupt or incomplete folders (the training-side checkpointer: tests/train/test_checkpointer.py)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,15 @@ from tinyllama.config import JobConfig
 from tinyllama.errors import CheckpointError
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 
 
 @pytest.fixture
@@ -27,9 +35,16 @@ def run(tmp_path):
     root = tmp_path / "run" / "checkpoints"
 
     def save(step, val_loss=None, state=None):
-        return save_checkpoint(root, step, model, CFG, job, tok,
-                               {"tokens": step * 10, "val_loss": val_loss, "tokenizer_fingerprint": "fp"},
-                               state if state is not None else {"step": step, "x": torch.arange(3)})
+        return save_checkpoint(
+            root,
+            step,
+            model,
+            CFG,
+            job,
+            tok,
+            {"tokens": step * 10, "val_loss": val_loss, "tokenizer_fingerprint": "fp"},
+            state if state is not None else {"step": step, "x": torch.arange(3)},
+        )
 
     return tmp_path / "run", model, save
 
@@ -67,9 +82,16 @@ def test_weights_only_loading_skips_train_state(run):
         load_checkpoint(run_dir)
 
 
-@pytest.mark.parametrize("victim, damage", [
-    ("model.safetensors", "truncate"), ("meta.json", "garbage"), ("train_state.pt", "truncate"),
-    ("config.yaml", "garbage"), ("model_config.json", "delete")])
+@pytest.mark.parametrize(
+    "victim, damage",
+    [
+        ("model.safetensors", "truncate"),
+        ("meta.json", "garbage"),
+        ("train_state.pt", "truncate"),
+        ("config.yaml", "garbage"),
+        ("model_config.json", "delete"),
+    ],
+)
 def test_corrupt_or_incomplete_checkpoints_raise_checkpoint_error(run, victim, damage):
     run_dir, _, save = run
     path = save(3) / victim
@@ -92,11 +114,14 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing in the save path may catch it and tidy up."""
 
 
-@pytest.mark.parametrize("target, call", [
-    ("torch.save", 1),     # halfway through writing the folder
-    ("os.replace", 1),     # before the folder is renamed into place
-    ("os.replace", 2),     # after the rename, before the latest pointer moves
-])
+@pytest.mark.parametrize(
+    "target, call",
+    [
+        ("torch.save", 1),  # halfway through writing the folder
+        ("os.replace", 1),  # before the folder is renamed into place
+        ("os.replace", 2),  # after the rename, before the latest pointer moves
+    ],
+)
 def test_latest_names_a_loadable_checkpoint_when_a_save_is_killed(run, monkeypatch, target, call):
     run_dir, _, save = run
     save(1)
@@ -124,8 +149,10 @@ def test_latest_names_a_loadable_checkpoint_when_a_save_is_killed(run, monkeypat
 
 def test_config_differences_name_each_field():
     other = LlamaConfig(**{**CFG.__dict__, "hidden_size": 64, "num_hidden_layers": 3})
-    assert config_differences(CFG, other) == ["model.hidden_size: checkpoint 32, config 64",
-                                              "model.num_hidden_layers: checkpoint 2, config 3"]
+    assert config_differences(CFG, other) == [
+        "model.hidden_size: checkpoint 32, config 64",
+        "model.num_hidden_layers: checkpoint 2, config 3",
+    ]
 
 
 def test_a_checkpoint_from_an_older_schema_loads_with_a_warning(run):
@@ -137,6 +164,7 @@ def test_a_checkpoint_from_an_older_schema_loads_with_a_warning(run):
     cfg_text = (folder / "config.yaml").read_text().replace("train:\n", "train:\n  old_knob: 7\n", 1)
     (folder / "config.yaml").write_text(cfg_text)
     import json
+
     mc = json.loads((folder / "model_config.json").read_text())
     (folder / "model_config.json").write_text(json.dumps({**mc, "retired_field": True}))
     with pytest.warns(UserWarning) as record:

@@ -1,5 +1,6 @@
 """scripts/compare_runs.py and tinyllama.compare on fabricated run folders (the run-folder
 contract alone: config.yaml, metrics.jsonl, launches.jsonl)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 # 1 layer, hidden 16, 2 query heads and 1 kv head of 8, MLP 32, vocab 64, tied head:
 # embeddings 64*16 + q,o 2*16*16 + k,v 2*16*8 + MLP 3*16*32 + norms 3*16 = 3376 parameters.
-TINY_MODEL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+TINY_MODEL = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+)
 TINY_PARAMS = 3376
 
 
@@ -28,8 +36,9 @@ def _compare_script():
     return module
 
 
-def make_run(folder: Path, overrides, losses, val_losses, tok_per_s=500.0, config=True,
-             tail: str = "") -> Path:
+def make_run(
+    folder: Path, overrides, losses, val_losses, tok_per_s=500.0, config=True, tail: str = ""
+) -> Path:
     """A run folder as the train loop writes it: one training line per 10 steps of 100 tokens
     each (1000 tokens per line), an evaluation line after every second training line."""
     folder.mkdir(parents=True)
@@ -50,13 +59,25 @@ def make_run(folder: Path, overrides, losses, val_losses, tok_per_s=500.0, confi
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     root = tmp_path / "lr"
-    make_run(root / "0_optim.lr=0.001", ["optim.lr=0.001", "train.max_steps=40"],
-             [5.0, 4.0, 3.5, 3.2], [4.1, 3.4])
-    make_run(root / "1_optim.lr=0.003", ["optim.lr=0.003", "train.max_steps=40"],
-             [5.0, 3.6, 3.0, 2.8], [3.7, 2.9], tok_per_s=250.0)
+    make_run(
+        root / "0_optim.lr=0.001", ["optim.lr=0.001", "train.max_steps=40"], [5.0, 4.0, 3.5, 3.2], [4.1, 3.4]
+    )
+    make_run(
+        root / "1_optim.lr=0.003",
+        ["optim.lr=0.003", "train.max_steps=40"],
+        [5.0, 3.6, 3.0, 2.8],
+        [3.7, 2.9],
+        tok_per_s=250.0,
+    )
     # Killed mid-write before its first evaluation, and its config.yaml never landed.
-    make_run(root / "2_optim.lr=0.01", ["optim.lr=0.01", "train.max_steps=40"],
-             [6.0], [], config=False, tail='{"step": 20, "lo')
+    make_run(
+        root / "2_optim.lr=0.01",
+        ["optim.lr=0.01", "train.max_steps=40"],
+        [6.0],
+        [],
+        config=False,
+        tail='{"step": 20, "lo',
+    )
     return root
 
 
@@ -82,7 +103,10 @@ def test_table_sorted_by_val_loss_with_differing_overrides(sweep: Path):
     table = markdown_table(load_runs([sweep]))
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split("|")[1].strip() for row in rows] == [
-        "1_optim.lr=0.003", "0_optim.lr=0.001", "2_optim.lr=0.01"]
+        "1_optim.lr=0.003",
+        "0_optim.lr=0.001",
+        "2_optim.lr=0.01",
+    ]
     assert rows[0].split("|")[2].strip() == "`optim.lr=0.003`"  # the shared override moves below
     assert "Overrides common to every run: `train.max_steps=40`" in table
     assert "| 3.38k | 4k | 2.8000 | 2.9000 | 250 | 16.0s |" in rows[0]
@@ -104,7 +128,7 @@ def test_script_defaults_write_beside_the_sweep(sweep: Path):
 
 
 def test_a_run_folder_holding_sweep_jobs_lists_both(tmp_path: Path):
-    make_run(tmp_path / "demo", [], [5.0, 4.0], [4.5])         # python train.py
+    make_run(tmp_path / "demo", [], [5.0, 4.0], [4.5])  # python train.py
     make_run(tmp_path / "demo" / "0", ["optim.lr=0.01"], [5.0, 3.0], [3.5])  # then a sweep, same name
     runs = load_runs([tmp_path / "demo"])
     assert [r.name for r in runs] == ["demo", "0"] and runs[1].val_loss == 3.5

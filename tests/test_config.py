@@ -1,5 +1,6 @@
 """Every shipped config composes with Hydra's compose API and validates; typos and wrong types are
 reported by name before anything runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,9 @@ def test_every_primary_config_composes_and_validates(config_name):
     cfg = _compose(config_name)
     job = to_job(cfg)
     # Every composed value reaches the typed job: none dropped, none left at a schema default.
-    assert (OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
-            == OmegaConf.to_container(cfg, resolve=True))
+    assert OmegaConf.to_container(OmegaConf.structured(job), resolve=True) == OmegaConf.to_container(
+        cfg, resolve=True
+    )
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -63,22 +65,28 @@ def test_the_default_is_the_cpu_demo():
     assert job.run.dir == "runs/demo"  # one folder for every rank, no timestamp
 
 
-@pytest.mark.parametrize("override, name", [
-    ("train.max_step=5", "max_step"),         # misspelt existing group key
-    ("optim.learning_rate=1", "learning_rate"),
-    ("model.hiden_size=64", "hiden_size"),
-])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        ("train.max_step=5", "max_step"),  # misspelt existing group key
+        ("optim.learning_rate=1", "learning_rate"),
+        ("model.hiden_size=64", "hiden_size"),
+    ],
+)
 def test_misspelt_keys_are_reported_by_name(override, name):
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
         to_job(_compose("train", [override]))
     assert name in str(e.value) + str(e.value.__cause__)
 
 
-@pytest.mark.parametrize("override, name", [
-    ("train.max_steps=ten", "max_steps"),
-    ("optim.lr=fast", "lr"),
-    ("train.compile=maybe", "compile"),
-])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        ("train.max_steps=ten", "max_steps"),
+        ("optim.lr=fast", "lr"),
+        ("train.compile=maybe", "compile"),
+    ],
+)
 def test_wrong_types_are_reported_by_name(override, name):
     with pytest.raises((ConfigCompositionException, ValidationError)) as e:
         to_job(_compose("train", [override]))
@@ -94,19 +102,36 @@ def test_a_typo_inside_a_yaml_file_is_reported_by_name(tmp_path):
 
 
 def test_bad_values_are_all_reported_at_once():
-    cfg = _compose("train", ["train.seq_len=100000", "optim.schedule=linear", "train.precision=fp8",
-                             "checkpoint.keep_last=0", "optim.beta2=1.5", "train.log_every=0"])
+    cfg = _compose(
+        "train",
+        [
+            "train.seq_len=100000",
+            "optim.schedule=linear",
+            "train.precision=fp8",
+            "checkpoint.keep_last=0",
+            "optim.beta2=1.5",
+            "train.log_every=0",
+        ],
+    )
     with pytest.raises(ConfigError) as e:
         to_job(cfg)
     msg = str(e.value)
-    for key in ("train.seq_len=100000", "optim.schedule='linear'", "train.precision='fp8'",
-                "checkpoint.keep_last=0", "optim.beta2=1.5", "train.log_every=0"):
+    for key in (
+        "train.seq_len=100000",
+        "optim.schedule='linear'",
+        "train.precision='fp8'",
+        "checkpoint.keep_last=0",
+        "optim.beta2=1.5",
+        "train.log_every=0",
+    ):
         assert key in msg
 
 
 def test_bad_sampling_settings_are_refused_before_any_checkpoint_is_loaded():
-    cfg = _compose("sample", ["sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5",
-                              "sample.repetition_penalty=0"])
+    cfg = _compose(
+        "sample",
+        ["sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5", "sample.repetition_penalty=0"],
+    )
     with pytest.raises(ConfigError) as e:
         to_job(cfg)
     for key in ("sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5", "sample.repetition_penalty=0"):

@@ -1,5 +1,6 @@
 """Evaluation: figures equal a direct computation, bits per byte by hand, the stage writes its
 results into the run folder and refuses missing or corrupt checkpoints without writing."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ def test_loss_and_loss_by_position_equal_a_direct_computation(saved_run):
     job, model, tok = saved_run
     docs = [TEXT, "Tom had a red ball. He liked it.", "The sun was hot and the sea was blue."] * 3
     windows = torch.cat([x for x, _ in text_batches(tok, docs, batch_size=2, seq_len=16)])  # (N, 16)
-    result = evaluate_loss(model, text_batches(tok, docs, 2, 16), "cpu", token_bytes=TokenBytes(tok),
-                           by_position=True)
+    result = evaluate_loss(
+        model, text_batches(tok, docs, 2, 16), "cpu", token_bytes=TokenBytes(tok), by_position=True
+    )
     ids = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
     full = torch.tensor(ids[: windows.shape[0] * 17]).view(-1, 17)  # x and its next tokens
     with torch.no_grad():  # the model's own shifted-label loss, one window at a time
@@ -43,8 +45,9 @@ def test_bits_per_byte_by_hand_on_a_small_text(saved_run):
     with torch.no_grad():
         nats = model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
     expected = nats / (math.log(2) * len(TEXT.encode("utf-8")))
-    result = evaluate_loss(model, text_batches(tok, [TEXT], 1, ids.shape[1] - 1), "cpu",
-                           token_bytes=TokenBytes(tok))
+    result = evaluate_loss(
+        model, text_batches(tok, [TEXT], 1, ids.shape[1] - 1), "cpu", token_bytes=TokenBytes(tok)
+    )
     assert result["bytes"] == len(TEXT.encode("utf-8"))
     assert result["bits_per_byte"] == pytest.approx(expected, rel=1e-6)
 
@@ -100,8 +103,13 @@ def test_missing_or_corrupt_checkpoints_are_refused_without_writing(saved_run, t
 
 
 def test_cli_prints_one_clear_error_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), f"run.dir={tmp_path / 'nope'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), f"run.dir={tmp_path / 'nope'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no checkpoint at") and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no run folder, no .hydra/, no outputs/

@@ -1,5 +1,6 @@
 """Hugging Face export and import, checked against transformers itself: equal logits, equal
 greedy text, equal token ids; transformers-made checkpoints import; bad folders are refused."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,26 @@ from tinyllama.model import LlamaConfig, LlamaForCausalLM
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-SHAPE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+SHAPE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 VARIANTS = {
     "llama_tied": dict(),
-    "llama_bias_linear_rope": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
-                                   rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "qwen2_sliding_window": dict(model_type="qwen2", sliding_window=8, max_window_layers=1,
-                                 tie_word_embeddings=False, rope_theta=1e6),
+    "llama_bias_linear_rope": dict(
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "qwen2_sliding_window": dict(
+        model_type="qwen2", sliding_window=8, max_window_layers=1, tie_word_embeddings=False, rope_theta=1e6
+    ),
 }
 
 
@@ -51,8 +64,14 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_text(tmp_path
     with torch.no_grad():
         assert rel_err(ours(x).logits, theirs(x).logits) < 1e-5
     prompt = x[:1, :6]
-    ref = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = theirs.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(generate(ours, prompt, max_new_tokens=12, temperature=0.0), ref)
     gen = json.loads((folder / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["temperature"] == 0.8
@@ -80,13 +99,26 @@ def test_exported_tokenizer_gives_our_ids_in_transformers(tmp_path, tiny_data):
 def test_import_of_a_transformers_checkpoint_round_trips(tmp_path, arch):
     hf_shape = dict(SHAPE, vocab_size=80)
     if arch == "llama":
-        cfg = transformers.LlamaConfig(**hf_shape, rope_parameters={"rope_type": "llama3", "factor": 4.0,
-                                       "rope_theta": 5e5, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 16})
+        cfg = transformers.LlamaConfig(
+            **hf_shape,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "rope_theta": 5e5,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
         theirs = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Qwen2Config(**hf_shape, use_sliding_window=True, sliding_window=8,
-                                       max_window_layers=1, tie_word_embeddings=True)
+        cfg = transformers.Qwen2Config(
+            **hf_shape,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        )
         theirs = transformers.Qwen2ForCausalLM(cfg)
     theirs.eval().save_pretrained(tmp_path / "hf")
     config, state = import_hf(tmp_path / "hf")
@@ -104,7 +136,9 @@ def test_import_of_a_transformers_checkpoint_round_trips(tmp_path, arch):
 def test_unsupported_or_broken_hf_folders_are_refused(tmp_path):
     folder = tmp_path / "gpt2"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     with pytest.raises(CheckpointError, match="model_type='gpt2'.*only Llama"):
         import_hf(folder)
     with pytest.raises(CheckpointError, match="no config.json"):

@@ -3,8 +3,8 @@ tensor (names, shapes, values in llama.cpp's RoPE layout) and metadata key of th
 the layout change is proven on the RoPE arithmetic, and what llama.cpp cannot run is refused.
 With llama-cpp-python installed (pip install llama-cpp-python; it builds from source): llama.cpp
 itself reproduces our token ids, logits and greedy text."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -17,16 +17,33 @@ from tinyllama.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
 gguf = pytest.importorskip("gguf")
 from tinyllama.export_gguf import export_gguf, interleave_rope_rows, modelfile  # noqa: E402
 
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=32)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 VARIANTS = {
     "llama_gqa_tied": dict(),
-    "llama_mha_untied_bias_linear_rope": dict(num_key_value_heads=None, tie_word_embeddings=False,
-                                              attention_bias=True, mlp_bias=True,
-                                              rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "llama_llama3_rope": dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 4.0,
-                              "low_freq_factor": 1.0, "high_freq_factor": 2.0,
-                              "original_max_position_embeddings": 64}),
+    "llama_mha_untied_bias_linear_rope": dict(
+        num_key_value_heads=None,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "llama_llama3_rope": dict(
+        rope_theta=5e5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 2.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "qwen2_bias_untied": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=1e6),
 }
 
@@ -58,9 +75,17 @@ def expected_tensors(model: LlamaForCausalLM) -> dict:
     """GGUF name -> float32 array llama.cpp must find, built from our weights by name rules
     written out here (not by the exporter's own name map)."""
     cfg = model.config
-    renames = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    renames = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     out = {}
     for key, t in model.state_dict().items():
         if key == "lm_head.weight":
@@ -75,7 +100,10 @@ def expected_tensors(model: LlamaForCausalLM) -> dict:
                 heads = cfg.num_attention_heads if "q_proj" in module else cfg.resolved_num_key_value_heads
                 t = interleave_rope_rows(t, heads)
         else:
-            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[key]
+            name = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+            }[key]
         out[name] = t.float().numpy()
     return out
 
@@ -101,10 +129,18 @@ def test_gguf_file_holds_every_tensor_and_key_of_the_checkpoint(tmp_path, sp_tok
     assert kv["general.architecture"] == arch and kv["general.name"] == "tiny"
     assert kv["general.file_type"] == gguf.LlamaFileType.ALL_F32
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    expected = {"context_length": 32, "embedding_length": 64, "block_count": 2, "feed_forward_length": 128,
-                "attention.head_count": 4, "attention.head_count_kv": cfg.resolved_num_key_value_heads,
-                "attention.key_length": head_dim, "attention.value_length": head_dim,
-                "rope.dimension_count": head_dim, "vocab_size": sp_tokenizer.vocab_size}
+    expected = {
+        "context_length": 32,
+        "embedding_length": 64,
+        "block_count": 2,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": cfg.resolved_num_key_value_heads,
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "rope.dimension_count": head_dim,
+        "vocab_size": sp_tokenizer.vocab_size,
+    }
     for key, value in expected.items():
         assert kv[f"{arch}.{key}"] == value, key
     assert kv[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5, rel=1e-6)
@@ -134,22 +170,28 @@ def test_gguf_vocabulary_is_the_sentencepiece_model(tmp_path, sp_tokenizer):
     assert kv["tokenizer.ggml.model"] == "llama"
     assert kv["tokenizer.ggml.tokens"][:n] == [sp.id_to_piece(i) for i in range(n)]
     assert len(kv["tokenizer.ggml.tokens"]) == n + 3 and kv["tokenizer.ggml.token_type"][n:] == [5] * 3
-    np.testing.assert_array_equal(np.float32(kv["tokenizer.ggml.scores"][:n]),
-                                  np.float32([sp.get_score(i) for i in range(n)]))
+    np.testing.assert_array_equal(
+        np.float32(kv["tokenizer.ggml.scores"][:n]), np.float32([sp.get_score(i) for i in range(n)])
+    )
     types = kv["tokenizer.ggml.token_type"]
     kinds = {2: sp.is_unknown, 3: sp.is_control, 6: sp.is_byte}  # GGUF's numbers
     for i in range(n):
         expected = next((k for k, is_kind in kinds.items() if is_kind(i)), 1)
         assert types[i] == expected, sp.id_to_piece(i)
     assert sum(t == 6 for t in types) == 256  # byte fallback pieces
-    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"],
-            kv["tokenizer.ggml.unknown_token_id"]) == (1, 2, 0)
+    assert (
+        kv["tokenizer.ggml.bos_token_id"],
+        kv["tokenizer.ggml.eos_token_id"],
+        kv["tokenizer.ggml.unknown_token_id"],
+    ) == (1, 2, 0)
     assert "tokenizer.ggml.padding_token_id" not in kv  # the preset has no <pad>
     assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.ggml.add_eos_token"] is False
     assert kv["tokenizer.ggml.add_space_prefix"] is True
     assert "tokenizer.chat_template" not in kv
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    path = export_gguf(model, tmp_path / "chat", tokenizer_path=sp_tokenizer.model_path, chat_template=template)
+    path = export_gguf(
+        model, tmp_path / "chat", tokenizer_path=sp_tokenizer.model_path, chat_template=template
+    )
     assert fields(gguf.GGUFReader(path))["tokenizer.chat_template"] == template
     assert "TEMPLATE" not in (path.parent / "Modelfile").read_text().replace("# TEMPLATE", "")
 
@@ -161,7 +203,10 @@ def test_gguf_dtypes_store_2d_weights_as_asked(tmp_path, sp_tokenizer, dtype):
     kind = {"float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}[dtype]
     assert path.name == f"model-{kind}.gguf"
     reader = gguf.GGUFReader(path)
-    assert fields(reader)["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{'F16' if kind == 'F16' else kind}"]
+    assert (
+        fields(reader)["general.file_type"]
+        == gguf.LlamaFileType[f"MOSTLY_{'F16' if kind == 'F16' else kind}"]
+    )
     for t in reader.tensors:
         want = expected_tensors(model)[t.name]
         got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(want.shape)
@@ -186,8 +231,15 @@ def test_interleaved_rows_turn_half_split_rope_into_llama_cpp_adjacent_pair_rope
     """llama.cpp's LLM_ARCH_LLAMA rotates channels (2i, 2i+1) by pos * inv_freq[i] (its "normal"
     RoPE); ours rotates (i, i + D/2). Rotating the reordered projection the llama.cpp way must
     give our rotated vector, reordered: then every q . k, hence attention, is unchanged."""
-    cfg = LlamaConfig(vocab_size=8, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
-                      intermediate_size=8, num_hidden_layers=1, max_position_embeddings=16)
+    cfg = LlamaConfig(
+        vocab_size=8,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        max_position_embeddings=16,
+    )
     heads, d, t = 2, 16, 12
     x = torch.randn(t, heads * d, generator=torch.Generator().manual_seed(0))  # q_proj outputs (T, H*D)
     pos = torch.arange(t)[None]
@@ -199,19 +251,29 @@ def test_interleaved_rows_turn_half_split_rope_into_llama_cpp_adjacent_pair_rope
     angle = pos[0, :, None, None] * inv_freq[None, None, :]  # (T, 1, D/2)
     a, b = y[..., 0], y[..., 1]
     theirs = torch.stack((a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()), -1)
-    torch.testing.assert_close(theirs.reshape(t, heads * d), interleave_rope_rows(ours.T, heads).T,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        theirs.reshape(t, heads * d), interleave_rope_rows(ours.T, heads).T, rtol=0, atol=1e-5
+    )
 
 
 def test_models_llama_cpp_cannot_run_are_refused_and_nothing_is_written(tmp_path, sp_tokenizer):
     v, tok = sp_tokenizer.vocab_size, sp_tokenizer.model_path
-    cases = {"dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-             "sliding window": dict(model_type="qwen2", sliding_window=8),
-             "rope_freqs for Llama only": dict(model_type="qwen2", rope_scaling={
-                 "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 16}),
-             "q/k/v biases only": dict(model_type="qwen2", mlp_bias=True),
-             "silu only": dict(hidden_act="gelu")}
+    cases = {
+        "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        "sliding window": dict(model_type="qwen2", sliding_window=8),
+        "rope_freqs for Llama only": dict(
+            model_type="qwen2",
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        "q/k/v biases only": dict(model_type="qwen2", mlp_bias=True),
+        "silu only": dict(hidden_act="gelu"),
+    }
     for match, overrides in cases.items():
         with pytest.raises(ConfigError, match=match):
             export_gguf(tiny_model(v, **overrides), tmp_path / "g", tokenizer_path=tok)
@@ -239,19 +301,44 @@ def test_a_normalizing_tokenizer_is_warned_about(tmp_path, sp_tokenizer):
     proto.normalizer_spec.remove_extra_whitespaces = True
     (tmp_path / "norm.model").write_bytes(proto.SerializeToString())
     with pytest.warns(UserWarning, match="llama.cpp applies no SentencePiece normalization"):
-        export_gguf(tiny_model(sp_tokenizer.vocab_size), tmp_path / "g", tokenizer_path=tmp_path / "norm.model")
+        export_gguf(
+            tiny_model(sp_tokenizer.vocab_size), tmp_path / "g", tokenizer_path=tmp_path / "norm.model"
+        )
 
 
 def test_modelfile_carries_the_template_stop_token_and_sampling_settings():
-    cfg = LlamaConfig(vocab_size=8, hidden_size=8, num_attention_heads=2, intermediate_size=8,
-                      num_hidden_layers=1, max_position_embeddings=256)
-    text = modelfile("demo-Q8_0.gguf", cfg, {"do_sample": True, "max_new_tokens": 200, "temperature": 0.8,
-                                             "top_p": 0.95, "repetition_penalty": 1.1}, None, "</s>")
+    cfg = LlamaConfig(
+        vocab_size=8,
+        hidden_size=8,
+        num_attention_heads=2,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        max_position_embeddings=256,
+    )
+    text = modelfile(
+        "demo-Q8_0.gguf",
+        cfg,
+        {
+            "do_sample": True,
+            "max_new_tokens": 200,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "repetition_penalty": 1.1,
+        },
+        None,
+        "</s>",
+    )
     lines = text.splitlines()
     assert "FROM ./demo-Q8_0.gguf" in lines and 'TEMPLATE """{{ .Prompt }}"""' in lines
-    for line in ('PARAMETER stop "</s>"', "PARAMETER num_ctx 256", "PARAMETER num_predict 200",
-                 "PARAMETER temperature 0.8", "PARAMETER top_p 0.95", "PARAMETER repeat_penalty 1.1",
-                 "PARAMETER top_k 0"):  # the run has no top-k: Ollama's default 40 is switched off
+    for line in (
+        'PARAMETER stop "</s>"',
+        "PARAMETER num_ctx 256",
+        "PARAMETER num_predict 200",
+        "PARAMETER temperature 0.8",
+        "PARAMETER top_p 0.95",
+        "PARAMETER repeat_penalty 1.1",
+        "PARAMETER top_k 0",
+    ):  # the run has no top-k: Ollama's default 40 is switched off
         assert line in lines
     greedy = modelfile("x.gguf", cfg, {"do_sample": False, "max_new_tokens": 5}, None, None).splitlines()
     assert "PARAMETER temperature 0" in greedy and not any("top_p" in line for line in greedy)
@@ -278,9 +365,13 @@ def test_export_gguf_stage_writes_the_run_into_its_gguf_folder(saved_run, capsys
 
 # ---- llama.cpp itself (llama-cpp-python) ----------------------------------------------------
 
+
 def llama_cpp_or_skip():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
-                               "(pip install llama-cpp-python; builds llama.cpp from source)")
+    return pytest.importorskip(
+        "llama_cpp",
+        reason="llama-cpp-python is not installed "
+        "(pip install llama-cpp-python; builds llama.cpp from source)",
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -301,7 +392,9 @@ def test_llama_cpp_tokenizes_like_sentencepiece(tmp_path, sp_tokenizer, tiny_dat
     from tinyllama.data import iter_documents
     from tinyllama.export_gguf import VERIFY_TEXTS
 
-    path = export_gguf(tiny_model(sp_tokenizer.vocab_size), tmp_path / "g", tokenizer_path=sp_tokenizer.model_path)
+    path = export_gguf(
+        tiny_model(sp_tokenizer.vocab_size), tmp_path / "g", tokenizer_path=sp_tokenizer.model_path
+    )
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
     texts = list(iter_documents(tiny_data[0], "val"))[:20] + list(VERIFY_TEXTS) + ["", " ", "\n\n  \t", "a"]
     for text in texts:

@@ -1,6 +1,7 @@
 """FastDecoder (the packed-weight decoding path of generate) equals the model's own forward: that
 equality is its contract. Also: it follows every change of the weights, writes the cache only
 through KVCache, and generate names the path it decodes with."""
+
 from __future__ import annotations
 
 import io
@@ -16,20 +17,34 @@ from tinyllama.model.mlp import MLP
 from tinyllama.model.norm import RMSNorm
 
 VOCAB = 80
-BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=32)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+)
 CASES = {
     "mha": {},
     "gqa": {"num_key_value_heads": 2},
     "mqa, untied": {"num_key_value_heads": 1, "tie_word_embeddings": False},
     "llama biases": {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 2},
     "qwen2 q/k/v bias": {"model_type": "qwen2", "num_key_value_heads": 2},
-    "llama3 rope past the context": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 16},
-                                     "max_position_embeddings": 16},
-    "dynamic rope past the context": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
-                                      "max_position_embeddings": 16},
+    "llama3 rope past the context": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        "max_position_embeddings": 16,
+    },
+    "dynamic rope past the context": {
+        "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+        "max_position_embeddings": 16,
+    },
     "gelu": {"hidden_act": "gelu"},
 }
 
@@ -52,7 +67,7 @@ def step_logits(model, step, prompt: torch.Tensor, new_tokens: torch.Tensor, mas
     for i in range(new_tokens.shape[1]):
         step_mask = None if mask is None else mask[:, : T + i + 1]
         pos = None if positions is None else positions[:, -1:] + i + 1
-        out.append(step(new_tokens[:, i:i + 1], step_mask, pos, cache))
+        out.append(step(new_tokens[:, i : i + 1], step_mask, pos, cache))
     return out
 
 
@@ -107,18 +122,24 @@ def test_packed_weights_follow_weight_changes():
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)  # an in-place change, as an optimizer makes
     assert FastDecoder.for_model(model) is not first
-    assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    assert torch.equal(
+        generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False)
+    )
     second = FastDecoder.for_model(model)
     model.model.layers[1].mlp.act_fn = torch.nn.Tanh()  # a swapped module, no parameter touched
     assert FastDecoder.for_model(model) is not second
-    assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    assert torch.equal(
+        generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False)
+    )
     third = FastDecoder.for_model(model)
     model.model.layers[1].self_attn.q_proj.weight.data[0, 0] += 1.0  # a write no autograd sees
     assert FastDecoder.for_model(model) is not third
     fourth = FastDecoder.for_model(model)
     model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach() * 2)  # replaced
     assert FastDecoder.for_model(model) is not fourth
-    assert torch.equal(generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False))
+    assert torch.equal(
+        generate(model, prompt, 8, temperature=0.0), generate(model, prompt, 8, temperature=0.0, fast=False)
+    )
     # The packed copy lives beside the model, not in it: saving the model saves its weights once.
     assert saved_size(model) < 1.2 * saved_size(make_model())
 
@@ -172,7 +193,8 @@ def test_the_decoding_path_is_logged_by_name(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "decoding steps run through fast_decode.FastDecoder (NumPy, packed weights)",
         "decoding steps run through the model's forward (fast=False)",
-        "decoding steps run through the model's forward (weights not float32 on the CPU)"]
+        "decoding steps run through the model's forward (weights not float32 on the CPU)",
+    ]
 
 
 def test_unknown_parts_and_sliding_windows_use_the_model_itself():
@@ -204,4 +226,6 @@ def test_a_full_cache_grows_and_prompts_are_refused():
         with pytest.raises(ValueError, match="run the prompt through the model"):
             decoder(prompt, None, None, cache)  # several tokens: a prompt
         with pytest.raises(ValueError, match="run the prompt through the model"):
-            decoder(prompt[:, -1:], None, None, KVCache(model.config, 1, 6, dtype=torch.float32))  # empty cache
+            decoder(
+                prompt[:, -1:], None, None, KVCache(model.config, 1, 6, dtype=torch.float32)
+            )  # empty cache

@@ -1,5 +1,6 @@
 """generate(): cached decoding equals full recomputation, left-padded batches equal single
 prompts, seeds reproduce, filters never leave their allowed set, EOS stops."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,16 @@ VOCAB = 64
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def model(request) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation=request.param)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=request.param,
+    )
     m = LlamaForCausalLM(cfg).eval()
     # Larger weights than the 0.02 init: sharper logits, so greedy paths vary between prompts.
     with torch.no_grad():
@@ -49,13 +57,20 @@ def test_left_padded_batch_equals_one_by_one(model, repetition_penalty):
     batch = torch.zeros(len(prompts), T, dtype=torch.long)  # pad id 0, never attended to
     mask = torch.zeros_like(batch)
     for i, p in enumerate(prompts):
-        batch[i, T - len(p):], mask[i, T - len(p):] = p, 1
-    out = generate(model, batch, max_new_tokens=10, temperature=0.0, attention_mask=mask,
-                   repetition_penalty=repetition_penalty)
+        batch[i, T - len(p) :], mask[i, T - len(p) :] = p, 1
+    out = generate(
+        model,
+        batch,
+        max_new_tokens=10,
+        temperature=0.0,
+        attention_mask=mask,
+        repetition_penalty=repetition_penalty,
+    )
     for i, p in enumerate(prompts):
-        alone = generate(model, p[None], max_new_tokens=10, temperature=0.0,
-                         repetition_penalty=repetition_penalty)
-        assert torch.equal(out[i, T - len(p):], alone[0]), f"row {i}"
+        alone = generate(
+            model, p[None], max_new_tokens=10, temperature=0.0, repetition_penalty=repetition_penalty
+        )
+        assert torch.equal(out[i, T - len(p) :], alone[0]), f"row {i}"
 
 
 def test_sampling_is_reproducible_with_a_seed(model):
@@ -74,8 +89,8 @@ def test_eos_stops_generation_and_fills_finished_rows(model):
     stop = [row.index(eos) + 1 if eos in row else 12 for row in free]  # new tokens until EOS
     assert out.shape[1] == 5 + max(stop)  # stops once every row has produced EOS
     for r in range(2):
-        assert out[r, 5:5 + stop[r]].tolist() == free[r][: stop[r]]
-        assert (out[r, 5 + stop[r]:] == eos).all()  # a finished row keeps emitting EOS
+        assert out[r, 5 : 5 + stop[r]].tolist() == free[r][: stop[r]]
+        assert (out[r, 5 + stop[r] :] == eos).all()  # a finished row keeps emitting EOS
 
 
 def test_stream_yields_the_tokens_generate_returns(model):
@@ -95,8 +110,15 @@ def test_repetition_penalty_discourages_seen_tokens(model):
 
 
 def _draw(logits: torch.Tensor, n: int, **kw) -> set:
-    tokens = _next_token(logits.expand(n, -1).clone(), kw.pop("temperature", 1.0), kw.pop("top_k", None),
-                         kw.pop("top_p", None), 1.0, None, torch.Generator().manual_seed(0))
+    tokens = _next_token(
+        logits.expand(n, -1).clone(),
+        kw.pop("temperature", 1.0),
+        kw.pop("top_k", None),
+        kw.pop("top_p", None),
+        1.0,
+        None,
+        torch.Generator().manual_seed(0),
+    )
     return set(tokens.tolist())
 
 
@@ -118,8 +140,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_temperature_sampling_follows_the_softmax():
     logits = torch.tensor([[1.0, 0.0, -1.0]])
     n = 40000
-    tokens = _next_token(logits.expand(n, -1).clone(), 2.0, None, None, 1.0, None,
-                         torch.Generator().manual_seed(0))
+    tokens = _next_token(
+        logits.expand(n, -1).clone(), 2.0, None, None, 1.0, None, torch.Generator().manual_seed(0)
+    )
     freq = torch.bincount(tokens, minlength=3).float() / n
     assert torch.allclose(freq, torch.softmax(logits[0] / 2.0, -1), atol=0.01)
 

@@ -1,5 +1,6 @@
 """scripts/gpu_check.py on a machine without a GPU: the CUDA-only checks say why they are
 skipped, the checks that can run on a CPU pass, and a failing check fails the run."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +33,7 @@ def lines_of(capsys) -> dict:
 
 def test_on_cpu_the_cuda_checks_skip_with_a_reason_and_the_rest_pass(gpu_check, capsys, tmp_path):
     checks = "cuda,train_fp16,sdpa,throughput,fused_adamw,grad_checkpointing"
-    code = gpu_check.main(["--device", "cpu", "--only", checks, "--steps", "3",
-                           "--workdir", str(tmp_path)])
+    code = gpu_check.main(["--device", "cpu", "--only", checks, "--steps", "3", "--workdir", str(tmp_path)])
     lines = lines_of(capsys)
     assert code == 0 and list(lines) == checks.split(",")
     for name in ("cuda", "train_fp16", "sdpa", "throughput"):
@@ -52,14 +52,12 @@ def test_without_cuda_the_cuda_check_fails_and_the_others_wait_for_it(gpu_check,
     assert "no CUDA device is visible" in lines["train_bf16"][1]
 
 
-def test_a_failing_check_is_reported_and_the_next_still_runs(gpu_check, capsys, monkeypatch,
-                                                             tmp_path):
+def test_a_failing_check_is_reported_and_the_next_still_runs(gpu_check, capsys, monkeypatch, tmp_path):
     def broken(ctx):
         raise AssertionError("losses differ by 1e-1")
 
     monkeypatch.setitem(gpu_check.CHECKS, "fused_adamw", broken)
-    code = gpu_check.main(["--device", "cpu", "--only", "fused_adamw,cuda", "--workdir",
-                           str(tmp_path)])
+    code = gpu_check.main(["--device", "cpu", "--only", "fused_adamw,cuda", "--workdir", str(tmp_path)])
     lines = lines_of(capsys)
     assert code == 1 and lines["fused_adamw"][0] == "FAIL"
     assert "losses differ" in lines["fused_adamw"][1] and lines["cuda"][0] == "SKIP"

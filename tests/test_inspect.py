@@ -1,5 +1,6 @@
 """Course tooling: exact parameter counts of the real presets, the FLOP formula against a hand
 count and against torch's own FLOP counter, the shape trace, and the CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tinyllama.cli import CONFIG_DIR, to_job
 from tinyllama.errors import ConfigError
-from tinyllama.inspection import (COMPONENTS, build_meta_model, choose_trace_device, count_parameters,
-                               flops_per_token, memory_estimate, trace_shapes, trace_tensors)
+from tinyllama.inspection import (
+    COMPONENTS,
+    build_meta_model,
+    choose_trace_device,
+    count_parameters,
+    flops_per_token,
+    memory_estimate,
+    trace_shapes,
+    trace_tensors,
+)
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,9 +31,16 @@ REPO = Path(__file__).resolve().parent.parent
 # Hand-countable shape: C=8, H=2 query heads of D=4, one KV head (MQA), I=12, V=10, L=2, tied.
 #   per layer: attention q 8*8 + k 8*4 + v 8*4 + o 8*8 = 192, mlp 3*8*12 = 288, norms 2*8 = 16
 #   total = embeddings 80 + 2 * (192 + 288 + 16) + final norm 8 = 1080 (tied head: 0 more)
-HAND = dict(vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-            tie_word_embeddings=True)
+HAND = dict(
+    vocab_size=10,
+    hidden_size=8,
+    intermediate_size=12,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=16,
+    tie_word_embeddings=True,
+)
 
 
 def preset(name: str) -> LlamaConfig:
@@ -32,8 +48,9 @@ def preset(name: str) -> LlamaConfig:
         return to_job(compose(config_name="inspect", overrides=[f"model={name}"])).model
 
 
-@pytest.mark.parametrize("name, total", [("llama2_7b", 6_738_415_616), ("llama3_8b", 8_030_261_248),
-                                         ("qwen2_0_5b", 494_032_768)])
+@pytest.mark.parametrize(
+    "name, total", [("llama2_7b", 6_738_415_616), ("llama3_8b", 8_030_261_248), ("qwen2_0_5b", 494_032_768)]
+)
 def test_exact_parameter_counts_of_real_presets(name, total):
     config = preset(name)
     counts = count_parameters(config)
@@ -48,8 +65,15 @@ def test_exact_parameter_counts_of_real_presets(name, total):
 
 def test_component_counts_by_hand():
     counts = count_parameters(LlamaConfig(**HAND))
-    assert counts == {"embeddings": 80, "attention": 2 * 192, "mlp": 2 * 288, "norms": 2 * 16 + 8,
-                      "head": 0, "total": 1080, "non_embedding": 1000}
+    assert counts == {
+        "embeddings": 80,
+        "attention": 2 * 192,
+        "mlp": 2 * 288,
+        "norms": 2 * 16 + 8,
+        "head": 0,
+        "total": 1080,
+        "non_embedding": 1000,
+    }
     untied = count_parameters(LlamaConfig(**{**HAND, "tie_word_embeddings": False}))
     assert untied["head"] == 80 and untied["total"] == 1160
 
@@ -91,8 +115,15 @@ def test_memory_estimate_bytes():
     assert est["bf16"]["total"] == 17280 // 2
 
 
-GQA = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+GQA = dict(
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 
 
 def test_trace_shapes_gqa():
@@ -100,19 +131,36 @@ def test_trace_shapes_gqa():
     shapes = dict(trace)
     layer0 = [name.split(".", 3)[3] for name, _ in trace if name.startswith("model.layers.0.")]
     assert layer0 == [
-        "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-        "self_attn.q_heads", "self_attn.k_heads", "self_attn.v_heads", "self_attn.q_rope",
-        "self_attn.k_rope", "self_attn.k_repeat_kv", "self_attn.v_repeat_kv", "self_attn.attn_weights",
-        "self_attn.attn_output_heads", "self_attn.attn_output", "self_attn.o_proj", "residual_attn",
-        "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "residual_mlp"]
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.q_heads",
+        "self_attn.k_heads",
+        "self_attn.v_heads",
+        "self_attn.q_rope",
+        "self_attn.k_rope",
+        "self_attn.k_repeat_kv",
+        "self_attn.v_repeat_kv",
+        "self_attn.attn_weights",
+        "self_attn.attn_output_heads",
+        "self_attn.attn_output",
+        "self_attn.o_proj",
+        "residual_attn",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "residual_mlp",
+    ]
     assert [n for n, _ in trace[:2]] == ["input_ids", "model.embed_tokens"]
     assert [n for n, _ in trace[-2:]] == ["model.norm", "lm_head"]
     p = "model.layers.1.self_attn."
-    assert shapes[p + "k_proj"] == (2, 5, 8)               # (B, T, KV*D)
-    assert shapes[p + "k_heads"] == (2, 2, 5, 4)           # (B, KV, T, D): before repeat_kv
+    assert shapes[p + "k_proj"] == (2, 5, 8)  # (B, T, KV*D)
+    assert shapes[p + "k_heads"] == (2, 2, 5, 4)  # (B, KV, T, D): before repeat_kv
     assert shapes[p + "k_rope"] == (2, 2, 5, 4)
-    assert shapes[p + "k_repeat_kv"] == (2, 4, 5, 4)       # (B, H, T, D): after
-    assert shapes[p + "attn_weights"] == (2, 4, 5, 5)      # (B, H, T, T)
+    assert shapes[p + "k_repeat_kv"] == (2, 4, 5, 4)  # (B, H, T, D): after
+    assert shapes[p + "attn_weights"] == (2, 4, 5, 5)  # (B, H, T, T)
     assert shapes[p + "attn_output"] == (2, 5, 16)
     assert shapes["model.layers.1.mlp.up_proj"] == (2, 5, 24)
     assert shapes["lm_head"] == (2, 5, 50)
@@ -151,7 +199,11 @@ def test_big_models_trace_on_meta_or_refuse():
 def test_cli_prints_tree_counts_and_trace_without_writing_files(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "inspect_model.py"), "model=tiny", "inspect.trace=true"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("LlamaForCausalLM(\n  (model): LlamaModel(")

@@ -8,6 +8,7 @@ The rules (README, "Layout"):
 - imports of package modules sit at the top of a module, except in the entry points and the few
   places listed in FUNCTION_LEVEL, each with its reason.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,8 +19,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinyllama"
 
-STAGES = {"tinyllama.evaluate", "tinyllama.sample", "tinyllama.export", "tinyllama.export_gguf",
-          "tinyllama.inspection", "tinyllama.compare", "tinyllama.cli"}
+STAGES = {
+    "tinyllama.evaluate",
+    "tinyllama.sample",
+    "tinyllama.export",
+    "tinyllama.export_gguf",
+    "tinyllama.inspection",
+    "tinyllama.compare",
+    "tinyllama.cli",
+}
 
 # Entry points import each stage when it is asked for, so that `--help` and each stage start fast.
 ENTRY_POINTS = {"tinyllama.cli", "tinyllama.course.__main__"}
@@ -43,22 +51,28 @@ def _imports(path: Path) -> List[Tuple[str, bool]]:
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and ast.unparse(child.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            if isinstance(child, ast.If) and ast.unparse(child.test) in (
+                "TYPE_CHECKING",
+                "typing.TYPE_CHECKING",
+            ):
                 continue  # annotations only: never imported at run time
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.Import):
                 found.extend((a.name, in_function) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
-                    base = package[:len(package) - (child.level - 1)]
+                    base = package[: len(package) - (child.level - 1)]
                     target = ".".join(base + ([child.module] if child.module else []))
                 else:
                     target = child.module or ""
                 found.append((target, in_function))
                 # `from tinyllama.data import loader` imports the submodule tinyllama.data.loader
-                found.extend((f"{target}.{a.name}", in_function) for a in child.names
-                             if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).exists()
-                             or (PACKAGE.parent / (f"{target}.{a.name}".replace(".", "/") + ".py")).exists())
+                found.extend(
+                    (f"{target}.{a.name}", in_function)
+                    for a in child.names
+                    if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).exists()
+                    or (PACKAGE.parent / (f"{target}.{a.name}".replace(".", "/") + ".py")).exists()
+                )
             visit(child, inside)
 
     visit(ast.parse(path.read_text()), False)
@@ -96,7 +110,7 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 walk(nxt, path + [nxt])
         state[node] = 2
@@ -107,12 +121,15 @@ def test_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("layer, forbidden", [
-    ("tinyllama.model", None),  # None: everything of the package but tinyllama.errors
-    ("tinyllama.data", ("tinyllama.train", *STAGES)),
-    ("tinyllama.tokenizer", ("tinyllama.train", *STAGES)),
-    *[(stage, ("tinyllama.train",)) for stage in sorted(STAGES - {"tinyllama.cli"})],
-])
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("tinyllama.model", None),  # None: everything of the package but tinyllama.errors
+        ("tinyllama.data", ("tinyllama.train", *STAGES)),
+        ("tinyllama.tokenizer", ("tinyllama.train", *STAGES)),
+        *[(stage, ("tinyllama.train",)) for stage in sorted(STAGES - {"tinyllama.cli"})],
+    ],
+)
 def test_layer_imports(layer, forbidden):
     wrong = []
     for module, imports in GRAPH.items():
@@ -129,8 +146,15 @@ def test_layer_imports(layer, forbidden):
 
 
 def test_function_level_imports_are_the_listed_few():
-    found = {(module, target) for module, imports in GRAPH.items() if module not in ENTRY_POINTS
-             for target, in_function in imports if in_function}
-    assert found <= set(FUNCTION_LEVEL), "import these at the top of the module (or list them " \
-        "in FUNCTION_LEVEL with the reason):\n" + "\n".join(
-            f"{m}: {t}" for m, t in sorted(found - set(FUNCTION_LEVEL)))
+    found = {
+        (module, target)
+        for module, imports in GRAPH.items()
+        if module not in ENTRY_POINTS
+        for target, in_function in imports
+        if in_function
+    }
+    assert found <= set(FUNCTION_LEVEL), (
+        "import these at the top of the module (or list them "
+        "in FUNCTION_LEVEL with the reason):\n"
+        + "\n".join(f"{m}: {t}" for m, t in sorted(found - set(FUNCTION_LEVEL)))
+    )

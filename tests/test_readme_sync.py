@@ -6,6 +6,7 @@ README_zh.md names the English heading each of its headings translates on the li
 the other is reported by name and line. Commands are the lines of ```bash and ```python
 blocks with their `#` comments removed (the comments are translated, the code is not).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -21,14 +22,18 @@ EN_MARK = re.compile(r"<!--\s*en:\s*(.*?)\s*-->$")
 
 @dataclass
 class Section:
-    level: int          # 1 for "#", 2 for "##", ...; 0 for the text before the first heading
+    level: int  # 1 for "#", 2 for "##", ...; 0 for the text before the first heading
     title: str
     line: int
-    en: Optional[str] = None     # README_zh.md: the README.md heading this one translates
+    en: Optional[str] = None  # README_zh.md: the README.md heading this one translates
     commands: List[str] = field(default_factory=list)
 
     def show(self) -> str:
-        return f"'{'#' * self.level} {self.title}' (line {self.line})" if self.level else "the top (before any heading)"
+        return (
+            f"'{'#' * self.level} {self.title}' (line {self.line})"
+            if self.level
+            else "the top (before any heading)"
+        )
 
 
 def _command(line: str) -> str:
@@ -64,16 +69,21 @@ def parse(text: str) -> List[Section]:
     return sections
 
 
-def sync_problems(en_text: str, zh_text: str, en_name: str = "README.md",
-                  zh_name: str = "README_zh.md") -> List[str]:
+def sync_problems(
+    en_text: str, zh_text: str, en_name: str = "README.md", zh_name: str = "README_zh.md"
+) -> List[str]:
     """Everything that differs between the two READMEs' structure and commands, one line each."""
     en, zh = parse(en_text), parse(zh_text)
     titles = {e.title for e in en}
     for z in zh:
         if z.en is None and z.title in titles:  # kept as it is (a name), needs no mark
             z.en = z.title
-    problems = [f"{zh_name}: heading {z.show()} has no `<!-- en: ... -->` line right above it naming "
-                f"the {en_name} heading it translates" for z in zh if z.en is None]
+    problems = [
+        f"{zh_name}: heading {z.show()} has no `<!-- en: ... -->` line right above it naming "
+        f"the {en_name} heading it translates"
+        for z in zh
+        if z.en is None
+    ]
     zh = [z for z in zh if z.en is not None]
     matcher = difflib.SequenceMatcher(None, [e.title for e in en], [z.en for z in zh], autojunk=False)
     for op, e0, e1, z0, z1 in matcher.get_opcodes():
@@ -83,11 +93,15 @@ def sync_problems(en_text: str, zh_text: str, en_name: str = "README.md",
             continue
         for e in en[e0:e1]:
             after = f", after the translation of {en[e0 - 1].show()}" if e0 > 1 else ", at the top"
-            problems.append(f"{en_name} heading {e.show()} is missing from {zh_name}: translate that section "
-                            f"and put `<!-- en: {e.title} -->` above its heading{after}")
+            problems.append(
+                f"{en_name} heading {e.show()} is missing from {zh_name}: translate that section "
+                f"and put `<!-- en: {e.title} -->` above its heading{after}"
+            )
         for z in zh[z0:z1]:
-            problems.append(f"{zh_name} heading {z.show()} says it translates '{z.en}', which is not a "
-                            f"{en_name} heading at this place (renamed, moved or removed there?)")
+            problems.append(
+                f"{zh_name} heading {z.show()} says it translates '{z.en}', which is not a "
+                f"{en_name} heading at this place (renamed, moved or removed there?)"
+            )
     return problems
 
 
@@ -106,8 +120,9 @@ def _compare_section(e: Section, z: Section, en_name: str, zh_name: str) -> List
 
 
 def test_readme_zh_has_every_section_and_command_of_readme():
-    problems = sync_problems((REPO / "README.md").read_text(encoding="utf-8"),
-                             (REPO / "README_zh.md").read_text(encoding="utf-8"))
+    problems = sync_problems(
+        (REPO / "README.md").read_text(encoding="utf-8"), (REPO / "README_zh.md").read_text(encoding="utf-8")
+    )
     assert not problems, "README.md and README_zh.md differ:\n  " + "\n  ".join(problems)
 
 
@@ -152,7 +167,8 @@ def test_the_check_accepts_a_faithful_translation_and_names_what_is_missing():
     added = EN + "\n## Export\n\n```bash\ntool export \\\n    --out dir\n```\n"
     assert sync_problems(added, ZH) == [
         "README.md heading '## Export' (line 16) is missing from README_zh.md: translate that section and "
-        "put `<!-- en: Export -->` above its heading, after the translation of '## Use' (line 10)"]
+        "put `<!-- en: Export -->` above its heading, after the translation of '## Use' (line 10)"
+    ]
     # A command changed in one README only; a heading without its mark; a level changed.
     changed = ZH.replace("tool --help", "tool -h").replace("<!-- en: Use -->\n", "")
     problems = sync_problems(EN, changed.replace("## 安装", "### 安装"))
@@ -164,6 +180,8 @@ def test_the_check_accepts_a_faithful_translation_and_names_what_is_missing():
 
 
 def test_comments_and_continuations_do_not_count_as_commands():
-    sections = parse("## A\n\n```bash\n# only a comment\npython x.py a=1 \\\n    b=2   # both\n```\n"
-                     "```\nlayout   free text # not code\n```\n")
+    sections = parse(
+        "## A\n\n```bash\n# only a comment\npython x.py a=1 \\\n    b=2   # both\n```\n"
+        "```\nlayout   free text # not code\n```\n"
+    )
     assert sections[1].commands == ["python x.py a=1 b=2"]

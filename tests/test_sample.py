@@ -1,5 +1,6 @@
 """The sample stage: it streams what generate() produces, reads prompts from the shorthand and
 stdin, refuses or trims prompts longer than the context, and never prints half a character."""
+
 from __future__ import annotations
 
 import io
@@ -20,9 +21,17 @@ def test_sample_stage_streams_what_generate_produces(saved_run):
     texts = run_sampling(job, prompts=["Once upon a time"], out=out)
     ids = torch.tensor([tok.encode("Once upon a time", bos=True)])
     for i, text in enumerate(texts):
-        row = generate(model, ids, 12, job.sample.temperature, job.sample.top_k, job.sample.top_p,
-                       eos_token_id=tok.eos_id, seed=5 + i)[0].tolist()
-        row = row[: row.index(tok.eos_id, ids.shape[1])] if tok.eos_id in row[ids.shape[1]:] else row
+        row = generate(
+            model,
+            ids,
+            12,
+            job.sample.temperature,
+            job.sample.top_k,
+            job.sample.top_p,
+            eos_token_id=tok.eos_id,
+            seed=5 + i,
+        )[0].tolist()
+        row = row[: row.index(tok.eos_id, ids.shape[1])] if tok.eos_id in row[ids.shape[1] :] else row
         assert text == tok.decode(row)
         assert f"(seed {5 + i}) ---\n{text}\n" in out.getvalue()  # streamed pieces add up to the text
 

@@ -3,6 +3,7 @@ run end to end through `python train.py -m`, one run folder per job, with the de
 joblib and submitit launchers; Optuna study searches (hparams_search=) run end to end too:
 resumed, shared by concurrent copies, pruned, refused on bad input, surviving a crashed or a
 killed trial."""
+
 from __future__ import annotations
 
 import json
@@ -57,15 +58,22 @@ def _env() -> dict:
 
 
 def _train(args, cwd: Path, returncode: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == returncode, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
 def _final_val_loss(run: Path) -> float:
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "val_loss" in line]
+    evals = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line
+    ]
     return evals[-1]["val_loss"]
 
 
@@ -90,15 +98,18 @@ def test_grid_sweep_gives_each_job_its_own_run_folder(tiny_overrides, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, plugin", [("joblib", "hydra_joblib_launcher"),
-                                              ("submitit_local", "hydra_submitit_launcher")])
+@pytest.mark.parametrize(
+    "launcher, plugin", [("joblib", "hydra_joblib_launcher"), ("submitit_local", "hydra_submitit_launcher")]
+)
 def test_grid_sweep_runs_its_jobs_in_parallel_processes(tiny_overrides, tmp_path, launcher, plugin):
     """hydra/launcher=joblib (local processes) and submitit (submitit_slurm on a cluster,
     submitit_local here): the jobs still get numbered run folders of their own."""
     pytest.importorskip(f"hydra_plugins.{plugin}")
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
-    _train(["-m", "optim.lr=1e-3,3e-3", "run.name=par", f"hydra/launcher={launcher}", *extra,
-            *tiny_overrides], tmp_path)
+    _train(
+        ["-m", "optim.lr=1e-3,3e-3", "run.name=par", f"hydra/launcher={launcher}", *extra, *tiny_overrides],
+        tmp_path,
+    )
     sweep = tmp_path / "runs" / "par"
     for job, lr in (("0", 1e-3), ("1", 3e-3)):
         cfg = yaml.safe_load((sweep / job / "config.yaml").read_text())
@@ -110,6 +121,7 @@ def test_grid_sweep_runs_its_jobs_in_parallel_processes(tiny_overrides, tmp_path
 
 # ---------------------------------------------------------------------------- Optuna studies
 
+
 def _has_optuna() -> bool:
     try:
         import optuna
@@ -120,9 +132,16 @@ def _has_optuna() -> bool:
 
 needs_optuna = pytest.mark.skipif(not _has_optuna(), reason='needs pip install -e ".[sweep]"')
 
+
 def _search(name, tiny_overrides, *extra):
-    return ["-m", "hparams_search=optuna_lr", f"run.name={name}", *tiny_overrides,
-            "optim.warmup_steps=0", *extra]
+    return [
+        "-m",
+        "hparams_search=optuna_lr",
+        f"run.name={name}",
+        *tiny_overrides,
+        "optim.warmup_steps=0",
+        *extra,
+    ]
 
 
 def _trials(sweep: Path) -> list:
@@ -158,8 +177,9 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_overri
     experiment.mkdir(parents=True)
     (experiment / "res_best.yaml").write_text((sweep / "best.yaml").read_text())
     assert (sweep / "best.yaml").read_text().startswith("# @package _global_")
-    _train([f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "experiment=res_best",
-            "run.name=again"], tmp_path)
+    _train(
+        [f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "experiment=res_best", "run.name=again"], tmp_path
+    )
     trial_cfg = yaml.safe_load((sweep / "0" / "config.yaml").read_text())
     assert trial_cfg["logger"]["group"] == "res"  # hydra.sweeper.params' fixed values apply
     again = yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())
@@ -168,8 +188,7 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_overri
 
     # The same study with another search space is refused before any trial, nothing changed.
     db = (sweep / "study.db").read_bytes()
-    proc = _train([*args, "hydra.sweeper.n_trials=4", "optim.lr=choice(1e-3,2e-3)"],
-                  tmp_path, returncode=2)
+    proc = _train([*args, "hydra.sweeper.n_trials=4", "optim.lr=choice(1e-3,2e-3)"], tmp_path, returncode=2)
     assert "already exists with a different search" in proc.stderr and "optim.lr" in proc.stderr
     assert (sweep / "study.db").read_bytes() == db and not (sweep / "3").exists()
 
@@ -178,10 +197,17 @@ def test_study_resumes_to_n_trials_and_best_yaml_reproduces_the_best(tiny_overri
 @pytest.mark.slow
 def test_two_copies_started_together_share_the_study(tiny_overrides, tmp_path):
     """No trial runs twice: each number is launched by one copy, and no two share a point."""
-    cmd = [sys.executable, str(REPO / "train.py"),
-           *_search("shared", tiny_overrides, "hydra.sweeper.n_trials=4")]
-    copies = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *_search("shared", tiny_overrides, "hydra.sweeper.n_trials=4"),
+    ]
+    copies = [
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [c.communicate(timeout=300) for c in copies]
     assert [c.returncode for c in copies] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     launched = [_launched(out) for out, _ in outputs]
@@ -196,12 +222,20 @@ def test_two_copies_started_together_share_the_study(tiny_overrides, tmp_path):
 @pytest.mark.slow
 def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_overrides, tmp_path):
     # Grid order is the sampler's (seeded); the median pruner needs one finished trial first.
-    args = _search("prune", tiny_overrides, "train.max_steps=6", "eval.every=2", "checkpoint.every=6",
-                   "hydra.sweeper.sampler.name=grid", "~hydra.sweeper.sampler.n_startup_trials",
-                   "hydra.sweeper.sampler.seed=3", "hydra.sweeper.pruner.n_startup_trials=1",
-                   "optim.lr=choice(3e-3,2e-3,3.0)",
-                   "optim.warmup_steps=0",
-                   "optim.weight_decay=0.1")
+    args = _search(
+        "prune",
+        tiny_overrides,
+        "train.max_steps=6",
+        "eval.every=2",
+        "checkpoint.every=6",
+        "hydra.sweeper.sampler.name=grid",
+        "~hydra.sweeper.sampler.n_startup_trials",
+        "hydra.sweeper.sampler.seed=3",
+        "hydra.sweeper.pruner.n_startup_trials=1",
+        "optim.lr=choice(3e-3,2e-3,3.0)",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0.1",
+    )
     _train(args, tmp_path)
     sweep = tmp_path / "runs" / "prune"
     trials = _trials(sweep)
@@ -210,8 +244,11 @@ def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_overrides, tmp_path
     assert bad.state.name == "PRUNED" and sorted(bad.intermediate_values) == [2]
     summary = json.loads((sweep / str(bad.number) / "summary.json").read_text())
     assert summary["pruned"] is True
-    evals = [json.loads(line)["step"] for line in (sweep / str(bad.number) / "metrics.jsonl")
-             .read_text().splitlines() if "val_loss" in line]
+    evals = [
+        json.loads(line)["step"]
+        for line in (sweep / str(bad.number) / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
     assert evals == [0, 2]  # stopped there: no later step was trained
     good = [t for t in trials if t is not bad]
     assert [t.state.name for t in good] == ["COMPLETE"] * 2
@@ -223,10 +260,19 @@ def test_a_bad_learning_rate_is_pruned_at_an_evaluation(tiny_overrides, tmp_path
 @pytest.mark.slow
 def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_overrides, tmp_path):
     # 3 heads cannot share 2 key/value heads: that trial's config is refused when it starts.
-    _train(_search("crash", tiny_overrides, "hydra.sweeper.sampler.name=grid",
-                   "hydra.sweeper.n_trials=2",
-                   "~hydra.sweeper.sampler.n_startup_trials", "optim.lr=1e-3",
-                   "optim.weight_decay=0.1", "model.num_attention_heads=choice(4,3)"), tmp_path)
+    _train(
+        _search(
+            "crash",
+            tiny_overrides,
+            "hydra.sweeper.sampler.name=grid",
+            "hydra.sweeper.n_trials=2",
+            "~hydra.sweeper.sampler.n_startup_trials",
+            "optim.lr=1e-3",
+            "optim.weight_decay=0.1",
+            "model.num_attention_heads=choice(4,3)",
+        ),
+        tmp_path,
+    )
     trials = {t.params["model.num_attention_heads"]: t for t in _trials(tmp_path / "runs" / "crash")}
     assert trials[3].state.name == "FAIL" and "status 2" in trials[3].user_attrs["error"]
     assert trials[4].state.name == "COMPLETE"
@@ -237,11 +283,14 @@ def test_a_crashing_trial_is_failed_with_its_error_and_the_study_goes_on(tiny_ov
 @needs_optuna
 @pytest.mark.slow
 def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_overrides, tmp_path):
-    args = _search("kill", tiny_overrides, "hydra.sweeper.heartbeat_interval=1",
-                   "hydra.sweeper.n_trials=2")
-    long = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "train.max_steps=100000"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = _search("kill", tiny_overrides, "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.n_trials=2")
+    long = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, "train.max_steps=100000"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "runs" / "kill" / "0" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not metrics.is_file() and time.monotonic() < deadline and long.poll() is None:
@@ -257,12 +306,15 @@ def test_a_killed_search_is_continued_and_its_trial_marked_failed(tiny_overrides
 
 
 @needs_optuna
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=interval(0.1,0.2)", "search keys not in the config: optim.lrr"),
-    ("hydra.sweeper.pruner.name=patient", "pruner.name='patient': choose one of"),
-    ("hydra.sweeper.sampler.name=cmaes", "sampler.name='cmaes': choose one of"),
-    ("hydra.sweeper.storage=sqlite:////no/such/folder/study.db", "cannot open the study storage"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=interval(0.1,0.2)", "search keys not in the config: optim.lrr"),
+        ("hydra.sweeper.pruner.name=patient", "pruner.name='patient': choose one of"),
+        ("hydra.sweeper.sampler.name=cmaes", "sampler.name='cmaes': choose one of"),
+        ("hydra.sweeper.storage=sqlite:////no/such/folder/study.db", "cannot open the study storage"),
+    ],
+)
 def test_bad_search_input_is_refused_before_any_trial(tmp_path, override, message):
     proc = _train(["-m", "hparams_search=optuna_lr", "run.name=bad", override], tmp_path, returncode=2)
     assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """Tokenizer: round trips without <unk>, Llama special ids, reuse, and clear errors."""
+
 import hashlib
 import json
 import os
@@ -52,13 +53,18 @@ def test_special_ids_digits_bos_eos(tok):
     assert tok.vocab_size == 512
     ids = tok.encode("Once", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "Once"
-    assert tok.encode_batch(["a b", "Once"], bos=True) == [tok.encode("a b", bos=True), tok.encode("Once", bos=True)]
+    assert tok.encode_batch(["a b", "Once"], bos=True) == [
+        tok.encode("a b", bos=True),
+        tok.encode("Once", bos=True),
+    ]
 
 
 @pytest.mark.parametrize("split_digits", [True, False])
 def test_split_digits(tmp_path, split_digits):
     data = _files_cfg(tmp_path, "In 2024 we had 2024 apples and 1999 pears.\n" * 50)
-    t = ensure_tokenizer(TokenizerConfig(name=f"d{split_digits}", vocab_size=300, split_digits=split_digits), data)
+    t = ensure_tokenizer(
+        TokenizerConfig(name=f"d{split_digits}", vocab_size=300, split_digits=split_digits), data
+    )
     pieces = [t.sp.id_to_piece(i) for i in t.encode("2024")]
     assert (pieces == ["\u2581", "2", "0", "2", "4"]) == split_digits
 
@@ -70,8 +76,9 @@ def test_fingerprint_is_hash_of_model_file(tok):
 
 def test_pad_and_user_symbols_and_unigram(tmp_path, tiny_data):
     data = DataConfig(name="syn", num_docs=100, root=str(tmp_path))
-    cfg = TokenizerConfig(name="u", vocab_size=400, model_type="unigram", pad_id=3,
-                          user_defined_symbols=["<|user|>"])
+    cfg = TokenizerConfig(
+        name="u", vocab_size=400, model_type="unigram", pad_id=3, user_defined_symbols=["<|user|>"]
+    )
     t = ensure_tokenizer(cfg, data)
     assert t.pad_id == 3 and t.sp.id_to_piece(3) == "<pad>"
     marker = t.sp.piece_to_id("<|user|>")
@@ -86,6 +93,7 @@ def test_reused_not_retrained_and_other_settings_refused(tmp_path, monkeypatch):
     first = ensure_tokenizer(cfg, data)
     mtime = os.stat(first.model_path).st_mtime_ns
     import tinyllama.tokenizer as module
+
     monkeypatch.setattr(module, "train_tokenizer", lambda *a: pytest.fail("retrained"))
     assert ensure_tokenizer(cfg, data).fingerprint == first.fingerprint
     cfg.vocab_size = 360
@@ -109,7 +117,9 @@ def test_vocab_too_small_gives_advice(tmp_path):
 
 def test_model_file_and_missing_model(tok, tmp_path):
     data = DataConfig(root=str(tmp_path))
-    assert ensure_tokenizer(TokenizerConfig(model_file=str(tok.model_path)), data).fingerprint == tok.fingerprint
+    assert (
+        ensure_tokenizer(TokenizerConfig(model_file=str(tok.model_path)), data).fingerprint == tok.fingerprint
+    )
     with pytest.raises(DataError, match="does not exist"):
         Tokenizer.load(tmp_path / "nope.model")
 

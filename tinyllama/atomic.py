@@ -9,6 +9,7 @@ Temporary folders are named `.tmp-<name>-<pid>`: hidden from the globs that find
 the pid lets the next build in the same folder delete what a killed writer left (SIGKILL runs no
 cleanup) without touching a folder that a live concurrent writer is still building.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def building_folder(out: Path, overwrite: bool = False,
-                    hint: str = "choose another folder, or allow overwriting it") -> Iterator[Path]:
+def building_folder(
+    out: Path, overwrite: bool = False, hint: str = "choose another folder, or allow overwriting it"
+) -> Iterator[Path]:
     """An empty folder beside `out` to build an artifact in; it becomes `out` when the block ends
     without an error, and is deleted (leaving `out` as it was) when the block raises.
 

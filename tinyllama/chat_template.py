@@ -26,6 +26,7 @@ data and checkpoints no longer match it), and the new embeddings would start unt
 learnt from the fine-tuning data alone. Every tokenizer preset carries the pieces instead, so
 any model pretrained with one can be fine-tuned for chat.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,8 @@ def require_chat_pieces(tokenizer: "Tokenizer") -> None:
             f"of a conversation. Pretrain the base model with a tokenizer that has them: "
             f"tokenizer.user_defined_symbols={list(CHAT_PIECES)} (every tokenizer preset has them), "
             f"then fine-tune that run. Pieces are not added to a trained tokenizer: its fingerprint, "
-            f"packed data and checkpoints would no longer match.")
+            f"packed data and checkpoints would no longer match."
+        )
 
 
 def end_of_turn_id(tokenizer: "Tokenizer") -> int:
@@ -99,8 +101,9 @@ def encode_text(tokenizer: "Tokenizer", text: str) -> List[int]:
     return ids
 
 
-def encode_conversation(tokenizer: "Tokenizer", messages: Sequence[Message],
-                        train_on: str = "assistant") -> Tuple[List[int], List[int]]:
+def encode_conversation(
+    tokenizer: "Tokenizer", messages: Sequence[Message], train_on: str = "assistant"
+) -> Tuple[List[int], List[int]]:
     """(input_ids, labels) of one conversation, both of length T.
 
     labels[t] is input_ids[t] where the token carries loss, else IGNORE_INDEX (the model shifts
@@ -124,8 +127,9 @@ def encode_conversation(tokenizer: "Tokenizer", messages: Sequence[Message],
     return input_ids, labels
 
 
-def apply_chat_template(tokenizer: "Tokenizer", messages: Sequence[Message],
-                        add_generation_prompt: bool = False) -> List[int]:
+def apply_chat_template(
+    tokenizer: "Tokenizer", messages: Sequence[Message], add_generation_prompt: bool = False
+) -> List[int]:
     """Ids of `messages` in the chat template (transformers' name and meaning). With
     add_generation_prompt the ids end with `<|assistant|>`, ready for the model to reply."""
     ids, _ = encode_conversation(tokenizer, messages)
@@ -150,8 +154,9 @@ def check_message(message: Message, index: int, where: str = "") -> Tuple[str, s
         raise DataError(f"{at} is {message!r}: each message needs 'role' and 'content'")
     role, content = message["role"], message["content"]
     if role not in ROLE_PIECES:
-        raise DataError(f"{at} has unknown role {role!r}: use one of {', '.join(ROLES)} "
-                        f"(rename it in the data)")
+        raise DataError(
+            f"{at} has unknown role {role!r}: use one of {', '.join(ROLES)} (rename it in the data)"
+        )
     if not isinstance(content, str):
         raise DataError(f"{at} ({role}) has content {content!r}: it must be a string")
     return role, content

@@ -20,6 +20,7 @@ A save builds the folder under a temporary name and renames it into place (tinyl
 then replaces the `latest` pointer, so a save killed at any moment leaves `latest` naming a
 complete checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file() and p.name in (LATEST, BEST):
         p = p.parent / p.read_text().strip()
     if not p.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: give a run folder (runs/<name>), its "
-                              "checkpoints/latest, or a checkpoints/step_<N> folder")
+        raise CheckpointError(
+            f"no checkpoint at {path}: give a run folder (runs/<name>), its "
+            "checkpoints/latest, or a checkpoints/step_<N> folder"
+        )
     return p
 
 
@@ -97,8 +100,10 @@ def _known_keys(data: Dict[str, Any], schema: type, folder: Path) -> Dict[str, A
     """Drop (with a warning) config keys this version no longer has, so older checkpoints load."""
     known, unknown = split_unknown(data, schema)
     if unknown:
-        warnings.warn(f"checkpoint {folder}: ignoring config keys this version does not know: "
-                      f"{', '.join(unknown)}")
+        warnings.warn(
+            f"checkpoint {folder}: ignoring config keys this version does not know: {', '.join(unknown)}",
+            stacklevel=2,
+        )
     return known
 
 
@@ -111,13 +116,16 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
     folder = resolve_checkpoint(path)
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
-                              "use an older checkpoints/step_<N> folder")
+        raise CheckpointError(
+            f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
+            "use an older checkpoints/step_<N> folder"
+        )
     meta = _read_json(folder / META)
     model_config = LlamaConfig(**_known_keys(_read_json(folder / MODEL_CONFIG), LlamaConfig, folder))
     try:
-        run_config = _known_keys(OmegaConf.to_container(OmegaConf.load(folder / RUN_CONFIG)),
-                                 JobConfig, folder)
+        run_config = _known_keys(
+            OmegaConf.to_container(OmegaConf.load(folder / RUN_CONFIG)), JobConfig, folder
+        )
         job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), run_config))
         state = load_file(folder / WEIGHTS)
     except Exception as e:  # truncated safetensors, bad YAML, wrong field types
@@ -126,16 +134,24 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
     trainer_state = None
     if train_state:
         if not (folder / TRAIN_STATE).is_file():
-            raise CheckpointError(f"checkpoint {folder} has no {TRAIN_STATE}: it holds weights only "
-                                  "and cannot be resumed (use init_from= to start from its weights)")
+            raise CheckpointError(
+                f"checkpoint {folder} has no {TRAIN_STATE}: it holds weights only "
+                "and cannot be resumed (use init_from= to start from its weights)"
+            )
         try:
             trainer_state = torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{folder / TRAIN_STATE} is corrupt: {type(e).__name__}: {e}") from e
     return LoadedCheckpoint(
-        path=folder, step=int(meta["step"]), tokens=int(meta.get("tokens", 0)),
-        val_loss=meta.get("val_loss"), model_config=model_config, job=job, model_state=state,
-        tokenizer_path=folder / TOKENIZER, tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
+        path=folder,
+        step=int(meta["step"]),
+        tokens=int(meta.get("tokens", 0)),
+        val_loss=meta.get("val_loss"),
+        model_config=model_config,
+        job=job,
+        model_state=state,
+        tokenizer_path=folder / TOKENIZER,
+        tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
         train_state=trainer_state,
     )
 
@@ -156,19 +172,28 @@ def config_differences(saved: LlamaConfig, current: LlamaConfig) -> List[str]:
     return [f"model.{k}: checkpoint {a[k]!r}, config {b[k]!r}" for k in a if a[k] != b.get(k)]
 
 
-def save_weights(path: Path, state: Dict[str, torch.Tensor], model_config: LlamaConfig,
-                 dtype: Optional[torch.dtype] = None) -> None:
+def save_weights(
+    path: Path, state: Dict[str, torch.Tensor], model_config: LlamaConfig, dtype: Optional[torch.dtype] = None
+) -> None:
     """Write `state` as Hugging Face stores it (checkpoints and the HF export share this): HF key
     names, a tied lm_head once (as model.embed_tokens.weight), contiguous CPU tensors, cast to
     `dtype` if given."""
-    tensors = {k: v.detach().to("cpu", dtype).contiguous()
-               for k, v in drop_tied_head(state, model_config).items()}
+    tensors = {
+        k: v.detach().to("cpu", dtype).contiguous() for k, v in drop_tied_head(state, model_config).items()
+    }
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, model_config: LlamaConfig,
-                    job: JobConfig, tokenizer_path: Path, meta: Dict[str, Any],
-                    train_state: Optional[Dict[str, Any]]) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    model_config: LlamaConfig,
+    job: JobConfig,
+    tokenizer_path: Path,
+    meta: Dict[str, Any],
+    train_state: Optional[Dict[str, Any]],
+) -> Path:
     """Write checkpoints/step_<step>/ atomically under `root` (a run's checkpoints/ folder) and
     point `latest` at it. `model` must be the unwrapped module (no DDP/compile wrapper)."""
     final = root / f"step_{step}"
@@ -193,8 +218,9 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step folders under `root` and the one with the lowest
     validation loss, which the `best` pointer then names."""
-    folders = sorted((p for p in root.glob("step_*") if (p / META).is_file()),
-                     key=lambda p: int(p.name.split("_")[1]))
+    folders = sorted(
+        (p for p in root.glob("step_*") if (p / META).is_file()), key=lambda p: int(p.name.split("_")[1])
+    )
     losses = {p: _read_json(p / META).get("val_loss") for p in folders}
     scored = [p for p in folders if losses[p] is not None]
     keep = set(folders[-keep_last:])
@@ -216,8 +242,11 @@ def load_for_inference(job: JobConfig, rope_type: Optional[str] = None, rope_fac
     if rope_type is not None:
         rope = {"rope_type": rope_type, "factor": float(rope_factor)}
         if rope_type == "llama3":
-            rope.update(low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=ckpt.model_config.max_position_embeddings)
+            rope.update(
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=ckpt.model_config.max_position_embeddings,
+            )
         ckpt.model_config = dataclasses.replace(ckpt.model_config, rope_scaling=rope)
     device = pick_device(job.run.device)
     return ckpt, build_model(ckpt, device), Tokenizer.load(ckpt.tokenizer_path), device

@@ -19,6 +19,7 @@ run never loads the training loop, the exports or the course tooling).
     python scripts/export_gguf.py run.dir=runs/demo export.dtype=q8_0
     python scripts/inspect_model.py model=llama2_7b
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,10 @@ def to_job(cfg: DictConfig) -> JobConfig:
     """DictConfig (composed by Hydra or by the compose API in tests) -> validated JobConfig."""
     _, unknown = split_unknown(OmegaConf.to_container(cfg, resolve=False))
     if unknown:  # `+key=value` gets past Hydra's struct check, and to_object would drop it
-        raise ConfigError(f"unknown config keys: {', '.join(unknown)}; see tinyllama/config.py "
-                          "for the keys each group takes (a misspelling?)")
+        raise ConfigError(
+            f"unknown config keys: {', '.join(unknown)}; see tinyllama/config.py "
+            "for the keys each group takes (a misspelling?)"
+        )
     job = OmegaConf.to_object(cfg)
     validate(job)
     return job
@@ -66,8 +69,10 @@ def job_config_args(job: JobConfig, folder: Path) -> list[str]:
     a JobConfig in other processes (torchrun)."""
     body = OmegaConf.to_yaml(OmegaConf.structured(job))
     (Path(folder) / "job.yaml").write_text(
-        "defaults:\n  - job_schema\n  - _self_\n" + body
-        + f"hydra:\n  run:\n    dir: {job.run.dir}\n  output_subdir: null\n")
+        "defaults:\n  - job_schema\n  - _self_\n"
+        + body
+        + f"hydra:\n  run:\n    dir: {job.run.dir}\n  output_subdir: null\n"
+    )
     return ["--config-dir", str(folder), "--config-name", "job"]
 
 
@@ -95,8 +100,7 @@ def train_main(job: JobConfig) -> float:
     Returns the final validation loss, so Hydra sweepers can minimise it."""
     from tinyllama.train.loop import run_training
 
-    return run_training(job, overrides=list(HydraConfig.get().overrides.task),
-                        on_eval=_search_trial_hook())
+    return run_training(job, overrides=list(HydraConfig.get().overrides.task), on_eval=_search_trial_hook())
 
 
 def _search_trial_hook() -> Callable[[int, float], bool] | None:
@@ -105,8 +109,11 @@ def _search_trial_hook() -> Callable[[int, float], bool] | None:
     from hydra.types import RunMode
 
     hc = HydraConfig.get() if HydraConfig.initialized() else None
-    if hc is None or hc.mode != RunMode.MULTIRUN or \
-            not str(hc.sweeper.get("_target_", "")).endswith(".StudySweeper"):
+    if (
+        hc is None
+        or hc.mode != RunMode.MULTIRUN
+        or not str(hc.sweeper.get("_target_", "")).endswith(".StudySweeper")
+    ):
         return None
     from tinyllama.search.trial import eval_reporter
 

@@ -13,6 +13,7 @@ From those:
 A run that is still going, crashed, or never evaluated still gets a row: what is missing is
 shown as "-" and explained in `RunSummary.notes`.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,14 +73,23 @@ def find_run_dirs(paths: Iterable[os.PathLike]) -> List[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
-            raise DataError(f"{path}: no such folder; pass run folders (runs/<name>) or a sweep "
-                            f"folder (runs/<sweep name>)")
-        runs = sorted({p.parent for p in path.rglob("*")
-                       if p.name in (METRICS, CONFIG) and not _inside_a_run(p.relative_to(path))},
-                      key=_natural_key)
+            raise DataError(
+                f"{path}: no such folder; pass run folders (runs/<name>) or a sweep "
+                f"folder (runs/<sweep name>)"
+            )
+        runs = sorted(
+            {
+                p.parent
+                for p in path.rglob("*")
+                if p.name in (METRICS, CONFIG) and not _inside_a_run(p.relative_to(path))
+            },
+            key=_natural_key,
+        )
         if not runs:
-            raise DataError(f"{path}: no run folder inside (a run folder holds {CONFIG} and "
-                            f"{METRICS}); did the run or sweep start?")
+            raise DataError(
+                f"{path}: no run folder inside (a run folder holds {CONFIG} and "
+                f"{METRICS}); did the run or sweep start?"
+            )
         found.extend(r for r in runs if r not in found)
     return found
 
@@ -91,8 +101,7 @@ def _inside_a_run(relative: Path) -> bool:
 
 def _natural_key(path: Path) -> List[object]:
     """Sort sweep jobs 0, 1, 2, ..., 10 rather than 0, 1, 10, 2."""
-    return [int(part) if part.isdigit() else part
-            for part in str(path).replace("_", "/").split("/")]
+    return [int(part) if part.isdigit() else part for part in str(path).replace("_", "/").split("/")]
 
 
 def load_runs(paths: Iterable[os.PathLike]) -> List[RunSummary]:
@@ -124,8 +133,9 @@ def _read_config(run: RunSummary) -> None:
         return
     try:
         # Keys this version no longer has are dropped, as the checkpoint loader does.
-        model, _ = split_unknown(OmegaConf.to_container(OmegaConf.load(run.path / CONFIG)["model"]),
-                                 LlamaConfig)
+        model, _ = split_unknown(
+            OmegaConf.to_container(OmegaConf.load(run.path / CONFIG)["model"]), LlamaConfig
+        )
         config = LlamaConfig(**model)
         run.parameters = count_parameters(config)["total"]
     except Exception as e:  # an older or hand-edited config: still show the run's losses
@@ -165,8 +175,7 @@ def _read_metrics(run: RunSummary) -> None:
         run.tok_per_s = (run.tokens - _tokens_before_first_window(train)) / run.wall_s
     # Evaluation lines carry steps; training lines map steps to tokens (constant per step).
     tokens_per_step = train[-1]["tokens"] / train[-1]["step"]
-    run.val_curve = [(r.get("tokens", round(r["step"] * tokens_per_step)), r["val_loss"])
-                     for r in evals]
+    run.val_curve = [(r.get("tokens", round(r["step"] * tokens_per_step)), r["val_loss"]) for r in evals]
     if evals:
         run.val_loss = evals[-1]["val_loss"]
     else:
@@ -177,7 +186,7 @@ def _tokens_before_first_window(train: Sequence[dict]) -> float:
     """Tokens already counted when the first logged window started (log_every steps earlier)."""
     first = train[0]
     if len(train) > 1:
-        per_line = (train[1]["tokens"] - first["tokens"])
+        per_line = train[1]["tokens"] - first["tokens"]
         return max(0.0, first["tokens"] - per_line)
     return 0.0
 
@@ -196,6 +205,7 @@ def _wall_seconds(train: Sequence[dict]) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------- the table
+
 
 def _human(n: Optional[float]) -> str:
     """1234567 -> 1.23M (parameters, tokens)."""
@@ -220,8 +230,9 @@ def _loss(x: Optional[float]) -> str:
 
 def sort_by_val_loss(runs: Sequence[RunSummary]) -> List[RunSummary]:
     """Best (lowest) final validation loss first; runs without one last, by name."""
-    return sorted(runs, key=lambda r: (r.val_loss is None or math.isnan(r.val_loss),
-                                       r.val_loss or 0.0, r.name))
+    return sorted(
+        runs, key=lambda r: (r.val_loss is None or math.isnan(r.val_loss), r.val_loss or 0.0, r.name)
+    )
 
 
 def common_overrides(runs: Sequence[RunSummary]) -> List[str]:
@@ -236,14 +247,18 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
     """The comparison table (Markdown), sorted by final validation loss, then notes on runs
     with missing figures. The overrides column shows what differs between the runs."""
     shared = set(common_overrides(runs))
-    lines = ["| run | overrides | parameters | tokens | train loss | val loss | tokens/s | wall time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | overrides | parameters | tokens | train loss | val loss | tokens/s | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sort_by_val_loss(runs):
         overrides = " ".join(f"`{o}`" for o in r.overrides if o not in shared) or "-"
         tok_s = "-" if r.tok_per_s is None else f"{r.tok_per_s:,.0f}"
         name = f"{r.name} (pruned)" if r.pruned else r.name
-        lines.append(f"| {name} | {overrides} | {_human(r.parameters)} | {_human(r.tokens)} "
-                     f"| {_loss(r.train_loss)} | {_loss(r.val_loss)} | {tok_s} | {_duration(r.wall_s)} |")
+        lines.append(
+            f"| {name} | {overrides} | {_human(r.parameters)} | {_human(r.tokens)} "
+            f"| {_loss(r.train_loss)} | {_loss(r.val_loss)} | {tok_s} | {_duration(r.wall_s)} |"
+        )
     if shared:
         lines += ["", "Overrides common to every run: " + " ".join(f"`{o}`" for o in sorted(shared))]
     notes = [f"- {r.name}: {note}" for r in runs for note in r.notes]
@@ -254,8 +269,8 @@ def markdown_table(runs: Sequence[RunSummary]) -> str:
 
 # ---------------------------------------------------------------------------- the plot
 
-def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike,
-                     title: Optional[str] = None) -> Path:
+
+def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike, title: Optional[str] = None) -> Path:
     """Two panels, training and validation loss against training tokens, one colour per run
     (the same in both panels), labelled with its name and the overrides that differ. Writes a
     PNG and returns its path; raises DataError when no run has a single logged loss to draw."""
@@ -266,19 +281,29 @@ def plot_loss_curves(runs: Sequence[RunSummary], out_path: os.PathLike,
 
     drawable = [r for r in sort_by_val_loss(runs) if r.train_curve or r.val_curve]
     if not drawable:
-        raise DataError("no run has logged a loss yet: nothing to plot "
-                        "(metrics.jsonl is missing or empty in every run folder)")
+        raise DataError(
+            "no run has logged a loss yet: nothing to plot "
+            "(metrics.jsonl is missing or empty in every run folder)"
+        )
     shared = set(common_overrides(drawable))
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for i, r in enumerate(drawable):
         color = f"C{i % 10}"
-        label = " ".join([r.name + (" (pruned)" if r.pruned else ""),
-                          *(o for o in r.overrides if o not in shared)])
+        label = " ".join(
+            [r.name + (" (pruned)" if r.pruned else ""), *(o for o in r.overrides if o not in shared)]
+        )
         if r.train_curve:
             ax_train.plot(*zip(*r.train_curve), color=color, lw=1.2, label=label)
         if r.val_curve:
-            ax_val.plot(*zip(*r.val_curve), color=color, lw=1.5, marker="o", ms=3, label=label,
-                        ls=":" if r.pruned else "-")
+            ax_val.plot(
+                *zip(*r.val_curve),
+                color=color,
+                lw=1.5,
+                marker="o",
+                ms=3,
+                label=label,
+                ls=":" if r.pruned else "-",
+            )
     for ax, what in ((ax_train, "training loss"), (ax_val, "validation loss")):
         ax.set_title(what)
         ax.set_xlabel("training tokens")

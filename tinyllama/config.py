@@ -9,6 +9,7 @@ The keys that name a choice (data.source, train.nan_policy, train.precision, exp
 their allowed values in one table each below, which validate() and the code acting on the value
 both read. This module imports only the model config and the errors, so every layer may use it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -334,8 +335,9 @@ def run_dir_of(job: JobConfig) -> Path:
     return Path(job.run.dir or Path("runs") / job.run.name)
 
 
-def split_unknown(data: Dict[str, Any], schema: type = JobConfig,
-                  prefix: str = "") -> Tuple[Dict[str, Any], List[str]]:
+def split_unknown(
+    data: Dict[str, Any], schema: type = JobConfig, prefix: str = ""
+) -> Tuple[Dict[str, Any], List[str]]:
     """Separate the keys of a plain nested dict that `schema` declares from those it does not.
 
     Returns (the known part, dotted paths of the unknown keys). The CLI refuses unknown keys;
@@ -358,8 +360,10 @@ def split_unknown(data: Dict[str, Any], schema: type = JobConfig,
 
 def precision_problem(name: str) -> str:
     """What is wrong with train.precision=`name` (validate() and resolve_precision say the same)."""
-    return (f"train.precision={name!r}: choose {', '.join(PRECISIONS)} "
-            f"(or the long names {', '.join(DTYPES.values())})")
+    return (
+        f"train.precision={name!r}: choose {', '.join(PRECISIONS)} "
+        f"(or the long names {', '.join(DTYPES.values())})"
+    )
 
 
 def validate(job: JobConfig) -> None:
@@ -375,67 +379,97 @@ def validate(job: JobConfig) -> None:
     need(t.batch_size > 0, f"train.batch_size={t.batch_size}: must be > 0")
     need(t.grad_accum > 0, f"train.grad_accum={t.grad_accum}: must be > 0")
     need(t.seq_len > 0, f"train.seq_len={t.seq_len}: must be > 0")
-    need(t.seq_len <= job.model.max_position_embeddings,
-         f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
-         f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context")
+    need(
+        t.seq_len <= job.model.max_position_embeddings,
+        f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+        f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context",
+    )
     need(canonical_dtype(t.precision) in PRECISIONS, precision_problem(t.precision))
-    need(t.nan_policy in NAN_POLICIES,
-         f"train.nan_policy={t.nan_policy!r}: choose {' or '.join(NAN_POLICIES)}")
+    need(
+        t.nan_policy in NAN_POLICIES, f"train.nan_policy={t.nan_policy!r}: choose {' or '.join(NAN_POLICIES)}"
+    )
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
-    need(o.schedule in ("cosine", "wsd", "constant"),
-         f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")
+    need(
+        o.schedule in ("cosine", "wsd", "constant"),
+        f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant",
+    )
     need(0 <= o.warmup_steps, f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
     need(t.log_every > 0, f"train.log_every={t.log_every}: must be > 0")
     need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
     need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
     need(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction}: must be in (0, 1]")
     need(o.weight_decay >= 0 and o.eps > 0, "optim.weight_decay must be >= 0 and optim.eps > 0")
-    need(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0,
-         f"optim.beta1={o.beta1}, optim.beta2={o.beta2}: each must be in [0, 1)")
+    need(
+        0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0,
+        f"optim.beta1={o.beta1}, optim.beta2={o.beta2}: each must be in [0, 1)",
+    )
     need(job.eval.batches >= 0, f"eval.batches={job.eval.batches}: must be >= 0 (0: the whole split)")
-    need(job.tokenizer.vocab_size <= job.model.vocab_size,
-         f"tokenizer.vocab_size={job.tokenizer.vocab_size} exceeds model.vocab_size="
-         f"{job.model.vocab_size}: the embedding table must cover every token id")
-    need(job.tokenizer.model_type in ("bpe", "unigram"),
-         f"tokenizer.model_type={job.tokenizer.model_type!r}: choose bpe or unigram")
+    need(
+        job.tokenizer.vocab_size <= job.model.vocab_size,
+        f"tokenizer.vocab_size={job.tokenizer.vocab_size} exceeds model.vocab_size="
+        f"{job.model.vocab_size}: the embedding table must cover every token id",
+    )
+    need(
+        job.tokenizer.model_type in ("bpe", "unigram"),
+        f"tokenizer.model_type={job.tokenizer.model_type!r}: choose bpe or unigram",
+    )
     need(job.data.source in SOURCES, f"data.source={job.data.source!r}: choose {', '.join(SOURCES)}")
     d, tk = job.data, job.tokenizer
     need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     need(d.num_docs > 0, f"data.num_docs={d.num_docs}: must be > 0")
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0 (0: encode in the main thread)")
     need(d.shard_tokens > 0, f"data.shard_tokens={d.shard_tokens}: must be > 0")
-    need(0.0 < tk.character_coverage <= 1.0,
-         f"tokenizer.character_coverage={tk.character_coverage}: must be in (0, 1]")
+    need(
+        0.0 < tk.character_coverage <= 1.0,
+        f"tokenizer.character_coverage={tk.character_coverage}: must be in (0, 1]",
+    )
     need(job.logger.name in ("none", "wandb"), f"logger.name={job.logger.name!r}: choose none or wandb")
-    need(job.logger.mode in ("online", "offline", "disabled"),
-         f"logger.mode={job.logger.mode!r}: choose online, offline or disabled")
-    need(job.run.device in ("auto", "cpu", "cuda") or job.run.device.startswith("cuda:"),
-         f"run.device={job.run.device!r}: choose auto, cpu or cuda")
+    need(
+        job.logger.mode in ("online", "offline", "disabled"),
+        f"logger.mode={job.logger.mode!r}: choose online, offline or disabled",
+    )
+    need(
+        job.run.device in ("auto", "cpu", "cuda") or job.run.device.startswith("cuda:"),
+        f"run.device={job.run.device!r}: choose auto, cpu or cuda",
+    )
     need(job.checkpoint.every > 0, f"checkpoint.every={job.checkpoint.every}: must be > 0")
     need(job.checkpoint.keep_last > 0, f"checkpoint.keep_last={job.checkpoint.keep_last}: must be > 0")
     need(job.eval.every > 0, f"eval.every={job.eval.every}: must be > 0")
     ins = job.inspect
-    need(ins.trace_device in ("auto", "cpu", "meta"),
-         f"inspect.trace_device={ins.trace_device!r}: choose auto, cpu or meta")
-    need(all(v is None or v > 0 for v in (ins.seq_len, ins.trace_seq_len, ins.trace_batch_size)),
-         "inspect.seq_len, inspect.trace_seq_len and inspect.trace_batch_size must be > 0")
+    need(
+        ins.trace_device in ("auto", "cpu", "meta"),
+        f"inspect.trace_device={ins.trace_device!r}: choose auto, cpu or meta",
+    )
+    need(
+        all(v is None or v > 0 for v in (ins.seq_len, ins.trace_seq_len, ins.trace_batch_size)),
+        "inspect.seq_len, inspect.trace_seq_len and inspect.trace_batch_size must be > 0",
+    )
     ev, ex = job.evaluate, job.export
     need(ev.source in ("run", "data"), f"evaluate.source={ev.source!r}: choose run or data")
     need(ev.split in ("train", "val"), f"evaluate.split={ev.split!r}: choose val or train")
     scalings = [t for t in ROPE_TYPES if t != "default"]
-    need(ev.rope_type is None or ev.rope_type in scalings,
-         f"evaluate.rope_type={ev.rope_type!r}: choose {', '.join(scalings)} (or null)")
-    need(ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
-         "evaluate.batch_size and evaluate.seq_len must be > 0")
-    need(canonical_dtype(ex.dtype) in (*DTYPES, *QUANTIZED),
-         f"export.dtype={ex.dtype!r}: choose one of {dtype_choices(QUANTIZED)}; "
-         f"{', '.join(QUANTIZED)} for GGUF only")
+    need(
+        ev.rope_type is None or ev.rope_type in scalings,
+        f"evaluate.rope_type={ev.rope_type!r}: choose {', '.join(scalings)} (or null)",
+    )
+    need(
+        ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
+        "evaluate.batch_size and evaluate.seq_len must be > 0",
+    )
+    need(
+        canonical_dtype(ex.dtype) in (*DTYPES, *QUANTIZED),
+        f"export.dtype={ex.dtype!r}: choose one of {dtype_choices(QUANTIZED)}; "
+        f"{', '.join(QUANTIZED)} for GGUF only",
+    )
     sa = job.sample
     need(sa.max_new_tokens >= 0, f"sample.max_new_tokens={sa.max_new_tokens}: must be >= 0")
     need(sa.num_samples >= 0, f"sample.num_samples={sa.num_samples}: must be >= 0")
     need(sa.temperature >= 0, f"sample.temperature={sa.temperature}: must be >= 0 (0 is greedy)")
     need(sa.top_k is None or sa.top_k >= 1, f"sample.top_k={sa.top_k}: must be >= 1 (or null)")
     need(sa.top_p is None or 0 < sa.top_p <= 1, f"sample.top_p={sa.top_p}: must be in (0, 1] (or null)")
-    need(sa.repetition_penalty > 0, f"sample.repetition_penalty={sa.repetition_penalty}: must be > 0 (1 disables it)")
+    need(
+        sa.repetition_penalty > 0,
+        f"sample.repetition_penalty={sa.repetition_penalty}: must be > 0 (1 disables it)",
+    )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

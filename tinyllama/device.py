@@ -4,6 +4,7 @@ Training asks through `tinyllama.train.distributed.setup_distributed` (one GPU p
 process); the evaluate, sample and export stages ask through `tinyllama.checkpoint.load_for_inference`.
 Neither reads the other's module, so the stages need nothing of the training package.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ does; it needs nothing of the training package.
 Bits per byte = total nats / (ln 2 x UTF-8 bytes of the evaluated text): unlike loss per token,
 it does not depend on the tokenizer, so models with different vocabularies compare fairly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,9 +96,11 @@ def evaluate_loss(
     model.eval()
     autocast = autocast or contextlib.nullcontext
     # Sums in float64: thousands of batches of per-token losses lose precision in float32.
-    sums = {"nats": torch.zeros((), dtype=torch.float64, device=device),
-            "tokens": torch.zeros((), dtype=torch.float64, device=device),
-            "bytes": torch.zeros((), dtype=torch.float64, device=device)}
+    sums = {
+        "nats": torch.zeros((), dtype=torch.float64, device=device),
+        "tokens": torch.zeros((), dtype=torch.float64, device=device),
+        "bytes": torch.zeros((), dtype=torch.float64, device=device),
+    }
     position_nats = position_tokens = None
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -122,8 +125,11 @@ def evaluate_loss(
     if sums["tokens"].item() == 0:
         raise ValueError("evaluate_loss: no target tokens in the batches (empty validation split?)")
     loss = (sums["nats"] / sums["tokens"]).item()
-    out: Dict[str, object] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-                              "tokens": int(sums["tokens"].item())}
+    out: Dict[str, object] = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": int(sums["tokens"].item()),
+    }
     if token_bytes is not None:
         out["bytes"] = int(sums["bytes"].item())
         out["bits_per_byte"] = sums["nats"].item() / (math.log(2) * max(out["bytes"], 1))
@@ -132,8 +138,9 @@ def evaluate_loss(
     return out
 
 
-def text_batches(tokenizer, docs: Iterable[str], batch_size: int, seq_len: int,
-                 max_batches: Optional[int] = None) -> Iterator[Batch]:
+def text_batches(
+    tokenizer, docs: Iterable[str], batch_size: int, seq_len: int, max_batches: Optional[int] = None
+) -> Iterator[Batch]:
     """(x, y) batches over documents tokenized in memory, laid out as packing does on disk
     (<s> doc </s> <s> doc </s> ...) and cut by `window_batches` as packed splits are: windows of
     seq_len + 1 tokens, the incomplete last one dropped."""
@@ -141,10 +148,13 @@ def text_batches(tokenizer, docs: Iterable[str], batch_size: int, seq_len: int,
     window = seq_len + 1
     n_windows = len(ids) // window
     if n_windows == 0:
-        raise DataError(f"the evaluation text has {len(ids)} tokens, fewer than one window of "
-                        f"seq_len + 1 = {window}: give more text or lower evaluate.seq_len")
-    yield from window_batches(lambda start, length: ids[start:start + length], seq_len, batch_size,
-                              range(n_windows), max_batches)
+        raise DataError(
+            f"the evaluation text has {len(ids)} tokens, fewer than one window of "
+            f"seq_len + 1 = {window}: give more text or lower evaluate.seq_len"
+        )
+    yield from window_batches(
+        lambda start, length: ids[start : start + length], seq_len, batch_size, range(n_windows), max_batches
+    )
 
 
 def run_evaluation(job) -> Dict[str, object]:
@@ -158,8 +168,15 @@ def run_evaluation(job) -> Dict[str, object]:
     result = evaluate_loss(model, batches, device, token_bytes=TokenBytes(tokenizer), by_position=True)
     by_position = result.pop("loss_by_position")
     rope = ckpt.model_config.rope_scaling
-    result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "source": source, "seq_len": seq_len,
-              "rope_scaling": dict(rope) if rope else None, **result, "loss_by_position": by_position}
+    result = {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "source": source,
+        "seq_len": seq_len,
+        "rope_scaling": dict(rope) if rope else None,
+        **result,
+        "loss_by_position": by_position,
+    }
     name = f"step_{ckpt.step}-{source.replace('/', '_')}-T{seq_len}"
     if rope:
         name += f"-{rope['rope_type']}{rope.get('factor', 1):g}"
@@ -169,11 +186,17 @@ def run_evaluation(job) -> Dict[str, object]:
     table = loss_by_position_table(by_position)
     (out / f"{name}.tsv").write_text(table, encoding="utf-8")
     if ev.plot:
-        plot_loss_by_position(by_position, out / f"{name}.png", f"{ckpt.path.parent.parent.name} {name}",
-                              trained_len=ckpt.job.train.seq_len)
-    print(f"{source} ({result['tokens']} tokens, {result['bytes']} bytes, seq_len {seq_len}): "
-          f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-          f"bits/byte {result['bits_per_byte']:.4f}\nloss by position:\n{table}written {out / name}.json")
+        plot_loss_by_position(
+            by_position,
+            out / f"{name}.png",
+            f"{ckpt.path.parent.parent.name} {name}",
+            trained_len=ckpt.job.train.seq_len,
+        )
+    print(
+        f"{source} ({result['tokens']} tokens, {result['bytes']} bytes, seq_len {seq_len}): "
+        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+        f"bits/byte {result['bits_per_byte']:.4f}\nloss by position:\n{table}written {out / name}.json"
+    )
     return result
 
 
@@ -181,8 +204,9 @@ def _batches(job, ckpt, tokenizer, seq_len: int) -> Tuple[Iterator[Batch], str]:
     """The evaluated windows and a name for their source."""
     ev = job.evaluate
     if ev.files:  # the user's own files, whole (no held-out fraction)
-        data = dataclasses.replace(job.data, source="text_files", train_files=list(ev.files),
-                                   val_files=list(ev.files))
+        data = dataclasses.replace(
+            job.data, source="text_files", train_files=list(ev.files), val_files=list(ev.files)
+        )
         docs = iter_documents(data, "val")
         return text_batches(tokenizer, docs, ev.batch_size, seq_len, ev.max_batches), Path(ev.files[0]).stem
     if ev.source == "data":
@@ -205,8 +229,9 @@ def loss_by_position_table(losses: List[float], rows: int = 16) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_loss_by_position(losses: List[float], path: Path, title: str = "",
-                          trained_len: Optional[int] = None) -> None:
+def plot_loss_by_position(
+    losses: List[float], path: Path, title: str = "", trained_len: Optional[int] = None
+) -> None:
     """Line plot of the mean loss at each position of the window (PNG, headless), with a marker
     at the training length when the window is longer."""
     import matplotlib
@@ -226,4 +251,3 @@ def plot_loss_by_position(losses: List[float], path: Path, title: str = "",
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

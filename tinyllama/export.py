@@ -18,6 +18,7 @@ The stage `run_export` and the GGUF stage (tinyllama/export_gguf.py) start alike
 CPU for verification, and the output folder. `transformers` and `tokenizers` stay optional: they
 are imported where an export or a verification needs them.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -74,8 +75,11 @@ def hf_config(cfg: LlamaConfig, dtype: str = "fp32") -> Dict[str, Any]:
         "use_cache": True,
     }
     if cfg.model_type == "qwen2":  # q/k/v bias is implied by the architecture
-        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
-                   max_window_layers=cfg.max_window_layers)
+        out.update(
+            use_sliding_window=cfg.sliding_window is not None,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=cfg.max_window_layers,
+        )
     else:
         out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     return out
@@ -86,13 +90,17 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
-        raise CheckpointError(f"model_type={model_type!r} ({arch}) is not supported: only Llama "
-                              f"(model_type=llama) and Qwen2 (model_type=qwen2) checkpoints import")
+        raise CheckpointError(
+            f"model_type={model_type!r} ({arch}) is not supported: only Llama "
+            f"(model_type=llama) and Qwen2 (model_type=qwen2) checkpoints import"
+        )
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise CheckpointError(f"RoPE type {rope_type!r} is not supported (choose among {', '.join(ROPE_TYPES)})")
+        raise CheckpointError(
+            f"RoPE type {rope_type!r} is not supported (choose among {', '.join(ROPE_TYPES)})"
+        )
     rope.pop("type", None)
     rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
     heads = hf["num_attention_heads"]
@@ -102,27 +110,36 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     bos = hf.get("bos_token_id")
     sliding = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
     return LlamaConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=hf.get("hidden_act", "silu"),
-        rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hidden_act=hf.get("hidden_act", "silu"),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
         attention_bias=hf.get("attention_bias", False) if model_type == "llama" else False,
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        mlp_bias=hf.get("mlp_bias", False), model_type=model_type,
-        sliding_window=sliding, max_window_layers=hf.get("max_window_layers", 0) if sliding else 0,
+        mlp_bias=hf.get("mlp_bias", False),
+        model_type=model_type,
+        sliding_window=sliding,
+        max_window_layers=hf.get("max_window_layers", 0) if sliding else 0,
         # transformers' default is untied: a config.json without the key means separate weights.
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        initializer_range=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id"),
+        initializer_range=hf.get("initializer_range", 0.02),
+        pad_token_id=hf.get("pad_token_id"),
         bos_token_id=bos if bos is not None else (eos if eos is not None else 1),
         eos_token_id=eos if eos is not None else 2,
     )
 
 
-def exported_parts(model: Union[nn.Module, LoadedCheckpoint],
-                   tokenizer_path: Optional[Union[str, Path]] = None):
+def exported_parts(
+    model: Union[nn.Module, LoadedCheckpoint], tokenizer_path: Optional[Union[str, Path]] = None
+):
     """(LlamaConfig, state_dict, tokenizer path) of a LlamaForCausalLM or a LoadedCheckpoint;
     a checkpoint's own tokenizer copy unless `tokenizer_path` is given."""
     if hasattr(model, "model_state"):  # a LoadedCheckpoint
@@ -130,9 +147,14 @@ def exported_parts(model: Union[nn.Module, LoadedCheckpoint],
     return model.config, model.state_dict(), tokenizer_path
 
 
-def export_hf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Path],
-              tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "fp32",
-              generation: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
+def export_hf(
+    model: Union[nn.Module, LoadedCheckpoint],
+    out_dir: Union[str, Path],
+    tokenizer_path: Optional[Union[str, Path]] = None,
+    dtype: str = "fp32",
+    generation: Optional[Dict[str, Any]] = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a Hugging Face folder for `model` (a LlamaForCausalLM or a LoadedCheckpoint).
 
     tokenizer_path: the SentencePiece .model (default: the checkpoint's copy); None with a bare
@@ -176,8 +198,10 @@ def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Te
         expected = set(LlamaForCausalLM(cfg).state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: the weights do not match a {cfg.model_type} model of this "
-                              f"config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise CheckpointError(
+            f"{folder}: the weights do not match a {cfg.model_type} model of this "
+            f"config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     return cfg, {k: v.float() for k, v in state.items()}
 
 
@@ -188,8 +212,10 @@ def _read_safetensors(folder: Path) -> Dict[str, torch.Tensor]:
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise CheckpointError(f"{folder} holds no model.safetensors: only safetensors weights import "
-                              "(load the model in transformers and save_pretrained it to convert)")
+        raise CheckpointError(
+            f"{folder} holds no model.safetensors: only safetensors weights import "
+            "(load the model in transformers and save_pretrained it to convert)"
+        )
     state: Dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -213,8 +239,9 @@ def sentencepiece_proto(sp_model: Path):
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as e:  # the generated module needs the protobuf runtime
-        raise ConfigError(f"reading {sp_model} needs the `protobuf` package ({e}): "
-                          "pip install protobuf") from e
+        raise ConfigError(
+            f"reading {sp_model} needs the `protobuf` package ({e}): pip install protobuf"
+        ) from e
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(sp_model).read_bytes())
     return proto
@@ -235,15 +262,21 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path, model_max_length: int, add
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
         from tokenizers.models import BPE, Unigram
     except ImportError as e:
-        raise ConfigError(f"exporting the tokenizer needs the `tokenizers` package ({e}): "
-                          "pip install tokenizers") from e
+        raise ConfigError(
+            f"exporting the tokenizer needs the `tokenizers` package ({e}): pip install tokenizers"
+        ) from e
     proto = sentencepiece_proto(sp_model)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     pieces = [(p.piece, p.score) for p in proto.pieces]
     if spec.model_type == spec.BPE:
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-        model = BPE(vocab, _bpe_merges(proto, vocab), unk_token=spec.unk_piece, fuse_unk=True,
-                    byte_fallback=spec.byte_fallback)
+        model = BPE(
+            vocab,
+            _bpe_merges(proto, vocab),
+            unk_token=spec.unk_piece,
+            fuse_unk=True,
+            byte_fallback=spec.byte_fallback,
+        )
     elif spec.model_type == spec.UNIGRAM:
         model = Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
     else:
@@ -256,20 +289,34 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path, model_max_length: int, add
         steps.append(normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
     strip = [decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []  # drop the dummy prefix
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()] + strip)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()] + strip
+    )
     # Control pieces (<s>, </s>, <pad>) are special; user-defined symbols are never split.
-    tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
-                    for p in proto.pieces if p.type in (_CONTROL, _USER_DEFINED)])
+    tok.add_tokens(
+        [
+            AddedToken(p.piece, normalized=False, special=p.type == _CONTROL)
+            for p in proto.pieces
+            if p.type in (_CONTROL, _USER_DEFINED)
+        ]
+    )
     bos, eos, unk = spec.bos_piece, spec.eos_piece, spec.unk_piece
     if add_bos and spec.bos_id >= 0:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)]
+        )
     tok.save(str(out_dir / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-              "unk_token": unk, "add_bos_token": add_bos, "add_eos_token": False,
-              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
-              "padding_side": "left"}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "left",
+    }
     if spec.pad_id >= 0:
         config["pad_token"] = spec.pad_piece
     _write_json(out_dir / "tokenizer_config.json", config)
@@ -308,13 +355,27 @@ def run_export(job) -> Path:
     export_hf(ckpt, out, dtype=ex.dtype, generation=generation_defaults(job.sample), overwrite=ex.overwrite)
     print(f"exported {ckpt.path} -> {out}")
     if ex.verify:
-        check_export(out, "transformers", "transformers", "transformers", ex.dtype, 1e-5,
-                     lambda: verify_with_transformers(out, model, tokenizer))
+        check_export(
+            out,
+            "transformers",
+            "transformers",
+            "transformers",
+            ex.dtype,
+            1e-5,
+            lambda: verify_with_transformers(out, model, tokenizer),
+        )
     return out
 
 
-def check_export(path: Path, reader: str, module: str, pip_name: str, dtype: str, rtol: float,
-                 verify: Callable[[], Dict[str, Any]]) -> None:
+def check_export(
+    path: Path,
+    reader: str,
+    module: str,
+    pip_name: str,
+    dtype: str,
+    rtol: float,
+    verify: Callable[[], Dict[str, Any]],
+) -> None:
     """Verify an export in the library that will read it (`reader`, imported as `module`), where
     that library is installed: `verify()` reloads it and returns a report (max_rel_logit_error,
     same_token_ids, same_greedy_text). A float32 export that does not reproduce the model within
@@ -324,8 +385,7 @@ def check_export(path: Path, reader: str, module: str, pip_name: str, dtype: str
         return
     report = verify()
     print(f"verified with {reader}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-    exact = (report["max_rel_logit_error"] < rtol and report["same_greedy_text"]
-             and report["same_token_ids"])
+    exact = report["max_rel_logit_error"] < rtol and report["same_greedy_text"] and report["same_token_ids"]
     if canonical_dtype(dtype) == "fp32" and not exact:
         raise CheckpointError(f"{path} does not reproduce the model in {reader} ({report})")
 
@@ -334,14 +394,19 @@ def generation_defaults(s) -> Dict[str, Any]:
     """The run's sampling settings (a SampleConfig) in generation_config.json's names."""
     generation: Dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens}
     if s.temperature > 0:
-        sampling = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                    "repetition_penalty": s.repetition_penalty}
+        sampling = {
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "repetition_penalty": s.repetition_penalty,
+        }
         generation.update({k: v for k, v in sampling.items() if v is not None})
     return generation
 
 
-def verify_with_transformers(folder: Path, model: nn.Module, tokenizer,
-                             text: str = "Once upon a time, there was a little robot.") -> Dict[str, Any]:
+def verify_with_transformers(
+    folder: Path, model: nn.Module, tokenizer, text: str = "Once upon a time, there was a little robot."
+) -> Dict[str, Any]:
     """Load `folder` with transformers (float32) and compare it with our model on `text`: the
     largest logit difference relative to the largest logit, the greedy continuation (20 tokens)
     and the tokenizer's ids."""
@@ -355,9 +420,17 @@ def verify_with_transformers(folder: Path, model: nn.Module, tokenizer,
     ids = torch.tensor([tokenizer.encode(text, bos=True)])
     with torch.no_grad():
         ours_logits, their_logits = model(ids).logits, theirs(ids).logits
-    greedy = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                             eos_token_id=None, pad_token_id=tokenizer.eos_id)
+    greedy = theirs.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=tokenizer.eos_id,
+    )
     rel = ((ours_logits - their_logits).abs().max() / their_logits.abs().max()).item()
-    return {"max_rel_logit_error": float(f"{rel:.2e}"),
-            "same_greedy_text": torch.equal(generate(model, ids, 20, temperature=0.0), greedy),
-            "same_token_ids": hf_ids == ids[0].tolist()}
+    return {
+        "max_rel_logit_error": float(f"{rel:.2e}"),
+        "same_greedy_text": torch.equal(generate(model, ids, 20, temperature=0.0), greedy),
+        "same_token_ids": hf_ids == ids[0].tolist(),
+    }

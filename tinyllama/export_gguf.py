@@ -25,6 +25,7 @@ src/models/{llama,qwen2}.cpp, convert_hf_to_gguf.py):
 The stage (`run_export_gguf`) starts as the Hugging Face export's does, through
 `tinyllama.export.export_inputs`, and shares its build-then-rename folder and its verification.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,14 @@ from tinyllama.atomic import building_folder
 from tinyllama.checkpoint import LoadedCheckpoint
 from tinyllama.config import QUANTIZED, canonical_dtype, dtype_choices
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import (OVERWRITE_HINT, check_export, export_inputs, exported_parts, generation_defaults,
-                              sentencepiece_proto)
+from tinyllama.export import (
+    OVERWRITE_HINT,
+    check_export,
+    export_inputs,
+    exported_parts,
+    generation_defaults,
+    sentencepiece_proto,
+)
 from tinyllama.generate import generate
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head
@@ -50,8 +57,12 @@ from tinyllama.model.rotary import compute_inv_freq
 
 # export.dtype (config.DTYPES and config.QUANTIZED, by their short names) -> (GGMLQuantizationType
 # name of 2-D tensors, LlamaFileType name, file-name tag)
-GGUF_DTYPES = {"fp32": ("F32", "ALL_F32", "F32"), "fp16": ("F16", "MOSTLY_F16", "F16"),
-               "bf16": ("BF16", "MOSTLY_BF16", "BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0")}
+GGUF_DTYPES = {
+    "fp32": ("F32", "ALL_F32", "F32"),
+    "fp16": ("F16", "MOSTLY_F16", "F16"),
+    "bf16": ("BF16", "MOSTLY_BF16", "BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0"),
+}
 ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2"}  # gguf.MODEL_ARCH members
 
 
@@ -60,7 +71,7 @@ def import_gguf():
     try:
         import gguf
     except ImportError as e:
-        raise ConfigError(f"the GGUF export needs the `gguf` package ({e}): pip install -e \".[gguf]\"") from e
+        raise ConfigError(f'the GGUF export needs the `gguf` package ({e}): pip install -e ".[gguf]"') from e
     return gguf
 
 
@@ -73,15 +84,18 @@ def gguf_problems(cfg: LlamaConfig) -> List[str]:
     if rope == "dynamic":
         out.append("rope_scaling dynamic (NTK): llama.cpp has no such scaling; use linear or llama3")
     if any(cfg.uses_sliding_window(i) for i in range(cfg.num_hidden_layers)):
-        out.append(f"sliding_window={cfg.sliding_window}: llama.cpp's {cfg.model_type} graph has no "
-                   "sliding window")
+        out.append(
+            f"sliding_window={cfg.sliding_window}: llama.cpp's {cfg.model_type} graph has no sliding window"
+        )
     if cfg.model_type == "qwen2":
         if rope == "llama3":
             out.append("rope_scaling llama3 with model_type=qwen2: llama.cpp reads rope_freqs for Llama only")
         if cfg.mlp_bias:
             out.append("mlp_bias with model_type=qwen2: llama.cpp's Qwen2 has q/k/v biases only")
         if cfg.resolved_head_dim * cfg.num_attention_heads != cfg.hidden_size:
-            out.append("model_type=qwen2 with heads x head_dim != hidden_size: llama.cpp's Qwen2 needs them equal")
+            out.append(
+                "model_type=qwen2 with heads x head_dim != hidden_size: llama.cpp's Qwen2 needs them equal"
+            )
     return out
 
 
@@ -112,43 +126,62 @@ def gguf_tensors(cfg: LlamaConfig, state: Dict[str, torch.Tensor]) -> Dict[str, 
         # Divisors of each frequency, as llama.cpp applies them: default inv_freq / scaled inv_freq.
         unscaled = dataclasses.replace(cfg, rope_scaling=None)
         out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (
-            compute_inv_freq(unscaled) / compute_inv_freq(cfg)).numpy()
+            compute_inv_freq(unscaled) / compute_inv_freq(cfg)
+        ).numpy()
     return out
 
 
 def encode_tensor(array: np.ndarray, dtype: str):
     """(data, GGMLQuantizationType) to store `array` (float32) as for export.dtype (a short name)."""
     gguf = import_gguf()
-    kind = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]] if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+    kind = (
+        gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]] if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+    )
     if kind == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
         kind = gguf.GGMLQuantizationType.F32  # rows must be whole blocks of 32
     return gguf.quants.quantize(array, kind), kind
 
 
-def add_tokenizer(writer, sp_model: Path, vocab_size: int, chat_template: Optional[str] = None) -> Optional[str]:
+def add_tokenizer(
+    writer, sp_model: Path, vocab_size: int, chat_template: Optional[str] = None
+) -> Optional[str]:
     """The SentencePiece model as llama.cpp's "llama" vocabulary: every piece with its score and
     type (SentencePiece's type numbers are GGUF's), padded with unused pieces up to vocab_size,
     the special ids, add-bos, and the dummy-prefix setting. Returns the eos piece (None: none)."""
     proto = sentencepiece_proto(sp_model)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if len(proto.pieces) > vocab_size:
-        raise CheckpointError(f"{sp_model} has {len(proto.pieces)} pieces, more than the model's "
-                              f"vocab_size={vocab_size}: it is not this model's tokenizer")
+        raise CheckpointError(
+            f"{sp_model} has {len(proto.pieces)} pieces, more than the model's "
+            f"vocab_size={vocab_size}: it is not this model's tokenizer"
+        )
     if norm.precompiled_charsmap or norm.remove_extra_whitespaces:
-        warnings.warn(f"{sp_model} normalizes text ({norm.name or 'custom'} rules, remove_extra_whitespaces="
-                      f"{norm.remove_extra_whitespaces}); llama.cpp applies no SentencePiece normalization, so "
-                      "its token ids will differ from ours on text the normalization changes", stacklevel=2)
+        warnings.warn(
+            f"{sp_model} normalizes text ({norm.name or 'custom'} rules, remove_extra_whitespaces="
+            f"{norm.remove_extra_whitespaces}); llama.cpp applies no SentencePiece normalization, so "
+            "its token ids will differ from ours on text the normalization changes",
+            stacklevel=2,
+        )
     if spec.model_type == spec.UNIGRAM:
-        warnings.warn(f"{sp_model} is a unigram model; llama.cpp segments by merging the best-scoring pairs "
-                      "(BPE), so its ids can differ from SentencePiece's on some text", stacklevel=2)
+        warnings.warn(
+            f"{sp_model} is a unigram model; llama.cpp segments by merging the best-scoring pairs "
+            "(BPE), so its ids can differ from SentencePiece's on some text",
+            stacklevel=2,
+        )
     pad = range(len(proto.pieces), vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list([p.piece.encode("utf-8") for p in proto.pieces] + [f"[PAD{i}]".encode() for i in pad])
+    writer.add_token_list(
+        [p.piece.encode("utf-8") for p in proto.pieces] + [f"[PAD{i}]".encode() for i in pad]
+    )
     writer.add_token_scores([p.score for p in proto.pieces] + [-1000.0] * len(pad))
     writer.add_token_types([int(p.type) for p in proto.pieces] + [5] * len(pad))  # 5: UNUSED
-    for add, token_id in ((writer.add_bos_token_id, spec.bos_id), (writer.add_eos_token_id, spec.eos_id),
-                          (writer.add_unk_token_id, spec.unk_id), (writer.add_pad_token_id, spec.pad_id)):
+    for add, token_id in (
+        (writer.add_bos_token_id, spec.bos_id),
+        (writer.add_eos_token_id, spec.eos_id),
+        (writer.add_unk_token_id, spec.unk_id),
+        (writer.add_pad_token_id, spec.pad_id),
+    ):
         if token_id >= 0:
             add(token_id)
     writer.add_add_bos_token(spec.bos_id >= 0)
@@ -180,10 +213,16 @@ def add_hyperparameters(writer, cfg: LlamaConfig) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
 
 
-def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, Path],
-                tokenizer_path: Optional[Union[str, Path]] = None, dtype: str = "fp32",
-                name: str = "model", generation: Optional[Dict[str, Any]] = None,
-                chat_template: Optional[str] = None, overwrite: bool = False) -> Path:
+def export_gguf(
+    model: Union[nn.Module, LoadedCheckpoint],
+    out_dir: Union[str, Path],
+    tokenizer_path: Optional[Union[str, Path]] = None,
+    dtype: str = "fp32",
+    name: str = "model",
+    generation: Optional[Dict[str, Any]] = None,
+    chat_template: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
     """Write `out_dir`/<name>-<type>.gguf and its Ollama Modelfile; return the .gguf path.
 
     model: a LlamaForCausalLM or a LoadedCheckpoint. tokenizer_path: the SentencePiece .model
@@ -198,7 +237,9 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
         raise ConfigError(f"export dtype={dtype!r}: choose one of {dtype_choices(QUANTIZED)}")
     dtype = canonical_dtype(dtype)
     if tokenizer_path is None:
-        raise ConfigError("a GGUF file carries its vocabulary: give tokenizer_path (the SentencePiece .model)")
+        raise ConfigError(
+            "a GGUF file carries its vocabulary: give tokenizer_path (the SentencePiece .model)"
+        )
     problems = gguf_problems(cfg)
     if problems:
         raise ConfigError("llama.cpp cannot run this model as exported:\n  - " + "\n  - ".join(problems))
@@ -226,12 +267,19 @@ def export_gguf(model: Union[nn.Module, LoadedCheckpoint], out_dir: Union[str, P
     return out_dir / file_name
 
 
-def modelfile(gguf_file: str, cfg: LlamaConfig, generation: Dict[str, Any],
-              chat_template: Optional[str], stop: Optional[str]) -> str:
+def modelfile(
+    gguf_file: str,
+    cfg: LlamaConfig,
+    generation: Dict[str, Any],
+    chat_template: Optional[str],
+    stop: Optional[str],
+) -> str:
     """An Ollama Modelfile for the .gguf beside it: the prompt template, the stop token (the eos
     piece), the context length and the run's sampling settings (generation_config.json's names)."""
-    lines = ["# ollama create <name> -f Modelfile  (then: ollama run <name> \"Once upon a time\")",
-             f"FROM ./{gguf_file}"]
+    lines = [
+        '# ollama create <name> -f Modelfile  (then: ollama run <name> "Once upon a time")',
+        f"FROM ./{gguf_file}",
+    ]
     if chat_template:  # Ollama derives its Go template from the GGUF's tokenizer.chat_template
         lines.append("# TEMPLATE: taken from the chat template stored in the .gguf")
     else:  # a base model continues the text as given (<s> is added per the GGUF's add_bos)
@@ -244,8 +292,12 @@ def modelfile(gguf_file: str, cfg: LlamaConfig, generation: Dict[str, Any],
     if not generation.get("do_sample", True):
         lines.append("PARAMETER temperature 0")
     else:
-        ollama_names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                        "repetition_penalty": "repeat_penalty"}
+        ollama_names = {
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "top_k": "top_k",
+            "repetition_penalty": "repeat_penalty",
+        }
         for ours, theirs in ollama_names.items():
             if ours in generation:
                 lines.append(f"PARAMETER {theirs} {generation[ours]}")
@@ -262,24 +314,46 @@ def run_export_gguf(job) -> Path:
     installed, load it in llama.cpp and compare. Returns the .gguf path."""
     ckpt, model, tokenizer, out_dir = export_inputs(job, "gguf")
     ex = job.export
-    path = export_gguf(ckpt, out_dir, dtype=ex.dtype, name=ckpt.path.parent.parent.name,
-                       generation=generation_defaults(job.sample),
-                       chat_template=getattr(tokenizer, "chat_template", None), overwrite=ex.overwrite)
+    path = export_gguf(
+        ckpt,
+        out_dir,
+        dtype=ex.dtype,
+        name=ckpt.path.parent.parent.name,
+        generation=generation_defaults(job.sample),
+        chat_template=getattr(tokenizer, "chat_template", None),
+        overwrite=ex.overwrite,
+    )
     print(f"exported {ckpt.path} -> {path}")
     if ex.verify:  # llama.cpp sums in another order than torch: 1e-4, not transformers' 1e-5
-        check_export(path, "llama.cpp", "llama_cpp", "llama-cpp-python", ex.dtype, 1e-4,
-                     lambda: verify_with_llama_cpp(path, model, tokenizer))
+        check_export(
+            path,
+            "llama.cpp",
+            "llama_cpp",
+            "llama-cpp-python",
+            ex.dtype,
+            1e-4,
+            lambda: verify_with_llama_cpp(path, model, tokenizer),
+        )
     return path
 
 
 # English, Chinese, byte fallback (characters outside a small vocabulary), emoji, whitespace runs.
-VERIFY_TEXTS = ("Once upon a time, there was a little robot.", "从前有座山，山里有座庙。",
-                "byte fallback: \u2603 \u01c5 \u00e6\u00f8\u00e5 and emoji \U0001f600\U0001f680!",
-                "  two  spaces,\ta tab\n\nblank lines   and a trailing space ")
+VERIFY_TEXTS = (
+    "Once upon a time, there was a little robot.",
+    "从前有座山，山里有座庙。",
+    "byte fallback: \u2603 \u01c5 \u00e6\u00f8\u00e5 and emoji \U0001f600\U0001f680!",
+    "  two  spaces,\ta tab\n\nblank lines   and a trailing space ",
+)
 
 
-def verify_with_llama_cpp(path: Path, model: nn.Module, tokenizer, texts=VERIFY_TEXTS,
-                          max_new_tokens: int = 20, n_threads: Optional[int] = None) -> Dict[str, Any]:
+def verify_with_llama_cpp(
+    path: Path,
+    model: nn.Module,
+    tokenizer,
+    texts=VERIFY_TEXTS,
+    max_new_tokens: int = 20,
+    n_threads: Optional[int] = None,
+) -> Dict[str, Any]:
     """Load `path` with llama-cpp-python (float32 KV cache) and compare it with our model: the
     token ids of every text, the logits of the first text (largest difference relative to the
     largest logit), the greedy continuation of its ids (argmax at each step, through llama.cpp's
@@ -287,12 +361,20 @@ def verify_with_llama_cpp(path: Path, model: nn.Module, tokenizer, texts=VERIFY_
     from llama_cpp import GGML_TYPE_F32, Llama
 
     prompt = tokenizer.encode(texts[0], bos=True)
-    llm = Llama(model_path=str(path), n_ctx=len(prompt) + max_new_tokens, n_batch=64, logits_all=True,
-                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=n_threads, verbose=False)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + max_new_tokens,
+        n_batch=64,
+        logits_all=True,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        n_threads=n_threads,
+        verbose=False,
+    )
     same_ids = all(llm.tokenize(t.encode("utf-8"), add_bos=False) == tokenizer.encode(t) for t in texts)
     llm.reset()
     llm.eval(prompt)
-    theirs = torch.from_numpy(llm.scores[:len(prompt)].copy())  # (T, V)
+    theirs = torch.from_numpy(llm.scores[: len(prompt)].copy())  # (T, V)
     greedy: List[int] = []
     for _ in range(max_new_tokens):
         greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
@@ -300,11 +382,15 @@ def verify_with_llama_cpp(path: Path, model: nn.Module, tokenizer, texts=VERIFY_
     ids = torch.tensor([prompt])
     with torch.no_grad():
         ours = model(ids).logits[0].float()
-    ours_greedy = generate(model, ids, max_new_tokens, temperature=0.0)[0, len(prompt):].tolist()
+    ours_greedy = generate(model, ids, max_new_tokens, temperature=0.0)[0, len(prompt) :].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(ours_greedy, greedy)) if a != b), max_new_tokens)
     rel = ((ours - theirs).abs().max() / ours.abs().max()).item()
     text = llm.detokenize(prompt + greedy).decode("utf-8", "replace")
     llm.close()
-    return {"max_rel_logit_error": float(f"{rel:.2e}"), "same_greedy_text": greedy == ours_greedy,
-            "greedy_tokens_agreeing": f"{agree}/{max_new_tokens}", "same_token_ids": same_ids,
-            "same_decoded_text": text == tokenizer.decode(prompt + ours_greedy)}
+    return {
+        "max_rel_logit_error": float(f"{rel:.2e}"),
+        "same_greedy_text": greedy == ours_greedy,
+        "greedy_tokens_agreeing": f"{agree}/{max_new_tokens}",
+        "same_token_ids": same_ids,
+        "same_decoded_text": text == tokenizer.decode(prompt + ours_greedy),
+    }

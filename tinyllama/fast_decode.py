@@ -35,6 +35,7 @@ tensor views.
 Threads: NumPy's BLAS (OpenBLAS) uses every core unless OPENBLAS_NUM_THREADS says otherwise,
 as torch does unless torch.set_num_threads does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -128,14 +129,17 @@ class _PackedLayer:
     def __init__(self, layer: nn.Module, prefix: str, sources: Sources) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_layernorm = _numpy_fn(f"{prefix}.input_layernorm", layer.input_layernorm, sources)
-        self.post_attention_layernorm = _numpy_fn(f"{prefix}.post_attention_layernorm",
-                                                  layer.post_attention_layernorm, sources)
+        self.post_attention_layernorm = _numpy_fn(
+            f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, sources
+        )
         a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
-        self.qkv, self.qkv_bias = _fused([(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"],
-                                         sources)  # (C, (H + 2 H_kv) D)
+        self.qkv, self.qkv_bias = _fused(
+            [(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"], sources
+        )  # (C, (H + 2 H_kv) D)
         self.o, self.o_bias = _fused([(f"{a}.o_proj", attn.o_proj)], sources)
-        self.gate_up, self.gate_up_bias = _fused([(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj"))
-                                                  for p in ("gate", "up")], sources)  # (C, 2 I)
+        self.gate_up, self.gate_up_bias = _fused(
+            [(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")], sources
+        )  # (C, 2 I)
         self.down, self.down_bias = _fused([(f"{m}.down_proj", mlp.down_proj)], sources)
         self.act_fn = _numpy_fn(f"{m}.act_fn", mlp.act_fn, sources)
         self.intermediate_size = self.down.shape[0]
@@ -160,8 +164,10 @@ class FastDecoder:
         # Norms and activations run as the model's own modules if they are not the standard ones;
         # the parts whose weights are packed (attention, MLP) and the rotary tables must be.
         layers = backbone.layers
-        if not (type(backbone.rotary_emb) is RotaryEmbedding
-                and all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in layers)):
+        if not (
+            type(backbone.rotary_emb) is RotaryEmbedding
+            and all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in layers)
+        ):
             return "custom attention, MLP or rotary parts"
         if any(config.uses_sliding_window(i) for i in range(config.num_hidden_layers)):
             return "sliding-window layers"
@@ -189,14 +195,15 @@ class FastDecoder:
         self.embed_tokens = backbone.embed_tokens.weight.detach().numpy()  # (V, C), shared, not copied
         self._sources.append(("model.embed_tokens.weight", self.embed_tokens))
         self.rotary_emb = backbone.rotary_emb
-        self.layers: List[_PackedLayer] = [_PackedLayer(layer, f"model.layers.{i}", self._sources)
-                                           for i, layer in enumerate(backbone.layers)]
+        self.layers: List[_PackedLayer] = [
+            _PackedLayer(layer, f"model.layers.{i}", self._sources) for i, layer in enumerate(backbone.layers)
+        ]
         self.norm = _numpy_fn("model.norm", backbone.norm, self._sources)
         self.lm_head, _ = _fused([("lm_head", model.lm_head)], self._sources)  # (C, V)
         self.head_dim = config.resolved_head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self._identity = _module_identity(model)
 
     @torch.no_grad()
@@ -218,9 +225,15 @@ class FastDecoder:
             if not (shared or np.array_equal(current, packed)):
                 return False
         return True
+
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        cache: KVCache,
+    ) -> torch.Tensor:
         """input_ids (B, 1) -> float32 logits (B, V), appending to `cache` (B, H_kv, past, D) per
         layer, which the model's forward filled with the prompt.
 
@@ -229,23 +242,26 @@ class FastDecoder:
         B, T = input_ids.shape
         past = cache.get_seq_length()
         if T != 1 or past == 0:
-            raise ValueError(f"FastDecoder continues a prompt one token per row; got {T} tokens and a cache "
-                             f"of {past}: run the prompt through the model with this cache first")
+            raise ValueError(
+                f"FastDecoder continues a prompt one token per row; got {T} tokens and a cache "
+                f"of {past}: run the prompt through the model with this cache first"
+            )
         x = self.embed_tokens[input_ids.numpy()[:, 0]]  # (B, C)
         positions = np.full((1, 1), past) if position_ids is None else position_ids.numpy()  # (B|1, 1)
         cos, sin = self._cos_sin(positions)  # (B|1, 1, D): one table for every head
         mask = None  # one new token may see the whole cache, unless some of it is padding
         if attention_mask is not None:
             # dtype-min, not -inf, as masks.to_additive: a row that sees nothing stays finite
-            mask = np.where(attention_mask.numpy()[:, None, None, :] > 0, np.float32(0),
-                            np.finfo(np.float32).min)  # (B, 1, 1, S): broadcast over H_kv and G
+            mask = np.where(
+                attention_mask.numpy()[:, None, None, :] > 0, np.float32(0), np.finfo(np.float32).min
+            )  # (B, 1, 1, S): broadcast over H_kv and G
         # Silent on float overflow, like torch (silu's exp(-x) reaching inf is even meant): a
         # diverged model shows in its logits, not as NumPy warnings.
         with np.errstate(all="ignore"):
             for i, layer in enumerate(self.layers):
                 x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
                 gate_up = _linear(layer.post_attention_layernorm(x), layer.gate_up, layer.gate_up_bias)
-                gate, up = gate_up[:, : layer.intermediate_size], gate_up[:, layer.intermediate_size:]
+                gate, up = gate_up[:, : layer.intermediate_size], gate_up[:, layer.intermediate_size :]
                 x = x + _linear(layer.act_fn(gate) * up, layer.down, layer.down_bias)
             return torch.from_numpy(self.norm(x) @ self.lm_head)
 
@@ -261,15 +277,23 @@ class FastDecoder:
         cos, sin = tables
         return cos.numpy()[positions], sin.numpy()[positions]
 
-    def _attention(self, h: Array, layer: _PackedLayer, layer_idx: int, cos: Array, sin: Array,
-                   mask: Optional[Array], cache: KVCache) -> Array:
+    def _attention(
+        self,
+        h: Array,
+        layer: _PackedLayer,
+        layer_idx: int,
+        cos: Array,
+        sin: Array,
+        mask: Optional[Array],
+        cache: KVCache,
+    ) -> Array:
         """Normed hidden states (B, C) -> attention output after o_proj (B, C)."""
         B = h.shape[0]
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
         qkv = _linear(h, layer.qkv, layer.qkv_bias).reshape(B, H + 2 * H_kv, D)
         qk = qkv[:, : H + H_kv] * cos + rotate_half(qkv[:, : H + H_kv]) * sin  # RoPE on q and k heads at once
         # One new position per row: (B, H_kv, D) -> (B, H_kv, 1, D); back come all (B, H_kv, S, D).
-        keys, values = cache.update_arrays(qk[:, H:, None], qkv[:, H + H_kv:, None], layer_idx)
+        keys, values = cache.update_arrays(qk[:, H:, None], qkv[:, H + H_kv :, None], layer_idx)
         # Query heads grouped by the k/v head they share, (B, H_kv, G, D): one product per k/v head.
         q = qk[:, :H].reshape(B, H_kv, H // H_kv, D)
         scores = (q @ keys.swapaxes(-1, -2)) * self.scaling  # (B, H_kv, G, S)
@@ -284,5 +308,7 @@ class FastDecoder:
 def _module_identity(model: nn.Module) -> Tuple:
     """Which module objects, under which names, make up the model, and its parameter names: a
     swapped module or an added parameter (a bias set on a projection) changes it."""
-    return (tuple((name, id(module)) for name, module in model.named_modules()),
-            tuple(name for name, _ in model.named_parameters(remove_duplicate=False)))
+    return (
+        tuple((name, id(module)) for name, module in model.named_modules()),
+        tuple(name for name, _ in model.named_parameters(remove_duplicate=False)),
+    )

@@ -17,11 +17,12 @@ tokens, 0 for padding) and each row gets the positions and the output it would g
 `stream_tokens` yields the new tokens step by step (the sample stage, tinyllama/sample.py, prints
 them as they come; training's samples.txt is written through `generate`).
 """
+
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -63,8 +64,22 @@ def generate(
     out = input_ids.new_empty(B, T + max_new_tokens)
     out[:, :T] = input_ids
     n = 0
-    for n, tokens in enumerate(stream_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                             repetition_penalty, eos_token_id, seed, attention_mask, fast), 1):
+    for n, tokens in enumerate(
+        stream_tokens(
+            model,
+            input_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            eos_token_id,
+            seed,
+            attention_mask,
+            fast,
+        ),
+        1,
+    ):
         out[:, T + n - 1] = tokens
     return out[:, : T + n]
 
@@ -131,8 +146,9 @@ def stream_tokens(
             seen.scatter_(1, tokens[:, None], True)
         if step_logits is None:
             step_logits = _decoding_step(model, fast)
-        logits = step_logits(tokens[:, None], mask[:, : T + step + 1] if padded else None,
-                             next_position, cache)
+        logits = step_logits(
+            tokens[:, None], mask[:, : T + step + 1] if padded else None, next_position, cache
+        )
         if padded:
             next_position = next_position + 1
 
@@ -149,19 +165,36 @@ def _decoding_step(model: nn.Module, fast: bool) -> Callable[..., torch.Tensor]:
     return functools.partial(_model_logits, model)
 
 
-def _model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                  position_ids: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+def _model_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    cache: KVCache,
+) -> torch.Tensor:
     """Logits of the last position only, (B, V) float32: the backbone runs on all T positions
     (filling the cache), the (C -> V) head only on the last (logits_to_keep=1), so a prefill
     does not pay T x V for logits it would throw away."""
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1].float()
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                repetition_penalty: float, seen: Optional[torch.Tensor],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
+def _next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    repetition_penalty: float,
+    seen: Optional[torch.Tensor],
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
     """Pick one token per row from float32 logits (B, V); the order follows transformers'
     processors: repetition penalty, temperature, top-k, top-p. Returns (B,) int64."""
     if seen is not None:
@@ -190,8 +223,14 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _check_args(input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], repetition_penalty: float) -> None:
+def _check_args(
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    repetition_penalty: float,
+) -> None:
     """Reject values that would fail deep inside torch (or silently do something else)."""
     problems: List[str] = []
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -15,6 +15,7 @@ dtype but no storage, so a 7B model "exists" in a second and a few megabytes.
 
 (Named inspection, not inspect: a module called inspect shadows the standard library's.)
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple, Union
@@ -100,8 +101,9 @@ def memory_estimate(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str,
     return estimate
 
 
-def attention_steps(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cos: torch.Tensor, sin: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+def attention_steps(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> List[Tuple[str, torch.Tensor]]:
     """Replay, step by step, what ``attn`` does between its projections and ``o_proj``.
 
     q (B, T, H*D), k and v (B, T, KV*D) are the projection outputs; cos, sin (B, T, D) the
@@ -110,7 +112,7 @@ def attention_steps(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     B, T, _ = q.shape
     heads, kv_heads, head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
-    q = q.view(B, T, heads, head_dim).transpose(1, 2)     # (B, H, T, D)
+    q = q.view(B, T, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
     k = k.view(B, T, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
     v = v.view(B, T, kv_heads, head_dim).transpose(1, 2)  # (B, KV, T, D)
     steps = [("q_heads", q), ("k_heads", k), ("v_heads", v)]
@@ -133,11 +135,13 @@ def trace_tensors(model: LlamaForCausalLM, input_ids: torch.Tensor) -> List[Tupl
     def record(name: str):
         def hook(module, args, output):
             steps.append((name, output[0] if isinstance(output, tuple) else output))
+
         return hook
 
     def record_input(name: str):
         def hook(module, args):
             steps.append((name, args[0]))
+
         return hook
 
     def keep_rope(module, args, output):
@@ -146,19 +150,24 @@ def trace_tensors(model: LlamaForCausalLM, input_ids: torch.Tensor) -> List[Tupl
     def keep_proj(key: str):
         def hook(module, args, output):
             proj[key] = output
+
         return hook
 
     def replay(prefix: str, attn: nn.Module):
         def hook(module, args):
-            for name, tensor in attention_steps(attn, proj["q"], proj["k"], proj["v"],
-                                                rope["cos"], rope["sin"]):
+            for name, tensor in attention_steps(
+                attn, proj["q"], proj["k"], proj["v"], rope["cos"], rope["sin"]
+            ):
                 steps.append((f"{prefix}.{name}", tensor))
             steps.append((f"{prefix}.attn_output", args[0]))  # heads merged: (B, T, H*D)
+
         return hook
 
     backbone = model.model
-    hooks = [backbone.embed_tokens.register_forward_hook(record("model.embed_tokens")),
-             backbone.rotary_emb.register_forward_hook(keep_rope)]
+    hooks = [
+        backbone.embed_tokens.register_forward_hook(record("model.embed_tokens")),
+        backbone.rotary_emb.register_forward_hook(keep_rope),
+    ]
     for i, layer in enumerate(backbone.layers):
         p, attn, mlp = f"model.layers.{i}", layer.self_attn, layer.mlp
         hooks.append(layer.input_layernorm.register_forward_hook(record(f"{p}.input_layernorm")))
@@ -169,8 +178,12 @@ def trace_tensors(model: LlamaForCausalLM, input_ids: torch.Tensor) -> List[Tupl
         hooks.append(attn.o_proj.register_forward_pre_hook(replay(f"{p}.self_attn", attn)))
         hooks.append(attn.o_proj.register_forward_hook(record(f"{p}.self_attn.o_proj")))
         # The input of the second norm is the residual stream after attention: x + attn(x).
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(record_input(f"{p}.residual_attn")))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(record(f"{p}.post_attention_layernorm")))
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_pre_hook(record_input(f"{p}.residual_attn"))
+        )
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_hook(record(f"{p}.post_attention_layernorm"))
+        )
         for name in ("gate_proj", "up_proj", "down_proj"):
             hooks.append(getattr(mlp, name).register_forward_hook(record(f"{p}.mlp.{name}")))
         hooks.append(layer.register_forward_hook(record(f"{p}.residual_mlp")))
@@ -185,8 +198,13 @@ def trace_tensors(model: LlamaForCausalLM, input_ids: torch.Tensor) -> List[Tupl
     return steps
 
 
-def trace_shapes(config: LlamaConfig, seq_len: Optional[int] = None, seed: int = 0,
-                 batch_size: int = 1, device: str = "cpu") -> List[Tuple[str, Tuple[int, ...]]]:
+def trace_shapes(
+    config: LlamaConfig,
+    seq_len: Optional[int] = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    device: str = "cpu",
+) -> List[Tuple[str, Tuple[int, ...]]]:
     """Shapes at each step of one forward pass on random input_ids (the course's exercise).
 
     seq_len None draws a length in [4, 30] from ``seed``; ids are uniform below vocab_size.
@@ -206,15 +224,31 @@ def trace_shapes(config: LlamaConfig, seq_len: Optional[int] = None, seed: int =
 
 # Each traced step's shape in the course notes' letters (suffix of the step name -> shape).
 SYMBOLIC = {
-    "input_ids": "(B, T)", "embed_tokens": "(B, T, C)", "input_layernorm": "(B, T, C)",
-    "q_proj": "(B, T, H*D)", "k_proj": "(B, T, KV*D)", "v_proj": "(B, T, KV*D)",
-    "q_heads": "(B, H, T, D)", "k_heads": "(B, KV, T, D)", "v_heads": "(B, KV, T, D)",
-    "q_rope": "(B, H, T, D)", "k_rope": "(B, KV, T, D)",
-    "k_repeat_kv": "(B, H, T, D)", "v_repeat_kv": "(B, H, T, D)",
-    "attn_weights": "(B, H, T, T)", "attn_output_heads": "(B, H, T, D)", "attn_output": "(B, T, H*D)",
-    "o_proj": "(B, T, C)", "residual_attn": "(B, T, C)", "post_attention_layernorm": "(B, T, C)",
-    "gate_proj": "(B, T, I)", "up_proj": "(B, T, I)", "down_proj": "(B, T, C)",
-    "residual_mlp": "(B, T, C)", "norm": "(B, T, C)", "lm_head": "(B, T, V)",
+    "input_ids": "(B, T)",
+    "embed_tokens": "(B, T, C)",
+    "input_layernorm": "(B, T, C)",
+    "q_proj": "(B, T, H*D)",
+    "k_proj": "(B, T, KV*D)",
+    "v_proj": "(B, T, KV*D)",
+    "q_heads": "(B, H, T, D)",
+    "k_heads": "(B, KV, T, D)",
+    "v_heads": "(B, KV, T, D)",
+    "q_rope": "(B, H, T, D)",
+    "k_rope": "(B, KV, T, D)",
+    "k_repeat_kv": "(B, H, T, D)",
+    "v_repeat_kv": "(B, H, T, D)",
+    "attn_weights": "(B, H, T, T)",
+    "attn_output_heads": "(B, H, T, D)",
+    "attn_output": "(B, T, H*D)",
+    "o_proj": "(B, T, C)",
+    "residual_attn": "(B, T, C)",
+    "post_attention_layernorm": "(B, T, C)",
+    "gate_proj": "(B, T, I)",
+    "up_proj": "(B, T, I)",
+    "down_proj": "(B, T, C)",
+    "residual_mlp": "(B, T, C)",
+    "norm": "(B, T, C)",
+    "lm_head": "(B, T, V)",
 }
 
 
@@ -230,38 +264,49 @@ def format_parameters(model: LlamaForCausalLM) -> str:
 
 def format_flops(model: LlamaForCausalLM, seq_len: int) -> str:
     f = model.flops_per_token(seq_len)
-    return "\n".join([
-        f"FLOPs per token at T={seq_len} (inspect.seq_len; multiply-add = 2 FLOPs; formula in "
-        "LlamaForCausalLM.flops_per_token, tinyllama/model/heads.py):",
-        f"  N (non-embedding, LM head included) = {f['n']:,}",
-        f"  forward  = 2N + 4LHDT   = {f['forward'] / 1e9:10.3f} GFLOP"
-        f"  (attention {100 * f['attention_forward'] / f['forward']:.1f}%)",
-        f"  training = 6N + 12LHDT  = {f['training'] / 1e9:10.3f} GFLOP",
-    ])
+    return "\n".join(
+        [
+            f"FLOPs per token at T={seq_len} (inspect.seq_len; multiply-add = 2 FLOPs; formula in "
+            "LlamaForCausalLM.flops_per_token, tinyllama/model/heads.py):",
+            f"  N (non-embedding, LM head included) = {f['n']:,}",
+            f"  forward  = 2N + 4LHDT   = {f['forward'] / 1e9:10.3f} GFLOP"
+            f"  (attention {100 * f['attention_forward'] / f['forward']:.1f}%)",
+            f"  training = 6N + 12LHDT  = {f['training'] / 1e9:10.3f} GFLOP",
+        ]
+    )
 
 
 def format_memory(model: LlamaForCausalLM) -> str:
     est = memory_estimate(model)
-    unit, size = ("GiB", 2 ** 30) if est["fp32"]["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
-    lines = [f"memory for training state in {unit} (activations not included; mixed-precision "
-             "autocast keeps fp32 state: read fp32):",
-             f"  {'dtype':<6}{'weights':>10}{'gradients':>11}{'AdamW (m, v)':>14}{'total':>10}"]
+    unit, size = ("GiB", 2**30) if est["fp32"]["total"] >= 2**30 else ("MiB", 2**20)
+    lines = [
+        f"memory for training state in {unit} (activations not included; mixed-precision "
+        "autocast keeps fp32 state: read fp32):",
+        f"  {'dtype':<6}{'weights':>10}{'gradients':>11}{'AdamW (m, v)':>14}{'total':>10}",
+    ]
     for dtype in BYTES_PER_VALUE:
         row = est[dtype]
-        lines.append(f"  {dtype:<6}{row['weights'] / size:>10.2f}{row['gradients'] / size:>11.2f}"
-                     f"{row['adamw'] / size:>14.2f}{row['total'] / size:>10.2f}")
+        lines.append(
+            f"  {dtype:<6}{row['weights'] / size:>10.2f}{row['gradients'] / size:>11.2f}"
+            f"{row['adamw'] / size:>14.2f}{row['total'] / size:>10.2f}"
+        )
     return "\n".join(lines)
 
 
 def format_trace(config: LlamaConfig, trace: List[Tuple[str, Tuple[int, ...]]], device: str) -> str:
     B, T = trace[0][1]
-    lines = [f"shape trace of one forward pass on random input_ids (device {device}):",
-             f"  B={B} T={T} C={config.hidden_size} H={config.num_attention_heads} "
-             f"KV={config.resolved_num_key_value_heads} D={config.resolved_head_dim} "
-             f"I={config.intermediate_size} V={config.vocab_size} L={config.num_hidden_layers}"]
+    lines = [
+        f"shape trace of one forward pass on random input_ids (device {device}):",
+        f"  B={B} T={T} C={config.hidden_size} H={config.num_attention_heads} "
+        f"KV={config.resolved_num_key_value_heads} D={config.resolved_head_dim} "
+        f"I={config.intermediate_size} V={config.vocab_size} L={config.num_hidden_layers}",
+    ]
     if device == "meta":
-        lines.insert(1, "  meta device: shapes only, no weights or values exist (big models would not "
-                        "fit in memory; inspect.trace_device=cpu forces real tensors)")
+        lines.insert(
+            1,
+            "  meta device: shapes only, no weights or values exist (big models would not "
+            "fit in memory; inspect.trace_device=cpu forces real tensors)",
+        )
     width = max(len(name) for name, _ in trace) + 2
     for name, shape in _collapse_repeated_layers(trace):
         symbolic = SYMBOLIC.get(name.rsplit(".", 1)[-1], "")
@@ -272,6 +317,7 @@ def format_trace(config: LlamaConfig, trace: List[Tuple[str, Tuple[int, ...]]], 
 def _collapse_repeated_layers(trace: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[str, object]]:
     """Layers 1..L-1 whose shapes equal layer 0's become one line, as PyTorch's module tree
     prints "(0-31): 32 x DecoderLayer"."""
+
     def layer_of(name: str) -> Optional[int]:
         return int(name.split(".")[2]) if name.startswith("model.layers.") else None
 
@@ -290,7 +336,7 @@ def _collapse_repeated_layers(trace: List[Tuple[str, Tuple[int, ...]]]) -> List[
 
 
 def choose_trace_device(config_or_model: Union[LlamaConfig, nn.Module], requested: str) -> str:
-    """"auto" traces real tensors on the CPU for small models and shapes on meta for big ones."""
+    """ "auto" traces real tensors on the CPU for small models and shapes on meta for big ones."""
     total = _as_model(config_or_model).num_parameters()
     if requested == "auto":
         return "cpu" if total <= TRACE_CPU_MAX_PARAMS else "meta"
@@ -298,7 +344,8 @@ def choose_trace_device(config_or_model: Union[LlamaConfig, nn.Module], requeste
         raise ConfigError(
             f"inspect.trace_device=cpu would allocate {4 * total / 1e9:.1f} GB of fp32 weights for "
             f"{total:,} parameters (limit {TRACE_CPU_MAX_PARAMS:,}): use inspect.trace_device=meta "
-            f"(shapes only, no memory) or a small preset such as model=tiny")
+            f"(shapes only, no memory) or a small preset such as model=tiny"
+        )
     return requested
 
 
@@ -306,9 +353,11 @@ def inspect_report(config: LlamaConfig, options: InspectConfig, seed: int) -> st
     """Everything scripts/inspect_model.py prints, as one string."""
     model = build_meta_model(config)
     sections = [str(model)] if options.tree else []
-    sections += [format_parameters(model),
-                 format_flops(model, options.seq_len or config.max_position_embeddings),
-                 format_memory(model)]
+    sections += [
+        format_parameters(model),
+        format_flops(model, options.seq_len or config.max_position_embeddings),
+        format_memory(model),
+    ]
     if options.trace:
         device = choose_trace_device(model, options.trace_device)
         trace = trace_shapes(config, options.trace_seq_len, seed, options.trace_batch_size, device)

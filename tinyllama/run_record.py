@@ -11,6 +11,7 @@ refused command leaves an existing run folder byte-identical. Hydra writes nothi
 folders (configs/train.yaml sets `hydra.output_subdir: null`): its `.hydra/` snapshot would be
 rewritten before any check could refuse the command.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,11 @@ def record_launch(run_dir: Path, job: Any, overrides: Sequence[str], **facts: An
     header = "".join(f"# {key}: {value}\n" for key, value in facts.items())
     (run_dir / CONFIG).write_text(
         "# The resolved config of the latest launch; launches.jsonl lists every launch.\n"
-        + header + OmegaConf.to_yaml(OmegaConf.structured(job)), encoding="utf-8")
-    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": list(overrides),
-              **facts}
+        + header
+        + OmegaConf.to_yaml(OmegaConf.structured(job)),
+        encoding="utf-8",
+    )
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": list(overrides), **facts}
     with (run_dir / LAUNCHES).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 

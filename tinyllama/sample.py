@@ -9,6 +9,7 @@ The model comes from `tinyllama.checkpoint.load_for_inference` and the tokens fr
 `tinyllama.generate.stream_tokens`; nothing here needs the training package, and training's
 end-of-run samples (tinyllama/train/samples.py) import their prompts from here.
 """
+
 from __future__ import annotations
 
 import sys
@@ -42,19 +43,37 @@ def run_sampling(job, prompts: Optional[Iterable[str]] = None, out: TextIO = sys
     s = job.sample
     ckpt, model, tokenizer, device = load_for_inference(job)
     if prompts is None:
-        prompts = (_stdin_prompts() if s.interactive else
-                   [job.prompt] if job.prompt is not None and not s.prompt_file else prompts_of(s))
+        prompts = (
+            _stdin_prompts()
+            if s.interactive
+            else [job.prompt]
+            if job.prompt is not None and not s.prompt_file
+            else prompts_of(s)
+        )
     seed = s.seed if s.seed is not None else job.run.seed
     texts = []
     for prompt in prompts:
-        ids = fit_prompt(tokenizer.encode(prompt, bos=True), s.max_new_tokens,
-                         ckpt.model_config.max_position_embeddings, s.trim_prompt)
+        ids = fit_prompt(
+            tokenizer.encode(prompt, bos=True),
+            s.max_new_tokens,
+            ckpt.model_config.max_position_embeddings,
+            s.trim_prompt,
+        )
         prompt_ids = torch.tensor([ids], device=device)
         for i in range(s.num_samples):
             out.write(f"--- sample {i + 1}/{s.num_samples} (seed {seed + i}) ---\n")
             stream = TextStream(tokenizer, ids, out if s.stream else None)
-            for token in stream_tokens(model, prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                                       s.repetition_penalty, tokenizer.eos_id, seed + i):
+            for token in stream_tokens(
+                model,
+                prompt_ids,
+                s.max_new_tokens,
+                s.temperature,
+                s.top_k,
+                s.top_p,
+                s.repetition_penalty,
+                tokenizer.eos_id,
+                seed + i,
+            ):
                 if not stream.put(int(token[0])):
                     break
             stream.finish()
@@ -72,11 +91,17 @@ def fit_prompt(ids: List[int], max_new_tokens: int, context: int, trim: bool) ->
     room = context - max_new_tokens - 1  # prompt tokens that fit after <s>
     if trim and room >= 1:
         return ids[:1] + ids[-room:]
-    fix = (f"shorten the prompt, lower sample.max_new_tokens, or set sample.trim_prompt=true to keep "
-           f"its last {room} tokens" if room >= 1 else "lower sample.max_new_tokens")
-    raise ConfigError(f"the prompt is {len(ids)} tokens (with <s>); with sample.max_new_tokens="
-                      f"{max_new_tokens} that needs {len(ids) + max_new_tokens} positions, more than "
-                      f"the model's context of {context}: {fix}")
+    fix = (
+        f"shorten the prompt, lower sample.max_new_tokens, or set sample.trim_prompt=true to keep "
+        f"its last {room} tokens"
+        if room >= 1
+        else "lower sample.max_new_tokens"
+    )
+    raise ConfigError(
+        f"the prompt is {len(ids)} tokens (with <s>); with sample.max_new_tokens="
+        f"{max_new_tokens} that needs {len(ids) + max_new_tokens} positions, more than "
+        f"the model's context of {context}: {fix}"
+    )
 
 
 class TextStream:
@@ -113,7 +138,7 @@ class TextStream:
 
     def _flush(self, text: str) -> None:
         if self.out is not None and len(text) > self._written:
-            self.out.write(text[self._written:])
+            self.out.write(text[self._written :])
             self.out.flush()
             self._written = len(text)
 

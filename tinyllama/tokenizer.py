@@ -6,6 +6,7 @@ settings reuses it; different settings under the same folder are refused (never 
 Training follows Llama and llama2.c: BPE, byte fallback (no text maps to <unk>), split digits,
 identity normalisation (decode(encode(text)) == text), unk 0, bos 1, eos 2.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,17 @@ from tinyllama.errors import DataError
 MODEL_FILE = "tokenizer.model"
 SETTINGS_FILE = "settings.json"
 # Settings that change the trained model (name, model_file and threads do not).
-_TRAINING_FIELDS = ("vocab_size", "model_type", "byte_fallback", "split_digits", "character_coverage",
-                    "pad_id", "user_defined_symbols", "input_sentence_size", "max_train_bytes")
+_TRAINING_FIELDS = (
+    "vocab_size",
+    "model_type",
+    "byte_fallback",
+    "split_digits",
+    "character_coverage",
+    "pad_id",
+    "user_defined_symbols",
+    "input_sentence_size",
+    "max_train_bytes",
+)
 # SentencePiece skips sentences longer than this (bytes); we cut long lines to fit instead.
 _MAX_SENTENCE_BYTES = 4192
 
@@ -39,8 +49,10 @@ class Tokenizer:
     def __init__(self, model_path: Union[str, Path]):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
-            raise DataError(f"tokenizer model {self.model_path} does not exist: train it with "
-                            f"scripts/train_tokenizer.py or set tokenizer.model_file to an existing .model")
+            raise DataError(
+                f"tokenizer model {self.model_path} does not exist: train it with "
+                f"scripts/train_tokenizer.py or set tokenizer.model_file to an existing .model"
+            )
         blob = self.model_path.read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=blob)
         self.fingerprint: str = hashlib.sha256(blob).hexdigest()[:16]
@@ -75,8 +87,9 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         return self.sp.encode(text, add_bos=bos, add_eos=eos)
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
-                     num_threads: int = 1) -> List[List[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 1
+    ) -> List[List[int]]:
         """Encode many texts in one call (SentencePiece's C++ threads, `num_threads` of them)."""
         return self.sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
 
@@ -112,15 +125,18 @@ def ensure_tokenizer(tok_cfg: TokenizerConfig, data_cfg: DataConfig) -> Tokenize
     out = tokenizer_dir(tok_cfg, data_cfg)
     wanted = json.loads(json.dumps(training_settings(tok_cfg, data_cfg)))  # tuples -> lists
     if out.exists() and not (out / MODEL_FILE).is_file():
-        raise DataError(f"{out} exists but holds no {MODEL_FILE}: it was not made by a tokenizer run. "
-                        f"Move it away, or pick another tokenizer.name.")
+        raise DataError(
+            f"{out} exists but holds no {MODEL_FILE}: it was not made by a tokenizer run. "
+            f"Move it away, or pick another tokenizer.name."
+        )
     if (out / MODEL_FILE).is_file():
         saved = _read_settings(out)
         if saved != wanted:
             raise DataError(
                 f"{out} holds a tokenizer trained with other settings ({_diff(saved, wanted)}); "
                 f"it is kept untouched. Pick another tokenizer.name (or data.name) for the new settings, "
-                f"or delete {out} to retrain it.")
+                f"or delete {out} to retrain it."
+            )
         return Tokenizer.load(out)
     train_tokenizer(tok_cfg, data_cfg, out)
     return Tokenizer.load(out)
@@ -161,14 +177,29 @@ def _run_trainer(cfg: TokenizerConfig, sentences: Iterator[str], prefix: Path) -
     counted = _Counted(sentences)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=counted, model_prefix=str(prefix), model_type=cfg.model_type,
-            vocab_size=cfg.vocab_size, byte_fallback=cfg.byte_fallback, split_digits=cfg.split_digits,
-            character_coverage=cfg.character_coverage, input_sentence_size=cfg.input_sentence_size,
-            shuffle_input_sentence=True, num_threads=cfg.num_threads or os.cpu_count() or 1,
-            user_defined_symbols=list(cfg.user_defined_symbols), unk_id=0, bos_id=1, eos_id=2,
-            pad_id=cfg.pad_id, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, max_sentence_length=_MAX_SENTENCE_BYTES,
-            unk_surface=" \u2047 ", self_test_sample_size=0, minloglevel=2)
+            sentence_iterator=counted,
+            model_prefix=str(prefix),
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            byte_fallback=cfg.byte_fallback,
+            split_digits=cfg.split_digits,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=cfg.num_threads or os.cpu_count() or 1,
+            user_defined_symbols=list(cfg.user_defined_symbols),
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=cfg.pad_id,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            unk_surface=" \u2047 ",
+            self_test_sample_size=0,
+            minloglevel=2,
+        )
     except RuntimeError as e:
         raise DataError(_advice(str(e), cfg, counted)) from None
 
@@ -193,15 +224,19 @@ def _advice(msg: str, cfg: TokenizerConfig, counted: _Counted) -> str:
     corpus = f"{counted.n} lines, about {counted.bytes / 1e6:.2f} MB"
     too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg)
     if too_high:
-        return (f"tokenizer.vocab_size={cfg.vocab_size} is more than this corpus supports ({corpus}): "
-                f"SentencePiece can make at most {too_high.group(2)} pieces from it. Lower "
-                f"tokenizer.vocab_size (e.g. tokenizer=bpe_512), or train on more text "
-                f"(data.num_docs / more files).")
+        return (
+            f"tokenizer.vocab_size={cfg.vocab_size} is more than this corpus supports ({corpus}): "
+            f"SentencePiece can make at most {too_high.group(2)} pieces from it. Lower "
+            f"tokenizer.vocab_size (e.g. tokenizer=bpe_512), or train on more text "
+            f"(data.num_docs / more files)."
+        )
     too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
     if too_small:
-        return (f"tokenizer.vocab_size={cfg.vocab_size} is too small: the special ids, the 256 byte "
-                f"pieces (byte_fallback) and the corpus's characters need at least {too_small.group(2)}. "
-                f"Raise tokenizer.vocab_size (or lower tokenizer.character_coverage).")
+        return (
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small: the special ids, the 256 byte "
+            f"pieces (byte_fallback) and the corpus's characters need at least {too_small.group(2)}. "
+            f"Raise tokenizer.vocab_size (or lower tokenizer.character_coverage)."
+        )
     if counted.n == 0:
         return "the tokenizer's training text is empty: check data.train_files / the source"
     return f"SentencePiece could not train on {corpus} with these settings: {msg}"
@@ -223,5 +258,3 @@ def _diff(saved: dict, wanted: dict) -> str:
             if a.get(key) != b.get(key):
                 parts.append(f"{group}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return "; ".join(parts) or "settings.json is missing or unreadable"
-
-

@@ -11,6 +11,7 @@ as job number = trial number (run folder runs/<name>/<trial number>/), and told 
 folder's summary.json says. Optuna is imported only when a search starts: Hydra imports this
 module on every launch to discover its plugins.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,11 @@ class StudySweeper(Sweeper):
         self.params = _flatten(OmegaConf.to_container(params, resolve=True) if params else {})
         self.settings_values = settings
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
-            config=config, hydra_context=hydra_context, task_function=task_function)
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def sweep(self, arguments: List[str]) -> None:
@@ -63,13 +64,16 @@ class StudySweeper(Sweeper):
         st.make_sampler(settings.sampler, space, 0)  # a bad sampler argument fails here
         pruner = st.make_pruner(settings.pruner)
         if settings.sampler["name"] == "grid":
-            settings.n_trials = min(settings.n_trials, math.prod(
-                len(v) for v in st.grid_of(space).values()))
+            settings.n_trials = min(settings.n_trials, math.prod(len(v) for v in st.grid_of(space).values()))
         url = settings.storage or st.default_storage(self.sweep_dir)
         study, storage = self._open(url, settings, space, pruner)
         counts = st.count_states(study)
-        print(f"study {settings.study_name!r} ({url}): {sum(counts.values())} of "
-              f"{settings.n_trials} trials so far {counts or ''}", flush=True)
+        print(
+            f"study {settings.study_name!r} ({url}): {sum(counts.values())} of "
+            f"{settings.n_trials} trials so far {counts or ''}",
+            flush=True,
+        )
+
         def write_best() -> Optional[Path]:  # locked: copies must not write an older best last
             with st.locked(self.sweep_dir):
                 return st.write_best(study, self.sweep_dir, fixed, groups, url, settings.objective)
@@ -77,12 +81,20 @@ class StudySweeper(Sweeper):
         _Runner(self, study, storage, settings, space, plain_args, write_best).run()
         best = write_best()
         counts = st.count_states(study)
-        print(f"study {settings.study_name!r}: {counts}; "
-              + (f"best trial {study.best_trial.number} ({settings.objective} = "
-                 f"{study.best_value:.6g}), {best}" if best else "no trial completed"), flush=True)
+        print(
+            f"study {settings.study_name!r}: {counts}; "
+            + (
+                f"best trial {study.best_trial.number} ({settings.objective} = "
+                f"{study.best_value:.6g}), {best}"
+                if best
+                else "no trial completed"
+            ),
+            flush=True,
+        )
 
-    def _search_space(self, arguments: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any],
-                                                               Dict[str, str], List[str]]:
+    def _search_space(
+        self, arguments: Sequence[str]
+    ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, str], List[str]]:
         """(distributions, fixed values, group choices, the non-sweep overrides every trial gets).
         The command line (python train.py -m hparams_search=... 'optim.lr=choice(1e-3,3e-3)')
         wins over hydra.sweeper.params: its sweeps join or replace theirs, its values fix a key."""
@@ -108,30 +120,39 @@ class StudySweeper(Sweeper):
                 space.pop(key, None)  # a fixed value on the command line ends that search
             if not override.is_sweep_override():  # every trial gets it (logger.group=<name>...)
                 plain_args.append(override.input_line)
-            if key not in choices and OmegaConf.select(
-                    self.config, key, default=_MISSING,
-                    throw_on_resolution_failure=False) is _MISSING and not override.is_add():
+            if (
+                key not in choices
+                and OmegaConf.select(self.config, key, default=_MISSING, throw_on_resolution_failure=False)
+                is _MISSING
+                and not override.is_add()
+            ):
                 unknown.append(key)
         if unknown:
-            raise ConfigError(f"search keys not in the config: {', '.join(unknown)}; see "
-                              "tinyllama/config.py for the keys each group takes (a misspelling?)")
+            raise ConfigError(
+                f"search keys not in the config: {', '.join(unknown)}; see "
+                "tinyllama/config.py for the keys each group takes (a misspelling?)"
+            )
         if not space:
-            raise ConfigError("nothing to search: hydra.sweeper.params has no sweep (e.g. "
-                              "optim.lr: tag(log, interval(1e-4, 1e-2)))")
+            raise ConfigError(
+                "nothing to search: hydra.sweeper.params has no sweep (e.g. "
+                "optim.lr: tag(log, interval(1e-4, 1e-2)))"
+            )
         fixed = {k: v for k, v in fixed.items() if k not in NOT_REPRODUCED}
         groups = {k: v for k, v in groups.items() if k not in NOT_REPRODUCED}
         return space, fixed, groups, plain_args
 
-    def _open(self, url: str, settings: st.StudySettings, space: Dict[str, Any],
-              pruner: Any) -> Tuple[Any, Any]:
+    def _open(
+        self, url: str, settings: st.StudySettings, space: Dict[str, Any], pruner: Any
+    ) -> Tuple[Any, Any]:
         default = settings.storage is None
-        if default and not Path(url[len("sqlite:///"):]).exists():
+        if default and not Path(url[len("sqlite:///") :]).exists():
             trials = [p.name for p in self.sweep_dir.glob("*") if p.name.isdigit()]
             if trials:
                 raise ConfigError(
                     f"{self.sweep_dir} already holds run folders {', '.join(sorted(trials))} but "
                     f"no {st.STUDY_DB}: they are not this study's trials (a grid sweep of the "
-                    "same run.name?). Pick another run.name (nothing was changed)")
+                    "same run.name?). Pick another run.name (nothing was changed)"
+                )
         new = [d for d in (self.sweep_dir, *self.sweep_dir.parents) if not d.exists()]
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -149,9 +170,16 @@ class StudySweeper(Sweeper):
 class _Runner:
     """Ask, launch, tell, until the study holds n_trials trials."""
 
-    def __init__(self, sweeper: StudySweeper, study: Any, storage: Any,
-                 settings: st.StudySettings, space: Dict[str, Any], args: List[str],
-                 write_best: Callable[[], Optional[Path]]) -> None:
+    def __init__(
+        self,
+        sweeper: StudySweeper,
+        study: Any,
+        storage: Any,
+        settings: st.StudySettings,
+        space: Dict[str, Any],
+        args: List[str],
+        write_best: Callable[[], Optional[Path]],
+    ) -> None:
         self.sweeper, self.study, self.storage, self.settings = sweeper, study, storage, settings
         self.space, self.args, self.write_best = space, args, write_best
         self.trial_ids: Dict[int, int] = {}  # trial number -> storage id, looked up once
@@ -176,8 +204,14 @@ class _Runner:
                 self.study.sampler = st.make_sampler(s.sampler, self.space, total + len(batch))
                 trial = self.study.ask(self.space)
                 if trial.number >= s.n_trials:  # another machine asked first: not ours to run
-                    st.tell(self.study, trial, {"state": "FAIL", "error": "surplus trial: the "
-                                                "study already had n_trials when it was asked"})
+                    st.tell(
+                        self.study,
+                        trial,
+                        {
+                            "state": "FAIL",
+                            "error": "surplus trial: the study already had n_trials when it was asked",
+                        },
+                    )
                     break
                 self.trial_ids[trial.number] = self._trial_id(trial)
                 batch.append(trial)
@@ -211,7 +245,7 @@ class _Runner:
     def _launch_group(self, group: List[Any], batch: List[Any]) -> bool:
         jobs = [self.args + [_as_override(k, v) for k, v in t.params.items()] for t in group]
         for t, job in zip(group, jobs):
-            print(f"trial {t.number}: {' '.join(job[len(self.args):])}", flush=True)
+            print(f"trial {t.number}: {' '.join(job[len(self.args) :])}", flush=True)
         try:
             returns = self.sweeper.launcher.launch(jobs, initial_job_idx=group[0].number)
         except SystemExit as e:  # the trial's CLI refused its config (message printed above)
@@ -229,12 +263,14 @@ class _Runner:
 
     def _outcome(self, ret: Any) -> Dict[str, Any]:
         if isinstance(ret, SystemExit):
-            return {"state": "FAIL", "error": f"the trial exited with status {ret.code} (its "
-                                              "error message is printed above)"}
+            return {
+                "state": "FAIL",
+                "error": f"the trial exited with status {ret.code} (its error message is printed above)",
+            }
         assert isinstance(ret, JobReturn)
         if ret.status == JobStatus.FAILED:
             try:
-                ret.return_value  # re-raises the trial's exception
+                _ = ret.return_value  # re-raises the trial's exception
             except Exception as e:
                 return {"state": "FAIL", "error": f"{type(e).__name__}: {e}"}
         run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
@@ -289,8 +325,7 @@ def _distribution(override: Override) -> Any:
     """Hydra sweep syntax -> Optuna distribution: choice(a, b) or a,b -> categorical;
     range(start, stop, step=s) -> int (or float) with that step, stop excluded;
     interval(lo, hi) -> float, tag(log, ...) for a log scale, tag(int, ...) for integers."""
-    from optuna.distributions import (CategoricalDistribution, FloatDistribution,
-                                      IntDistribution)
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     value, key = override.value(), override.get_key_element()
     tags = getattr(value, "tags", set()) or set()
@@ -306,5 +341,6 @@ def _distribution(override: Override) -> Any:
         return FloatDistribution(float(value.start), float(last), step=float(value.step))
     if override.is_choice_sweep():
         return CategoricalDistribution(list(value.list))
-    raise ConfigError(f"{key}: {override.input_line!r} is not a search space Optuna takes "
-                      "(choice, range, interval)")
+    raise ConfigError(
+        f"{key}: {override.input_line!r} is not a search space Optuna takes (choice, range, interval)"
+    )

@@ -1,11 +1,10 @@
 """`python -m tinyllama.course start|check|list`: the workspace, never overwriting, exit codes."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from tinyllama.course.__main__ import main
 from tinyllama.course.lessons import LESSONS, WORKSPACE_ENV, get_lesson, start_lesson
@@ -41,8 +40,11 @@ def test_start_force_keeps_a_backup_and_never_replaces_one(tmp_path):
         path, backup = start_lesson(lesson, ws, force=True)
         assert backup.read_text() == f"# {attempt}\n"
         assert path.read_text() == lesson.stub_path.read_text()
-    assert sorted(p.name for p in ws.iterdir()) == [lesson.stub_name, lesson.stub_name + ".bak",
-                                                     lesson.stub_name + ".bak1"]
+    assert sorted(p.name for p in ws.iterdir()) == [
+        lesson.stub_name,
+        lesson.stub_name + ".bak",
+        lesson.stub_name + ".bak1",
+    ]
 
 
 def test_start_with_a_new_name_and_the_env_workspace(tmp_path, monkeypatch, capsys):
@@ -77,7 +79,19 @@ def test_list_shows_progress(tmp_path, capsys):
 
 
 def test_module_entry_point_runs(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tinyllama.course", "check", "2", "--file",
-                          str(SOLUTIONS / "lesson2_rmsnorm.py")], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyllama.course",
+            "check",
+            "2",
+            "--file",
+            str(SOLUTIONS / "lesson2_rmsnorm.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "all cases pass" in out.stdout

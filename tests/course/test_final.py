@@ -1,4 +1,5 @@
 """The final exercise: the learner's pieces inside the real model."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,8 +32,15 @@ def test_learner_model_matches_the_reference_with_the_same_weights(workspace):
     # The learner's attention rotates with the learner's RoPE functions.
     attention_module = __import__("sys").modules[parts.attention.__module__]
     assert attention_module.apply_rotary_pos_emb.__module__ == parts.rotary.__module__
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     reference = LlamaForCausalLM(config).eval()
     mine = LlamaForCausalLM(config, parts=parts).eval()
@@ -73,10 +81,25 @@ def test_train_command_composes_the_tiny_preset_and_trains(workspace, tmp_path, 
     assert (job.model.hidden_size, job.model.num_hidden_layers) == (128, 4)  # configs/model/tiny.yaml
     assert (job.train.batch_size, job.train.seq_len) == (4, 64)  # the learner's override wins
     # End to end through the CLI, on a small corpus and vocabulary built in tmp_path.
-    rc = main(["train", "--workspace", str(workspace), "--seconds", "60", "--max-steps", "12",
-               f"data.root={tmp_path / 'data'}", "data.num_docs=300", "data.num_workers=0",
-               "tokenizer.vocab_size=512", "tokenizer.num_threads=1", "model.vocab_size=512",
-               "optim.warmup_steps=2", "train.log_every=4"])
+    rc = main(
+        [
+            "train",
+            "--workspace",
+            str(workspace),
+            "--seconds",
+            "60",
+            "--max-steps",
+            "12",
+            f"data.root={tmp_path / 'data'}",
+            "data.num_docs=300",
+            "data.num_workers=0",
+            "tokenizer.vocab_size=512",
+            "tokenizer.num_threads=1",
+            "model.vocab_size=512",
+            "optim.warmup_steps=2",
+            "train.log_every=4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "attention yours" in out and "step   12" in out and "your pieces learn!" in out
@@ -88,15 +111,32 @@ def test_train_command_in_chinese_learns_and_writes_the_chinese_stories(workspac
     job = _compose_job([], lang="zh")
     assert (job.data.source, job.tokenizer.name, job.model.vocab_size) == ("synthetic_zh", "bpe_2k_zh", 2048)
     assert (job.model.hidden_size, job.train.batch_size, job.train.seq_len) == (128, 8, 64)  # as in English
-    rc = main(["train", "--lang", "zh", "--workspace", str(workspace), "--seconds", "60", "--max-steps", "12",
-               f"data.root={tmp_path / 'data'}", "data.num_docs=300", "data.num_workers=0",
-               "tokenizer.vocab_size=1200", "tokenizer.num_threads=1", "model.vocab_size=1200",
-               "optim.warmup_steps=2", "train.log_every=4"])
+    rc = main(
+        [
+            "train",
+            "--lang",
+            "zh",
+            "--workspace",
+            str(workspace),
+            "--seconds",
+            "60",
+            "--max-steps",
+            "12",
+            f"data.root={tmp_path / 'data'}",
+            "data.num_docs=300",
+            "data.num_workers=0",
+            "tokenizer.vocab_size=1200",
+            "tokenizer.num_threads=1",
+            "model.vocab_size=1200",
+            "optim.warmup_steps=2",
+            "train.log_every=4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "attention yours" in out and "your pieces learn!" in out
     assert (tmp_path / "data" / "tokenizers" / "synthetic_zh-bpe_2k_zh" / "tokenizer.model").is_file()
     sample = next(line for line in out.splitlines() if line.startswith("sample: "))
     assert sample.startswith("sample: '从前，")
-    written = sample[len("sample: '从前，"):]
+    written = sample[len("sample: '从前，") :]
     assert sum("\u4e00" <= ch <= "\u9fff" for ch in written) > 10, sample  # the model writes Chinese

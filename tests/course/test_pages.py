@@ -1,5 +1,6 @@
 """The lesson pages: both languages exist, point at real code, and their shape tables agree with
 the inspector's trace of the tiny preset (so the notes cannot drift from the model)."""
+
 from __future__ import annotations
 
 import re
@@ -28,8 +29,11 @@ def _quoted_shapes(page: str, trace: dict):
         if not line.startswith("| `"):
             continue
         first = line.split("`")[1]
-        names = [n for n in trace if n == first or n.endswith("layers.0.self_attn." + first)
-                 or n.endswith("layers.0." + first)]
+        names = [
+            n
+            for n in trace
+            if n == first or n.endswith("layers.0.self_attn." + first) or n.endswith("layers.0." + first)
+        ]
         shapes = re.findall(r"`\((\d+(?:, \d+)*)\)`", line)
         if len(names) == 1 and shapes:
             yield names[0], tuple(int(n) for n in shapes[-1].split(", "))
@@ -53,6 +57,8 @@ def test_shape_tables_match_the_inspector_trace(lang, tiny_trace):
     checked = 0
     for lesson in LESSONS:
         for name, shape in _quoted_shapes(lesson.page(lang).read_text(encoding="utf-8"), tiny_trace):
-            assert shape == tiny_trace[name], f"{lesson.page(lang)}: {name} is {tiny_trace[name]}, page says {shape}"
+            assert shape == tiny_trace[name], (
+                f"{lesson.page(lang)}: {name} is {tiny_trace[name]}, page says {shape}"
+            )
             checked += 1
     assert checked >= 25  # the tables of lessons 1-6 quote most of the trace

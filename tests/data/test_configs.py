@@ -1,5 +1,6 @@
 """Every shipped data= and tokenizer= preset composes against the schema and validates; the
 stage scripts run end to end and turn bad input into one clear error."""
+
 import os
 import subprocess
 import sys
@@ -46,16 +47,32 @@ def test_presets_exist():
 
 def run_script(script, tmp_path, *overrides):
     env = dict(os.environ, TINYLLAMA_PROGRESS="0")
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), f"data.root={tmp_path}",
-                           "hydra.run.dir=" + str(tmp_path / "hydra"), *overrides],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / script),
+            f"data.root={tmp_path}",
+            "hydra.run.dir=" + str(tmp_path / "hydra"),
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_prepare_script_end_to_end_and_bad_input(tmp_path):
-    ok = run_script("prepare_data.py", tmp_path, "tokenizer=bpe_512", "data.num_docs=100", "data.num_workers=0")
+    ok = run_script(
+        "prepare_data.py", tmp_path, "tokenizer=bpe_512", "data.num_docs=100", "data.num_workers=0"
+    )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "tokenizers" / "synthetic-bpe_512" / "tokenizer.model").is_file()
-    assert "packed data: " in ok.stdout and (Path(ok.stdout.split("packed data: ")[1].strip()) / "meta.json").is_file()
+    assert (
+        "packed data: " in ok.stdout
+        and (Path(ok.stdout.split("packed data: ")[1].strip()) / "meta.json").is_file()
+    )
     bad = run_script("train_tokenizer.py", tmp_path, "data=text_files", "data.train_files=[missing/*.txt]")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "error: 'missing/*.txt' matches no file" in bad.stderr

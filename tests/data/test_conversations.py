@@ -1,5 +1,6 @@
 """Reading conversations: the three record shapes from .jsonl, .json, parquet and Hugging Face
 datasets (local folders only: the Hub is not reachable in tests), and one clear error per bad input."""
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,26 @@ from tinyllama.data import sources
 from tinyllama.data.conversations import load_hf_conversations, read_conversation_files, to_messages
 from tinyllama.errors import DataError
 
-MESSAGES = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                         {"role": "assistant", "content": "Hello."}]}
+MESSAGES = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+}
 ALPACA = {"instruction": "Name a color.", "input": "Think of the sky.", "output": "blue"}
 PROMPT = {"prompt": "2 + 2 =", "completion": "4", "system": "You add."}
 EXPECTED = [
     MESSAGES["messages"],
-    [{"role": "user", "content": "Name a color.\n\nThink of the sky."},
-     {"role": "assistant", "content": "blue"}],
-    [{"role": "system", "content": "You add."}, {"role": "user", "content": "2 + 2 ="},
-     {"role": "assistant", "content": "4"}],
+    [
+        {"role": "user", "content": "Name a color.\n\nThink of the sky."},
+        {"role": "assistant", "content": "blue"},
+    ],
+    [
+        {"role": "system", "content": "You add."},
+        {"role": "user", "content": "2 + 2 ="},
+        {"role": "assistant", "content": "4"},
+    ],
 ]
 
 
@@ -34,8 +45,10 @@ def test_every_shape_becomes_messages():
     assert [to_messages(r, "x") for r in (MESSAGES, ALPACA, PROMPT)] == EXPECTED
     no_input = {"instruction": "Say hi.", "input": "", "output": "hi"}
     assert to_messages(no_input, "x")[0]["content"] == "Say hi."
-    conversational = {"prompt": [{"role": "user", "content": "Hi"}],
-                      "completion": [{"role": "assistant", "content": "Hey"}]}
+    conversational = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "completion": [{"role": "assistant", "content": "Hey"}],
+    }
     assert to_messages(conversational, "x") == conversational["prompt"] + conversational["completion"]
 
 
@@ -71,16 +84,19 @@ def test_an_unreachable_hub_name_fails_with_advice(monkeypatch):
         list(load_hf_conversations(_hf_cfg(), "someone/chat-data", "train"))
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "bot", "content": "hi"}]}, r"f.jsonl:3: message 0 has unknown role 'bot'"),
-    ({"messages": []}, r"f.jsonl:3: empty conversation"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"f.jsonl:3: no assistant turn"),
-    ({"text": "a story"}, r"f.jsonl:3: none of the recognised fields \(found \['text'\]\).*messages"),
-    ({"messages": [{"role": "user"}]}, r"message 0 .* needs 'role' and 'content'"),
-    ({"prompt": 3, "completion": "x"}, r"user side is 3"),
-    ("just text", r"must be a JSON object"),
-    ({"instruction": None, "output": "x"}, r"message 0 \(user\) has content None"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"messages": [{"role": "bot", "content": "hi"}]}, r"f.jsonl:3: message 0 has unknown role 'bot'"),
+        ({"messages": []}, r"f.jsonl:3: empty conversation"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"f.jsonl:3: no assistant turn"),
+        ({"text": "a story"}, r"f.jsonl:3: none of the recognised fields \(found \['text'\]\).*messages"),
+        ({"messages": [{"role": "user"}]}, r"message 0 .* needs 'role' and 'content'"),
+        ({"prompt": 3, "completion": "x"}, r"user side is 3"),
+        ("just text", r"must be a JSON object"),
+        ({"instruction": None, "output": "x"}, r"message 0 \(user\) has content None"),
+    ],
+)
 def test_bad_records_get_one_clear_error_naming_the_row(record, message):
     with pytest.raises(DataError, match=message):
         to_messages(record, "f.jsonl:3")

@@ -1,4 +1,5 @@
 """Loader: windows are true slices of the stream, seeded, disjoint across ranks, resumable."""
+
 import json
 
 import numpy as np
@@ -26,8 +27,13 @@ def make_ramp(folder, train_tokens=20_000, val_tokens=3_000, shard_tokens=7_000)
         writer = _ShardWriter(folder, split, np.dtype("uint16"), shard_tokens)
         writer.write(np.arange(n, dtype=np.uint16), 1)
         splits[split] = writer.close()
-    meta = {"format": 1, "dtype": "uint16", "splits": splits, "source": {},
-            "tokenizer": {"fingerprint": "ramp", "vocab_size": 65536, "bos_id": 1, "eos_id": 2}}
+    meta = {
+        "format": 1,
+        "dtype": "uint16",
+        "splits": splits,
+        "source": {},
+        "tokenizer": {"fingerprint": "ramp", "vocab_size": 65536, "bos_id": 1, "eos_id": 2},
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
@@ -57,7 +63,9 @@ def test_windows_are_seeded_slices(ramp):
 
 def test_ranks_read_disjoint_windows(ramp):
     T, B = 63, 8
-    ranks = [BatchLoader(ramp, "train", batch_size=B, seq_len=T, seed=0, rank=r, world_size=3) for r in range(3)]
+    ranks = [
+        BatchLoader(ramp, "train", batch_size=B, seq_len=T, seed=0, rank=r, world_size=3) for r in range(3)
+    ]
     per_rank = ranks[0].windows_per_rank
     assert per_rank == 20_000 // 64 // 3
     seen = [[int(s) for _ in range(per_rank // B) for s in loader.next_batch()[0][:, 0]] for loader in ranks]
@@ -110,18 +118,24 @@ def test_eval_batches_sequential_and_split_across_ranks(ramp):
 def test_windows_cross_shard_boundaries(tmp_path, tiny_data):
     data, tok_cfg = tiny_data
     tok = ensure_tokenizer(tok_cfg, data)
-    out = ensure_packed(DataConfig(name="s", num_docs=20, num_workers=0, shard_tokens=100, root=str(tmp_path)), tok)
+    out = ensure_packed(
+        DataConfig(name="s", num_docs=20, num_workers=0, shard_tokens=100, root=str(tmp_path)), tok
+    )
     meta = read_meta(out)
     stream = TokenStream(out, meta, "train")
-    flat = np.concatenate([np.fromfile(out / s["file"], dtype="uint16") for s in meta["splits"]["train"]["shards"]])
+    flat = np.concatenate(
+        [np.fromfile(out / s["file"], dtype="uint16") for s in meta["splits"]["train"]["shards"]]
+    )
     assert len(meta["splits"]["train"]["shards"]) > 5
     assert stream.read(95, 210).tolist() == flat[95:305].tolist()
 
 
 def test_too_small_corpus_and_incompatible_model(packed):
     tokens = read_meta(packed)["splits"]["val"]["tokens"]
-    with pytest.raises(DataError, match=f"has {tokens} tokens, but one window of seq_len \\+ 1 = 4001 tokens "
-                                        f"needs at least 4001"):
+    with pytest.raises(
+        DataError,
+        match=f"has {tokens} tokens, but one window of seq_len \\+ 1 = 4001 tokens needs at least 4001",
+    ):
         BatchLoader(packed, "val", batch_size=1, seq_len=4000, seed=0)
     with pytest.raises(DataError, match="needs at least"):
         next(eval_batches(packed, "val", 1, tokens))

@@ -1,15 +1,13 @@
 """Packing: exact token streams and counts, shards, dtype, reuse, atomicity, mismatches."""
+
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tinyllama.config import DataConfig
-from tinyllama.data import ensure_packed, iter_documents, read_meta
-from tinyllama.data import pack
+from tinyllama.data import ensure_packed, iter_documents, pack, read_meta
 from tinyllama.errors import DataError
 from tinyllama.tokenizer import Tokenizer
 
@@ -26,7 +24,9 @@ def small_cfg(tmp_path, **kw):
 
 
 def read_split(out, meta, split):
-    return np.concatenate([np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]])
+    return np.concatenate(
+        [np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]]
+    )
 
 
 def test_exact_stream_and_counts(tmp_path, tok):
@@ -43,8 +43,15 @@ def test_exact_stream_and_counts(tmp_path, tok):
     assert len(shards) == -(-len(read_split(out, meta, "train")) // 1000)
     assert all(s["tokens"] == 1000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 1000
     assert meta["dtype"] == "uint16" and meta["splits"]["val"]["docs"] == 1
-    assert meta["tokenizer"] == {"fingerprint": tok.fingerprint, "vocab_size": 512, "bos_id": 1, "eos_id": 2,
-                                 "unk_id": 0, "pad_id": None, "model_path": str(tok.model_path)}
+    assert meta["tokenizer"] == {
+        "fingerprint": tok.fingerprint,
+        "vocab_size": 512,
+        "bos_id": 1,
+        "eos_id": 2,
+        "unk_id": 0,
+        "pad_id": None,
+        "model_path": str(tok.model_path),
+    }
     assert meta["source"] == {"source": "synthetic", "max_docs": None, "num_docs": 60, "seed": 3}
 
 
@@ -61,7 +68,10 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path, tok, monkeypatch):
     out = ensure_packed(small_cfg(tmp_path), tok)
     meta = read_meta(out)
     assert meta["dtype"] == "uint32"
-    assert read_split(out, meta, "val")[:3].tolist() == [1] + tok.encode(next(iter_documents(small_cfg(tmp_path), "val")))[:2]
+    assert (
+        read_split(out, meta, "val")[:3].tolist()
+        == [1] + tok.encode(next(iter_documents(small_cfg(tmp_path), "val")))[:2]
+    )
 
 
 def test_reused_on_second_run(tmp_path, tok, monkeypatch):
@@ -121,8 +131,14 @@ def test_other_tokenizer_or_source_is_refused(tmp_path, tok):
 def test_empty_validation_split(tmp_path, tok):
     f = tmp_path / "one.txt"
     f.write_text("Just one story.")
-    cfg = DataConfig(name="one", source="text_files", train_files=[str(f)], val_fraction=0.0,
-                     num_workers=0, root=str(tmp_path))
+    cfg = DataConfig(
+        name="one",
+        source="text_files",
+        train_files=[str(f)],
+        val_fraction=0.0,
+        num_workers=0,
+        root=str(tmp_path),
+    )
     with pytest.raises(DataError, match="val split .* holds no documents.*val_fraction"):
         ensure_packed(cfg, tok)
     assert not any(p.name == tok.fingerprint for p in (tmp_path / "packed" / "one").iterdir())

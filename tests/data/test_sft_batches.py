@@ -1,5 +1,6 @@
 """Packing conversations for fine-tuning: whole conversations per window, counted overflow, and
 no attention across conversations (a conversation's logits packed equal its logits alone)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ PAD = 0
 
 def _conversation(n: int, start: int):
     ids = [start + i for i in range(n)]
-    return ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2:]
+    return ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 :]
 
 
 def test_windows_hold_whole_conversations_with_restarting_positions():
@@ -57,25 +58,35 @@ def test_conversations_longer_than_the_window_are_cut_or_dropped_and_counted():
 def test_segment_mask_is_block_diagonal_causal_and_padding_sees_itself():
     mask = segment_attention_mask(torch.tensor([[1, 1, 2, 2, 0]]))
     assert mask.shape == (1, 1, 5, 5) and mask.dtype == torch.bool
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
-                             [0, 0, 0, 0, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask[0, 0], expected)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_logits_of_a_packed_conversation_equal_its_logits_alone(impl):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attn_implementation=impl)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=impl,
+    )
     model = LlamaForCausalLM(config).eval()
     lengths = [7, 5, 9, 6]
     convs = [(ids, ids) for ids in (torch.randint(3, 64, (n,)).tolist() for n in lengths)]
     batch = collate(list(pack_windows(convs, seq_len=16, pad_id=PAD)))
     assert batch.input_ids.shape == (2, 16)
     with torch.no_grad():
-        packed = model(batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits  # (B, T, V)
+        packed = model(
+            batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits  # (B, T, V)
         for row in range(batch.input_ids.shape[0]):
             for segment in batch.segment_ids[row].unique().tolist():
                 if segment == 0:
@@ -83,17 +94,32 @@ def test_logits_of_a_packed_conversation_equal_its_logits_alone(impl):
                 where = batch.segment_ids[row] == segment
                 alone = model(batch.input_ids[row, where][None]).logits[0]
                 torch.testing.assert_close(packed[row, where], alone, rtol=1e-5, atol=1e-5)
-        loss = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                     labels=batch.labels).loss
+        loss = model(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
+        ).loss
     assert torch.isfinite(loss)
 
 
 def test_padding_rows_keep_gradients_finite():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config)
     batch = collate(list(pack_windows([([3, 4, 5], [3, 4, 5])], seq_len=8, pad_id=PAD)))
-    model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-          labels=batch.labels).loss.backward()
+    model(
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+    ).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,5 +1,6 @@
 """Text sources: every file format and separator, held-out validation, HF datasets from local
 folders, the offline error, and each kind of bad input."""
+
 import json
 import os
 import subprocess
@@ -8,8 +9,7 @@ import sys
 import pytest
 
 from tinyllama.config import DataConfig
-from tinyllama.data import DataWarning, iter_documents
-from tinyllama.data import sources
+from tinyllama.data import DataWarning, iter_documents, sources
 from tinyllama.errors import DataError
 
 DOCS = ["First story.\nIt has two lines.", "Second story.", "Third: \u00e9t\u00e9 \u4f60\u597d."]
@@ -19,10 +19,13 @@ def files_cfg(paths, **kw):
     return DataConfig(name="t", source="text_files", train_files=[str(p) for p in paths], **kw)
 
 
-@pytest.mark.parametrize("sep, text", [
-    ("<|endoftext|>", "\n<|endoftext|>\n".join(DOCS) + "\n<|endoftext|>\n"),
-    ("blank_lines", "\n\n\n".join(d.replace("\n", " ") for d in DOCS)),
-])
+@pytest.mark.parametrize(
+    "sep, text",
+    [
+        ("<|endoftext|>", "\n<|endoftext|>\n".join(DOCS) + "\n<|endoftext|>\n"),
+        ("blank_lines", "\n\n\n".join(d.replace("\n", " ") for d in DOCS)),
+    ],
+)
 def test_txt_separators(tmp_path, sep, text):
     f = tmp_path / "a.txt"
     f.write_text(text, encoding="utf-8")
@@ -79,7 +82,9 @@ def test_empty_file_warns_and_empty_corpus_fails(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "full.txt").write_text("A story.")
     with pytest.warns(DataWarning, match="empty.txt is empty; skipped"):
-        assert list(iter_documents(files_cfg([tmp_path / "*.txt"], val_fraction=0.0), "train")) == ["A story."]
+        assert list(iter_documents(files_cfg([tmp_path / "*.txt"], val_fraction=0.0), "train")) == [
+            "A story."
+        ]
     (tmp_path / "blank.txt").write_text("\n\n<|endoftext|>\n\n")
     with pytest.raises(DataError, match="holds no documents"), pytest.warns(DataWarning):
         list(iter_documents(files_cfg([tmp_path / "empty.txt", tmp_path / "blank.txt"]), "train"))
@@ -98,8 +103,12 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 def test_hf_dataset_saved_to_disk_and_streaming(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"story": DOCS * 3}),
-                               "validation": datasets.Dataset.from_dict({"story": ["held out"]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"story": DOCS * 3}),
+            "validation": datasets.Dataset.from_dict({"story": ["held out"]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     cfg = DataConfig(name="h", source="hf", hf_path=str(tmp_path / "ds"), text_field="story")
     assert list(iter_documents(cfg, "train")) == DOCS * 3
@@ -130,8 +139,10 @@ def test_tinystories_unreachable_hub_fails_fast_with_advice(monkeypatch):
 
 def test_tinystories_offline_mode_error_in_a_fresh_process(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
-    code = ("from tinyllama.config import DataConfig\nfrom tinyllama.data import iter_documents\n"
-            "next(iter_documents(DataConfig(name='ts', source='tinystories'), 'train'))")
+    code = (
+        "from tinyllama.config import DataConfig\nfrom tinyllama.data import iter_documents\n"
+        "next(iter_documents(DataConfig(name='ts', source='tinystories'), 'train'))"
+    )
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "DataError: cannot reach the Hugging Face Hub" in r.stderr and "data.train_files=" in r.stderr

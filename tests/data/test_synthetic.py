@@ -1,4 +1,5 @@
 """The synthetic story corpus: deterministic, varied, well-formed."""
+
 import functools
 import hashlib
 import importlib
@@ -6,7 +7,6 @@ import importlib
 import pytest
 
 from tinyllama.data.synthetic import PLOTS, generate_story, iter_stories
-
 
 # Golden digests of the first 50 stories with seed 1234: each corpus is part of the product
 # (tests, demo figures); changing a generator must be a deliberate decision that updates its value.
@@ -48,7 +48,9 @@ def test_every_plot_is_used_and_the_hero_recurs(monkeypatch):
     monkeypatch.setattr(synthetic, "PLOTS", [recording(i, p) for i, p in enumerate(PLOTS)])
     stories = [generate_story(3, i) for i in range(400)]
     first_lines = [s.split("\n")[0] for s in stories]
-    heroes = [line.split(" named ")[1].split()[0].strip(".,") if " named " in line else None for line in first_lines]
+    heroes = [
+        line.split(" named ")[1].split()[0].strip(".,") if " named " in line else None for line in first_lines
+    ]
     for hero, story in zip(heroes, stories):
         if hero:
             assert story.count(hero) >= 3

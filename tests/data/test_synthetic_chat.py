@@ -1,5 +1,6 @@
 """The built-in chat corpus: deterministic, split by story, every short answer copyable from the
 conversation it closes, and the story facts agree with the story text."""
+
 from __future__ import annotations
 
 import collections
@@ -61,8 +62,9 @@ def test_conversations_are_well_formed_and_answers_are_written_in_them(examples)
 
 
 def test_every_question_kind_is_asked(examples):
-    asked = collections.Counter(e["messages"][-2]["content"].split("\n")[-1].split()[0]
-                                for e in examples if e["answer"])
+    asked = collections.Counter(
+        e["messages"][-2]["content"].split("\n")[-1].split()[0] for e in examples if e["answer"]
+    )
     assert {"Who", "What", "Where", "How", "Is"} <= set(asked)
 
 

@@ -1,5 +1,6 @@
 """The Chinese synthetic story corpus: Chinese, varied, well-formed; served by the data=
 registry and round-tripped by a Chinese tokenizer. Its golden digest is in test_synthetic.py."""
+
 import functools
 import re
 import unicodedata
@@ -8,9 +9,9 @@ import pytest
 
 from tinyllama.cli import compose_job
 from tinyllama.config import DataConfig, TokenizerConfig
-from tinyllama.errors import ConfigError
 from tinyllama.data import iter_documents, synthetic
 from tinyllama.data.synthetic_zh import ANIMALS, PLOTS, THINGS, generate_story
+from tinyllama.errors import ConfigError
 from tinyllama.tokenizer import ensure_tokenizer
 
 # The Chinese corpus through the one story iterator, as data=synthetic_zh reads it.
@@ -24,7 +25,9 @@ def _is_han(ch: str) -> bool:
 def test_stories_are_chinese_and_well_formed():
     for s in iter_stories(500, seed=7):
         body = s.replace("\n", "")
-        assert not re.search(r"[A-Za-z0-9{}\[\]'\"!?,.:;]", body), s  # no slot left unfilled, no ASCII punctuation
+        assert not re.search(r"[A-Za-z0-9{}\[\]'\"!?,.:;]", body), (
+            s
+        )  # no slot left unfilled, no ASCII punctuation
         assert sum(map(_is_han, body)) / len(body) > 0.8, s
         assert set(body) - {ch for ch in body if _is_han(ch)} <= set("，。！？：“”、——"), s
         quotes = "".join(ch for ch in body if ch in "“”")
@@ -74,13 +77,15 @@ def test_every_plot_is_used_and_the_hero_recurs(monkeypatch):
 
 
 def test_the_registry_serves_it_and_a_chinese_tokenizer_round_trips_it(tmp_path):
-    data = DataConfig(name="synthetic_zh", source="synthetic_zh", num_docs=300, seed=5, num_workers=0,
-                      root=str(tmp_path))
+    data = DataConfig(
+        name="synthetic_zh", source="synthetic_zh", num_docs=300, seed=5, num_workers=0, root=str(tmp_path)
+    )
     train = list(iter_documents(data, "train"))
     val = list(iter_documents(data, "val"))
     assert train == list(iter_stories(300, seed=5)) and val == list(iter_stories(6, seed=5, start=300))
-    tok = ensure_tokenizer(TokenizerConfig(name="zh", vocab_size=1200, character_coverage=0.9995,
-                                           num_threads=1), data)
+    tok = ensure_tokenizer(
+        TokenizerConfig(name="zh", vocab_size=1200, character_coverage=0.9995, num_threads=1), data
+    )
     for story in val + train[:50]:
         ids = tok.encode(story)
         assert tok.decode(ids) == story and tok.unk_id not in ids

@@ -1,4 +1,5 @@
 """The shared `tiny_data` fixture: artifacts already on disk and reused, as other areas expect."""
+
 from tinyllama.data import BatchLoader, ensure_packed, read_meta
 from tinyllama.tokenizer import ensure_tokenizer
 

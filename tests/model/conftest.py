@@ -2,6 +2,7 @@
 
 transformers is a dev dependency: a test that asks for `hf_twin` is skipped without it, the
 others (most of this folder) run anyway."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,16 @@ import torch
 
 from tinyllama.model import LlamaConfig
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-            initializer_range=0.2)  # a large init spreads the logits, so mismatches show
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16,
+    initializer_range=0.2,
+)  # a large init spreads the logits, so mismatches show
 
 
 def make_tiny_config(**overrides) -> LlamaConfig:
@@ -21,19 +29,35 @@ def make_tiny_config(**overrides) -> LlamaConfig:
 def hf_config(cfg: LlamaConfig):
     """The transformers config with the same shape and behaviour."""
     import transformers
+
     rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.resolved_num_key_value_heads, head_dim=cfg.resolved_head_dim,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        hidden_act=cfg.hidden_act, rope_parameters=rope, tie_word_embeddings=cfg.tie_word_embeddings,
-        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-        num_labels=cfg.num_labels, problem_type=cfg.problem_type, attention_dropout=cfg.attention_dropout,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.resolved_num_key_value_heads,
+        head_dim=cfg.resolved_head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        hidden_act=cfg.hidden_act,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        num_labels=cfg.num_labels,
+        problem_type=cfg.problem_type,
+        attention_dropout=cfg.attention_dropout,
     )
     if cfg.model_type == "qwen2":
-        return transformers.Qwen2Config(**common, use_sliding_window=cfg.sliding_window is not None,
-                                        sliding_window=cfg.sliding_window, max_window_layers=cfg.max_window_layers)
+        return transformers.Qwen2Config(
+            **common,
+            use_sliding_window=cfg.sliding_window is not None,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=cfg.max_window_layers,
+        )
     return transformers.LlamaConfig(**common, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
 
 

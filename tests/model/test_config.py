@@ -1,4 +1,5 @@
 """LlamaConfig validation and the model presets in configs/model/."""
+
 from __future__ import annotations
 
 import re
@@ -15,42 +16,59 @@ from tinyllama.model.mlp import ACTIVATIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(hidden_size=100), "hidden_size=100: must be divisible by num_attention_heads=6"),
-    (dict(num_key_value_heads=4), "num_key_value_heads=4: num_attention_heads=6 must be a multiple"),
-    (dict(num_key_value_heads=0), "num_key_value_heads=0: must be > 0"),
-    (dict(head_dim=0), "head_dim=0: must be > 0"),
-    (dict(hidden_size=30, num_attention_heads=6, num_key_value_heads=6), "head_dim=5: must be even"),
-    (dict(vocab_size=0), "vocab_size=0: must be > 0"),
-    (dict(num_hidden_layers=0), "num_hidden_layers=0: must be > 0"),
-    (dict(intermediate_size=-1), "intermediate_size=-1: must be > 0"),
-    (dict(max_position_embeddings=0), "max_position_embeddings=0: must be > 0"),
-    (dict(num_labels=0), "num_labels=0: must be > 0"),
-    (dict(rms_norm_eps=0.0), "rms_norm_eps=0.0: must be > 0"),
-    (dict(rope_theta=-1.0), "rope_theta=-1.0: must be > 0"),
-    (dict(initializer_range=-0.1), "initializer_range=-0.1: must be >= 0"),
-    (dict(attention_dropout=1.0), "attention_dropout=1.0: must be in [0, 1)"),
-    (dict(hidden_act="swish"), "hidden_act='swish': choose one of"),
-    (dict(attn_implementation="flash"), "attn_implementation='flash': choose sdpa or eager"),
-    (dict(model_type="mistral"), "model_type='mistral': choose llama or qwen2"),
-    (dict(model_type="qwen2", attention_bias=True), "attention_bias=True: Qwen2 always has q/k/v bias"),
-    (dict(problem_type="ranking"), "problem_type='ranking': choose null or one of"),
-    (dict(pad_token_id=4096), "pad_token_id=4096: must be null or in [0, vocab_size=4096)"),
-    (dict(model_type="qwen2", sliding_window=0), "sliding_window=0: must be > 0"),
-    (dict(sliding_window=64), "sliding_window=64: a Qwen2 feature"),
-    (dict(max_window_layers=-1), "max_window_layers=-1: must be >= 0"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_scaling.rope_type='yarn': choose one of"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), 'rename the key "type" to "rope_type"'),
-    (dict(rope_scaling={"rope_type": "linear"}), "rope_type linear needs the key 'factor'"),
-    (dict(rope_scaling={"rope_type": "dynamic", "factor": 0.5}), "rope_scaling.factor=0.5: must be >= 1"),
-    (dict(rope_scaling={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
-     "rope_type llama3 needs the key 'low_freq_factor'"),
-    (dict(rope_scaling={**LLAMA3, "high_freq_factor": 1.0}), "high_freq_factor=1.0: must be greater than"),
-], ids=lambda v: "" if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v)[:60])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(hidden_size=100), "hidden_size=100: must be divisible by num_attention_heads=6"),
+        (dict(num_key_value_heads=4), "num_key_value_heads=4: num_attention_heads=6 must be a multiple"),
+        (dict(num_key_value_heads=0), "num_key_value_heads=0: must be > 0"),
+        (dict(head_dim=0), "head_dim=0: must be > 0"),
+        (dict(hidden_size=30, num_attention_heads=6, num_key_value_heads=6), "head_dim=5: must be even"),
+        (dict(vocab_size=0), "vocab_size=0: must be > 0"),
+        (dict(num_hidden_layers=0), "num_hidden_layers=0: must be > 0"),
+        (dict(intermediate_size=-1), "intermediate_size=-1: must be > 0"),
+        (dict(max_position_embeddings=0), "max_position_embeddings=0: must be > 0"),
+        (dict(num_labels=0), "num_labels=0: must be > 0"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps=0.0: must be > 0"),
+        (dict(rope_theta=-1.0), "rope_theta=-1.0: must be > 0"),
+        (dict(initializer_range=-0.1), "initializer_range=-0.1: must be >= 0"),
+        (dict(attention_dropout=1.0), "attention_dropout=1.0: must be in [0, 1)"),
+        (dict(hidden_act="swish"), "hidden_act='swish': choose one of"),
+        (dict(attn_implementation="flash"), "attn_implementation='flash': choose sdpa or eager"),
+        (dict(model_type="mistral"), "model_type='mistral': choose llama or qwen2"),
+        (dict(model_type="qwen2", attention_bias=True), "attention_bias=True: Qwen2 always has q/k/v bias"),
+        (dict(problem_type="ranking"), "problem_type='ranking': choose null or one of"),
+        (dict(pad_token_id=4096), "pad_token_id=4096: must be null or in [0, vocab_size=4096)"),
+        (dict(model_type="qwen2", sliding_window=0), "sliding_window=0: must be > 0"),
+        (dict(sliding_window=64), "sliding_window=64: a Qwen2 feature"),
+        (dict(max_window_layers=-1), "max_window_layers=-1: must be >= 0"),
+        (
+            dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+            "rope_scaling.rope_type='yarn': choose one of",
+        ),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), 'rename the key "type" to "rope_type"'),
+        (dict(rope_scaling={"rope_type": "linear"}), "rope_type linear needs the key 'factor'"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 0.5}), "rope_scaling.factor=0.5: must be >= 1"),
+        (
+            dict(rope_scaling={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
+            "rope_type llama3 needs the key 'low_freq_factor'",
+        ),
+        (
+            dict(rope_scaling={**LLAMA3, "high_freq_factor": 1.0}),
+            "high_freq_factor=1.0: must be greater than",
+        ),
+    ],
+    ids=lambda v: "" if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v)[:60],
+)
 def test_each_invalid_config_raises_a_value_error_naming_field_and_value(overrides, message):
     with pytest.raises(ValueError) as excinfo:
         LlamaConfig(**overrides)

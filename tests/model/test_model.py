@@ -1,4 +1,5 @@
 """Behaviour of the model on its own: cache, padding, eager vs sdpa, checkpointing, init, parts."""
+
 from __future__ import annotations
 
 import warnings
@@ -7,15 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyllama.model import (KVCache, LlamaForCausalLM, ModelParts, RMSNorm, RotaryEmbedding,
-                             causal_lm_loss, repeat_kv)
+from tinyllama.model import (
+    KVCache,
+    LlamaForCausalLM,
+    ModelParts,
+    RMSNorm,
+    RotaryEmbedding,
+    causal_lm_loss,
+    repeat_kv,
+)
 
 
 def decode_in_steps(model, ids, chunks, cache=None):
     """Feed ids (B, T) in chunks of the given sizes through the cache; return the logits (B, T, V)."""
     out, logits, start = None, [], 0
     for size in chunks:
-        out = model(ids[:, start:start + size], past_key_values=cache, use_cache=True)
+        out = model(ids[:, start : start + size], past_key_values=cache, use_cache=True)
         cache, start = out.past_key_values, start + size
         logits.append(out.logits)
     assert cache.get_seq_length() == ids.shape[1]
@@ -87,8 +95,9 @@ def test_left_padded_generation_with_cache(tiny_config, assert_close):
     nxt = torch.tensor([[7], [8]])
     mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
     positions = mask.sum(-1, keepdim=True) - 1
-    step = model(nxt, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
-                 use_cache=True).logits[:, -1]
+    step = model(
+        nxt, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values, use_cache=True
+    ).logits[:, -1]
     assert_close(step[0], model(torch.cat([short, nxt[0]])[None]).logits[0, -1])
     assert_close(step[1], model(torch.cat([long, nxt[1]])[None]).logits[0, -1])
 
@@ -128,8 +137,12 @@ def test_labels_loss_is_shifted_and_ignores_minus_100(tiny_config):
     labels[0, 5:] = -100
     out = model(ids, labels=labels)
     logits = out.logits
-    expected = torch.cat([torch.nn.functional.cross_entropy(logits[0, :4], ids[0, 1:5], reduction="sum")[None],
-                          torch.nn.functional.cross_entropy(logits[1, :7], ids[1, 1:], reduction="sum")[None]])
+    expected = torch.cat(
+        [
+            torch.nn.functional.cross_entropy(logits[0, :4], ids[0, 1:5], reduction="sum")[None],
+            torch.nn.functional.cross_entropy(logits[1, :7], ids[1, 1:], reduction="sum")[None],
+        ]
+    )
     torch.testing.assert_close(out.loss, expected.sum() / 11)
     # The aligned form the train loop uses gives the same number.
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
@@ -140,13 +153,21 @@ def test_labels_loss_is_shifted_and_ignores_minus_100(tiny_config):
 
 
 def test_init_and_hf_state_dict_keys(tiny_config):
-    cfg = tiny_config(model_type="qwen2", tie_word_embeddings=False, initializer_range=0.02, pad_token_id=3,
-                      num_hidden_layers=1)
+    cfg = tiny_config(
+        model_type="qwen2",
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        pad_token_id=3,
+        num_hidden_layers=1,
+    )
     model = LlamaForCausalLM(cfg)
     sd = model.state_dict()
     assert set(sd) == {
-        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
         *(f"model.layers.0.self_attn.{p}_proj.{t}" for p in "qkv" for t in ("weight", "bias")),
         "model.layers.0.self_attn.o_proj.weight",
         *(f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
@@ -285,7 +306,8 @@ def test_logits_to_keep_returns_the_last_positions(tiny_config):
         out = model(ids, labels=ids, logits_to_keep=k)
         torch.testing.assert_close(out.logits, full.logits[:, -k:])
         # The loss covers the kept positions (k=1: only the last, which has no target: nan).
-        torch.testing.assert_close(out.loss, causal_lm_loss(full.logits[:, -k:], targets[:, -k:]),
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            out.loss, causal_lm_loss(full.logits[:, -k:], targets[:, -k:]), equal_nan=True
+        )
     with pytest.raises(ValueError, match="logits_to_keep=-1"):
         model(ids, logits_to_keep=-1)

@@ -1,6 +1,7 @@
 """Parity with transformers' Llama and Qwen2 (the reference), float32: logits and losses to a
 relative error < 1e-5, and every parameter's gradient. Weights are copied with
 load_state_dict(strict=True), so state-dict keys match exactly too."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,13 @@ import torch
 
 from tinyllama.model import LlamaForCausalLM, LlamaForSequenceClassification
 
-LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 @pytest.fixture
@@ -52,8 +58,9 @@ def test_gradients_match_transformers(family, tied, tiny_config, hf_twin):
     assert ours.keys() == theirs.keys()
     for name, p in ours.items():
         assert p.grad is not None and p.grad.abs().max() > 0, name
-        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -67,12 +74,16 @@ def test_llama_attention_and_mlp_bias_explicit_head_dim(impl, tiny_config, check
     check_causal_lm(tiny_config(attention_bias=True, mlp_bias=True, head_dim=16, attn_implementation=impl))
 
 
-@pytest.mark.parametrize("scaling", [
-    None,
-    {"rope_type": "linear", "factor": 2.0},
-    {"rope_type": "dynamic", "factor": 2.0},
-    LLAMA3,
-], ids=["default", "linear", "dynamic", "llama3"])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        LLAMA3,
+    ],
+    ids=["default", "linear", "dynamic", "llama3"],
+)
 def test_rope_scaling_beyond_max_position_embeddings(scaling, tiny_config, check_causal_lm):
     # theta 10 with head_dim 16 gives wavelengths of 6.3 to 47 tokens, so llama3 (original
     # context 32) keeps one band, smooths the middle ones and divides the longest by its factor.
@@ -92,8 +103,13 @@ def test_qwen2_qkv_bias(impl, tiny_config, check_causal_lm):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_qwen2_sliding_window(impl, tiny_config, assert_close, check_causal_lm):
     # Layer 0 is full attention, layer 1 (>= max_window_layers) sees only the last 4 tokens.
-    cfg = tiny_config(model_type="qwen2", sliding_window=4, max_window_layers=1, num_hidden_layers=2,
-                      attn_implementation=impl)
+    cfg = tiny_config(
+        model_type="qwen2",
+        sliding_window=4,
+        max_window_layers=1,
+        num_hidden_layers=2,
+        attn_implementation=impl,
+    )
     check_causal_lm(cfg, seq_len=14)
     full = LlamaForCausalLM(tiny_config(model_type="qwen2", attn_implementation=impl)).eval()
     windowed = LlamaForCausalLM(cfg).eval()
@@ -130,16 +146,20 @@ def test_left_padded_batch_matches_transformers(impl, tiny_config, hf_twin, asse
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
-@pytest.mark.parametrize("problem,num_labels", [
-    ("regression", 1), ("single_label_classification", 3), ("multi_label_classification", 3)])
+@pytest.mark.parametrize(
+    "problem,num_labels",
+    [("regression", 1), ("single_label_classification", 3), ("multi_label_classification", 3)],
+)
 def test_sequence_classification(left, problem, num_labels, tiny_config, hf_twin, assert_close):
     cfg = tiny_config(pad_token_id=0, num_labels=num_labels, problem_type=problem)
     model = LlamaForSequenceClassification(cfg).eval()
     hf = hf_twin(model, head="SequenceClassification")
     ids, mask = padded_batch([[5, 6, 7, 8, 9], [12, 13], [3, 4, 5, 6]], pad_id=0, left=left)
-    labels = {"regression": torch.randn(3),
-              "single_label_classification": torch.tensor([0, 2, 1]),
-              "multi_label_classification": torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0]])}[problem]
+    labels = {
+        "regression": torch.randn(3),
+        "single_label_classification": torch.tensor([0, 2, 1]),
+        "multi_label_classification": torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0]]),
+    }[problem]
     kwargs = dict(attention_mask=mask, labels=labels)
     if left:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)

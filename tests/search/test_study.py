@@ -1,6 +1,7 @@
 """The Optuna side of a search without training anything: settings are checked by name,
 every sampler and pruner the settings offer builds, a study refuses another search space,
 and a trial's run folder decides its outcome."""
+
 from __future__ import annotations
 
 import json
@@ -8,31 +9,46 @@ import json
 import pytest
 
 optuna = pytest.importorskip("optuna", minversion="4.0")  # pip install -e ".[sweep]"
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 
-from tinyllama.errors import ConfigError
-from tinyllama.search import study as st
+from tinyllama.errors import ConfigError  # noqa: E402
+from tinyllama.search import study as st  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")  # ask/tell on purpose
 
-SPACE = {"optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
-         "optim.warmup_steps": IntDistribution(0, 90, step=10)}
+SPACE = {
+    "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+    "optim.warmup_steps": IntDistribution(0, 90, step=10),
+}
 
 
 def test_settings_name_what_is_wrong():
     with pytest.raises(ConfigError, match="unknown hydra.sweeper keys: n_trial"):
         st.StudySettings.from_dict({"study_name": "s", "n_trial": 3})
     with pytest.raises(ConfigError) as e:
-        st.StudySettings.from_dict({"study_name": "s", "direction": "down", "n_trials": 0,
-                                    "sampler": {"name": "cma"}, "pruner": {"name": "patient"}})
+        st.StudySettings.from_dict(
+            {
+                "study_name": "s",
+                "direction": "down",
+                "n_trials": 0,
+                "sampler": {"name": "cma"},
+                "pruner": {"name": "patient"},
+            }
+        )
     for part in ("direction='down'", "n_trials=0", "sampler.name='cma'", "pruner.name='patient'"):
         assert part in str(e.value)  # every problem at once
 
 
 @pytest.mark.parametrize("name", st.SAMPLERS)
 def test_every_sampler_builds(name):
-    space = SPACE if name != "grid" else {"optim.lr": CategoricalDistribution([1e-3, 3e-3]),
-                                          "optim.warmup_steps": SPACE["optim.warmup_steps"]}
+    space = (
+        SPACE
+        if name != "grid"
+        else {
+            "optim.lr": CategoricalDistribution([1e-3, 3e-3]),
+            "optim.warmup_steps": SPACE["optim.warmup_steps"],
+        }
+    )
     sampler = st.make_sampler({"name": name, "seed": 1}, space, trial_number=2)
     assert type(sampler) is getattr(optuna.samplers, st.SAMPLERS[name])
     with pytest.raises(ConfigError, match=f"sampler \\({name}\\)"):
@@ -94,8 +110,14 @@ def test_best_yaml_is_an_experiment_that_composes_to_the_best_trial(tmp_path):
     for loss in (3.0, 2.0, 2.5):
         study.tell(study.ask({"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)}), loss)
     best = study.best_trial
-    path = st.write_best(study, tmp_path, {"train.max_steps": 7},
-                         {"experiment": "cpu_quick", "tokenizer": "bpe_512"}, "sqlite://", "final_val_loss")
+    path = st.write_best(
+        study,
+        tmp_path,
+        {"train.max_steps": 7},
+        {"experiment": "cpu_quick", "tokenizer": "bpe_512"},
+        "sqlite://",
+        "final_val_loss",
+    )
     assert path.read_text().startswith("# @package _global_\n")
     experiment = tmp_path / "cfg" / "experiment"
     experiment.mkdir(parents=True)

@@ -1,5 +1,6 @@
 """The training checkpointer: its schedule (every N, at the end, when forced; once per step),
 keep-last-K + best, and a save/load round trip of every stateful object it was handed."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,8 +15,15 @@ from tinyllama.train.checkpointer import Attribute, Checkpointer
 from tinyllama.train.distributed import DistEnv
 from tinyllama.train.nan_guard import NonFiniteLossError
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
@@ -55,15 +63,29 @@ def make(tmp_path):
     def make(every, keep_last, max_steps, losses=None, model=None):
         torch.manual_seed(0)
         model = model or LlamaForCausalLM(CFG)
-        job = JobConfig(model=CFG, checkpoint=CheckpointConfig(every=every, keep_last=keep_last),
-                        train=TrainConfig(max_steps=max_steps))
-        run = SimpleNamespace(step=0, tokens=0, best=None, model=model, rank=Counter(),
-                              optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
-                              evaluator=Losses(losses))
-        states = {"step": Attribute(run, "step"), "tokens": Attribute(run, "tokens"),
-                  "optimizer": run.optimizer, "best_val_loss": Attribute(run, "best")}
-        saver = Checkpointer(tmp_path / "run", job, ENV, model, tokenizer, run.evaluator, states,
-                             {"counter": run.rank})
+        job = JobConfig(
+            model=CFG,
+            checkpoint=CheckpointConfig(every=every, keep_last=keep_last),
+            train=TrainConfig(max_steps=max_steps),
+        )
+        run = SimpleNamespace(
+            step=0,
+            tokens=0,
+            best=None,
+            model=model,
+            rank=Counter(),
+            optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+            evaluator=Losses(losses),
+        )
+        states = {
+            "step": Attribute(run, "step"),
+            "tokens": Attribute(run, "tokens"),
+            "optimizer": run.optimizer,
+            "best_val_loss": Attribute(run, "best"),
+        }
+        saver = Checkpointer(
+            tmp_path / "run", job, ENV, model, tokenizer, run.evaluator, states, {"counter": run.rank}
+        )
         return saver, run
 
     return make
@@ -81,8 +103,9 @@ def saving(saver, run, steps, force=()):
 
 def test_keep_last_k_and_the_best(make, tmp_path):
     run_dir = tmp_path / "run"
-    saver, run = make(every=10, keep_last=2, max_steps=50,
-                      losses={10: 3.0, 20: 1.0, 30: 2.0, 40: None, 50: 2.5})
+    saver, run = make(
+        every=10, keep_last=2, max_steps=50, losses={10: 3.0, 20: 1.0, 30: 2.0, 40: None, 50: 2.5}
+    )
     saving(saver, run, range(1, 51))
     kept = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == [20, 40, 50]
@@ -104,16 +127,23 @@ def test_every_state_it_was_handed_round_trips(make, tmp_path):
     saving(saver, run, [1, 2, 3])
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.step == 3 and ckpt.tokens == 30 and ckpt.val_loss == 1.5
-    assert set(ckpt.train_state) == {"step", "tokens", "optimizer", "best_val_loss", "world_size",
-                                     "ranks"}  # the train_state.pt layout older runs have
+    assert set(ckpt.train_state) == {
+        "step",
+        "tokens",
+        "optimizer",
+        "best_val_loss",
+        "world_size",
+        "ranks",
+    }  # the train_state.pt layout older runs have
     assert ckpt.train_state["ranks"] == [{"counter": {"n": 7}}]
 
     fresh, again = make(every=3, keep_last=1, max_steps=3, model=LlamaForCausalLM(CFG))
     fresh.load(ckpt)
     assert (again.step, again.tokens, again.best, again.rank.n) == (3, 30, 1.25, 7)
     assert again.evaluator.remembered == (3, 1.5)  # the resumed step is not evaluated again
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
-                                                 run.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), run.model.state_dict().values())
+    )
     a, b = again.optimizer.state_dict()["state"], run.optimizer.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
 

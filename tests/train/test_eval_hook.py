@@ -1,5 +1,6 @@
 """The loop's one reporting hook, on_eval(step, val_loss) -> stop: what a search's pruning
 rests on, with no search involved."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The NaN guard and the graceful-stop signal handler."""
+
 from __future__ import annotations
 
 import signal

@@ -1,4 +1,5 @@
 """The training loop end to end on the tiny model and tiny_data (seconds per run)."""
+
 from __future__ import annotations
 
 import copy
@@ -60,6 +61,7 @@ def test_tiny_run_learns_and_fills_the_run_folder(tiny_job):
     ckpt = load_checkpoint(run)
     assert ckpt.step == 20 and ckpt.val_loss == final
     from tinyllama.data import eval_batches
+
     packed = loop.prepare_data(tiny_job, loop.setup_distributed("cpu"))[1]
     again = evaluate_loss(build_model(ckpt), eval_batches(packed, "val", 8, 32, max_batches=4), "cpu")
     assert again["loss"] == pytest.approx(final, abs=1e-6)
@@ -118,6 +120,7 @@ def test_auto_on_a_bf16_cpu_trains_evaluates_and_samples_in_bf16(tiny_job, capsy
     # The in-run evaluation ran under bf16 autocast; the evaluate stage's fp32 loss of the saved
     # weights agrees to bf16's rounding (8 mantissa bits: ~0.4% per product, far below 5%).
     from tinyllama.data import eval_batches
+
     packed = loop.prepare_data(tiny_job, loop.setup_distributed("cpu"))[1]
     fp32 = evaluate_loss(build_model(ckpt), eval_batches(packed, "val", 8, 32, max_batches=2), "cpu")
     assert math.isfinite(final) and fp32["loss"] == pytest.approx(final, rel=0.05)

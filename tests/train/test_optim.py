@@ -1,4 +1,5 @@
 """AdamW parameter groups and the learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -12,10 +13,19 @@ from tinyllama.train.optim import build_optimizer, build_schedule, lr_multiplier
 
 
 def _model(tie: bool, bias: bool = False) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        tie_word_embeddings=tie, attention_bias=bias))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=tie,
+            attention_bias=bias,
+        )
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -1,5 +1,6 @@
 """Precision resolution, autocast and the GradScaler switch. `auto` on CPU follows what the CPU
 can do; both branches are tested on any machine by faking the capability and the probe."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,7 @@ def cpu_features(monkeypatch):
     def fake(instructions, speedup=4.0):
         precision.cpu_native_bf16.cache_clear()
         monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: tuple(instructions))
-        monkeypatch.setattr(precision, "bf16_matmul_speedup",
-                            lambda: probes.append(1) or speedup)
+        monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: probes.append(1) or speedup)
         return probes
 
     yield fake

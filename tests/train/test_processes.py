@@ -1,4 +1,5 @@
 """The loop as users launch it: `python train.py` stopped by SIGTERM, and DDP under torchrun."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,13 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tiny_job, tmp_path):
     tiny_job.train.max_steps, tiny_job.optim.schedule = 100_000, "constant"  # never ends by itself
     tiny_job.checkpoint.every = tiny_job.eval.every = 50_000
     run_dir = Path(tiny_job.run.dir)
-    proc = subprocess.Popen(train_command(tiny_job, tmp_path), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        train_command(tiny_job, tmp_path),
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while len(steps_logged(run_dir)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -77,8 +83,9 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tiny_jo
     ddp.run.dir, single.run.dir, single.train.grad_accum = str(tmp_path / "ddp"), str(tmp_path / "one"), 2
 
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    out = subprocess.run(train_command(ddp, tmp_path, torchrun), cwd=REPO, text=True,
-                         capture_output=True, timeout=300)
+    out = subprocess.run(
+        train_command(ddp, tmp_path, torchrun), cwd=REPO, text=True, capture_output=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     run_training(single)
 
@@ -96,8 +103,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tiny_jo
     for key in ("loss", "grad_norm", "val_loss"):
         da, db = logged(a, key), logged(b, key)
         assert da.keys() == db.keys() and da, key
-        torch.testing.assert_close(list(da.values()), list(db.values()), rtol=1e-5, atol=0,
-                                   msg=key)
+        torch.testing.assert_close(list(da.values()), list(db.values()), rtol=1e-5, atol=0, msg=key)
     # Each weight moved by at most lr per step in each run; a rank that skipped the gradient
     # all-reduce or read the wrong half of the batch would already fail the loss check above.
     wa, wb = load_checkpoint(a).model_state, load_checkpoint(b).model_state

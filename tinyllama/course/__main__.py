@@ -9,34 +9,44 @@
 A plain argparse tool, not a Hydra stage: it takes no config tree, only a lesson and a folder.
 The workspace is `--workspace`, else $TINYLLAMA_COURSE_DIR, else ./course_workspace/.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
 
-from tinyllama.errors import TinyLlamaError
 from tinyllama.course.lessons import LESSONS, get_lesson, learner_file, start_lesson, workspace_dir
+from tinyllama.errors import TinyLlamaError
 
 # The demo's tiny model, with smaller batches and a shorter warmup than `python train.py`, so
 # that a one-minute run on a laptop CPU takes enough steps to show the loss falling. The
 # learner's own overrides come after these, so they win.
-FINAL_OVERRIDES = ["model=tiny", "train.batch_size=8", "train.seq_len=64",
-                   "optim.lr=3e-3", "optim.warmup_steps=10", "train.log_every=10"]
+FINAL_OVERRIDES = [
+    "model=tiny",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=10",
+    "train.log_every=10",
+]
 # What the model learns, by --lang: the synthetic stories, or the Chinese ones with the Chinese
 # tokenizer, vocabulary and prompt of the Chinese demo (configs/experiment/demo_zh.yaml).
 CORPUS_OVERRIDES = {"en": ["data=synthetic"], "zh": ["experiment=demo_zh"]}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tinyllama.course",
-                                description="Write the pieces of a Llama model yourself, graded "
-                                            "against tinyllama/model/.")
+    p = argparse.ArgumentParser(
+        prog="python -m tinyllama.course",
+        description="Write the pieces of a Llama model yourself, graded against tinyllama/model/.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_workspace(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--workspace", help="folder of your exercise files (default: "
-                                            "$TINYLLAMA_COURSE_DIR or ./course_workspace)")
+        sp.add_argument(
+            "--workspace",
+            help="folder of your exercise files (default: $TINYLLAMA_COURSE_DIR or ./course_workspace)",
+        )
 
     sp = sub.add_parser("list", help="list the lessons and which ones you have started")
     add_workspace(sp)
@@ -45,8 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("start", help="copy a lesson's exercise stub into your workspace")
     sp.add_argument("lesson", help="lesson number (1-8) or name (e.g. rope)")
     add_workspace(sp)
-    sp.add_argument("--force", action="store_true",
-                    help="start over: keep the existing file as a .bak backup, copy a fresh stub")
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="start over: keep the existing file as a .bak backup, copy a fresh stub",
+    )
     sp.add_argument("--name", help="file name in the workspace (default lessonN_<name>.py)")
 
     sp = sub.add_parser("check", help="grade your exercise file for a lesson")
@@ -58,12 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     add_workspace(sp)
     sp.add_argument("--seconds", type=float, default=60.0, help="training time budget (default 60)")
     sp.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    sp.add_argument("--lang", default="en", choices=sorted(CORPUS_OVERRIDES),
-                    help="language of the stories the model learns and writes: en (data=synthetic) "
-                         "or zh (the Chinese stories, data=synthetic_zh)")
-    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                    help="config overrides as for train.py, e.g. train.batch_size=16 "
-                         "model.num_hidden_layers=2 (applied after: " + " ".join(FINAL_OVERRIDES) + ")")
+    sp.add_argument(
+        "--lang",
+        default="en",
+        choices=sorted(CORPUS_OVERRIDES),
+        help="language of the stories the model learns and writes: en (data=synthetic) "
+        "or zh (the Chinese stories, data=synthetic_zh)",
+    )
+    sp.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides as for train.py, e.g. train.batch_size=16 "
+        "model.num_hidden_layers=2 (applied after: " + " ".join(FINAL_OVERRIDES) + ")",
+    )
     return p
 
 
@@ -88,10 +109,12 @@ def _run(args: argparse.Namespace) -> int:
         path, backup = start_lesson(lesson, workspace, force=args.force, name=args.name)
         if backup is not None:
             print(f"kept your previous file as {backup}")
-        print(f"lesson {lesson.number}: {lesson.title}\n  read:  {lesson.page('en')}"
-              f"  (Chinese: {lesson.page('zh')})\n  edit:  {path}\n"
-              f"  check: python -m tinyllama.course check {lesson.number}"
-              + (f" --file {path}" if args.name else ""))
+        print(
+            f"lesson {lesson.number}: {lesson.title}\n  read:  {lesson.page('en')}"
+            f"  (Chinese: {lesson.page('zh')})\n  edit:  {path}\n"
+            f"  check: python -m tinyllama.course check {lesson.number}"
+            + (f" --file {path}" if args.name else "")
+        )
         return 0
     if args.command == "check":
         from tinyllama.course.checks import run_check
@@ -105,8 +128,9 @@ def _run(args: argparse.Namespace) -> int:
         from tinyllama.course.final import train_with_learner_pieces
 
         print("final exercise: the tiny model built from your pieces")
-        result = train_with_learner_pieces(_compose_job(args.overrides, args.lang), workspace,
-                                           seconds=args.seconds, max_steps=args.max_steps)
+        result = train_with_learner_pieces(
+            _compose_job(args.overrides, args.lang), workspace, seconds=args.seconds, max_steps=args.max_steps
+        )
         return 0 if result.loss_fell else 1
     raise AssertionError(args.command)  # argparse only lets the commands above through
 

@@ -11,6 +11,7 @@ The loop is deliberately the textbook one (AdamW, warmup, clip, step) and stops 
 budget; the full-featured loop (checkpoints, resume, mixed precision, DDP) is
 tinyllama/train/loop.py, which `python train.py` runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,12 @@ from tinyllama.tokenizer import ensure_tokenizer
 from tinyllama.train.optim import build_optimizer, build_schedule
 
 # ModelParts field -> (lesson, class name in the learner's file).
-LEARNER_PIECES = {"norm": (2, "RMSNorm"), "rotary": (3, "RotaryEmbedding"),
-                  "attention": (4, "Attention"), "mlp": (5, "MLP")}
+LEARNER_PIECES = {
+    "norm": (2, "RMSNorm"),
+    "rotary": (3, "RotaryEmbedding"),
+    "attention": (4, "Attention"),
+    "mlp": (5, "MLP"),
+}
 
 
 @dataclass
@@ -67,14 +72,17 @@ def learner_parts(workspace: Path) -> Tuple[ModelParts, Dict[str, str]]:
             continue
         report = run_check(lesson, path)
         if not report.passed:
-            failing.append(f"lesson {lesson_no} ({path}): {report.first_failure.name}: "
-                           f"{report.first_failure.hint}")
+            failing.append(
+                f"lesson {lesson_no} ({path}): {report.first_failure.name}: {report.first_failure.hint}"
+            )
             continue
         modules[lesson_no] = load_learner_module(path)
     if failing:
-        raise CourseError("these exercise files do not pass their check yet; fix them (python -m "
-                          "tinyllama.course check N) or move them out of the workspace to train with "
-                          "the reference instead:\n  " + "\n  ".join(failing))
+        raise CourseError(
+            "these exercise files do not pass their check yet; fix them (python -m "
+            "tinyllama.course check N) or move them out of the workspace to train with "
+            "the reference instead:\n  " + "\n  ".join(failing)
+        )
     if 3 in modules and 4 in modules:  # the learner's attention rotates with the learner's RoPE
         modules[4].apply_rotary_pos_emb = modules[3].apply_rotary_pos_emb
     classes, described = {}, {}
@@ -87,8 +95,9 @@ def learner_parts(workspace: Path) -> Tuple[ModelParts, Dict[str, str]]:
     return ModelParts(**classes), described
 
 
-def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 60.0,
-                              max_steps: Optional[int] = None, log=print) -> FinalResult:
+def train_with_learner_pieces(
+    job: JobConfig, workspace: Path, seconds: float = 60.0, max_steps: Optional[int] = None, log=print
+) -> FinalResult:
     """Train job.model built from the learner's pieces for `seconds` (or `max_steps`) on CPU.
 
     Uses job.data/job.tokenizer (trained and packed first if missing), job.train.batch_size and
@@ -112,8 +121,10 @@ def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 
         return evaluate_loss(model, batches, "cpu")["loss"]
 
     result = FinalResult(described, steps=0, val_before=val_loss())
-    log(f"model: {model.num_parameters():,} parameters; validation loss before training "
-        f"{result.val_before:.3f}; training for {seconds:g} s")
+    log(
+        f"model: {model.num_parameters():,} parameters; validation loss before training "
+        f"{result.val_before:.3f}; training for {seconds:g} s"
+    )
     model.train()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds and (max_steps is None or result.steps < max_steps):
@@ -131,8 +142,10 @@ def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 
             log(f"step {result.steps:4d}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)")
     result.val_after = val_loss()
     verdict = "your pieces learn!" if result.loss_fell else "the loss did not fall: look for a bug"
-    log(f"validation loss {result.val_before:.3f} -> {result.val_after:.3f} after {result.steps} "
-        f"steps: {verdict}")
+    log(
+        f"validation loss {result.val_before:.3f} -> {result.val_after:.3f} after {result.steps} "
+        f"steps: {verdict}"
+    )
     log(f"sample: {_sample(model, tokenizer, job)!r}")
     return result
 
@@ -140,6 +153,12 @@ def train_with_learner_pieces(job: JobConfig, workspace: Path, seconds: float = 
 def _sample(model: LlamaForCausalLM, tokenizer, job: JobConfig, new_tokens: int = 40) -> str:
     """A short story from the trained model (it uses the learner's attention with the KV cache)."""
     prompt = torch.tensor([tokenizer.encode(job.sample.prompt, bos=True)])
-    ids = generate(model, prompt, max_new_tokens=new_tokens, temperature=job.sample.temperature,
-                   top_p=job.sample.top_p, seed=job.run.seed)
+    ids = generate(
+        model,
+        prompt,
+        max_new_tokens=new_tokens,
+        temperature=job.sample.temperature,
+        top_p=job.sample.top_p,
+        seed=job.run.seed,
+    )
     return tokenizer.decode(ids[0].tolist())

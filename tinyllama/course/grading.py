@@ -10,6 +10,7 @@ random inputs. When they differ, `compare` says how, most specific first:
 3. NaN or inf where the reference is finite;
 4. wrong values: where they start to differ (`from index 32 of D on`) and by how much.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -101,9 +102,14 @@ class Grader:
         except NotImplementedError as e:
             frame = _learner_frame(e, self.path)
             where = f"`{frame.name}` (line {frame.lineno}) " if frame else ""
-            self.report.results.append(CaseResult(
-                name, False, f"not implemented yet: {where}still raises NotImplementedError; replace "
-                             f"it with your code in {self.path.name}"))
+            self.report.results.append(
+                CaseResult(
+                    name,
+                    False,
+                    f"not implemented yet: {where}still raises NotImplementedError; replace "
+                    f"it with your code in {self.path.name}",
+                )
+            )
         except Exception as e:  # the learner's code crashed: show where, in their file
             self.report.results.append(CaseResult(name, False, _describe(e, self.path)))
         else:
@@ -127,9 +133,16 @@ def _describe(e: BaseException, path: Path) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def compare(got: object, expected: torch.Tensor, *, what: str, dims: Sequence[str] = (),
-            atol: float = 1e-5, rtol: float = 1e-4,
-            mistakes: Optional[Dict[str, torch.Tensor]] = None) -> None:
+def compare(
+    got: object,
+    expected: torch.Tensor,
+    *,
+    what: str,
+    dims: Sequence[str] = (),
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    mistakes: Optional[Dict[str, torch.Tensor]] = None,
+) -> None:
     """Raise `Mismatch` with a hint unless `got` matches `expected` (shape, dtype and values).
 
     what: a name for the tensor in hints ("rotate_half(x)").
@@ -138,46 +151,59 @@ def compare(got: object, expected: torch.Tensor, *, what: str, dims: Sequence[st
         is the message (checked first: it is the most useful thing we can say).
     """
     if not isinstance(got, torch.Tensor):
-        raise Mismatch(f"{what} returned {type(got).__name__}, expected a torch.Tensor of shape "
-                       f"{_shape(expected.shape, dims)}")
+        raise Mismatch(
+            f"{what} returned {type(got).__name__}, expected a torch.Tensor of shape "
+            f"{_shape(expected.shape, dims)}"
+        )
     for hint, wrong in (mistakes or {}).items():
-        if (got.shape == wrong.shape and not _close(got, expected, atol, rtol)
-                and _close(got, wrong, atol, rtol)):
+        if (
+            got.shape == wrong.shape
+            and not _close(got, expected, atol, rtol)
+            and _close(got, wrong, atol, rtol)
+        ):
             raise Mismatch(f"{what}: {hint}")
     if got.shape != expected.shape:
         extra = ""
         if got.numel() == expected.numel():
             extra = " (same number of elements: a transpose, view or reshape in the wrong order?)"
-        raise Mismatch(f"{what} has shape {_shape(got.shape, ())}, expected "
-                       f"{_shape(expected.shape, dims)}{extra}")
+        raise Mismatch(
+            f"{what} has shape {_shape(got.shape, ())}, expected {_shape(expected.shape, dims)}{extra}"
+        )
     if got.dtype != expected.dtype:
-        fix = ("compute it in float32 (.float()) and return that" if expected.dtype == torch.float32
-               else f"compute in float32 if needed, then cast back with .to({expected.dtype})")
+        fix = (
+            "compute it in float32 (.float()) and return that"
+            if expected.dtype == torch.float32
+            else f"compute in float32 if needed, then cast back with .to({expected.dtype})"
+        )
         raise Mismatch(f"{what} has dtype {got.dtype}, expected {expected.dtype}: {fix}")
     bad_got = ~torch.isfinite(got) & torch.isfinite(expected)
     if bad_got.any():
         where = _position(bad_got, dims)
-        raise Mismatch(f"{what} has NaN/inf at {where} where the reference is finite "
-                       f"(a division by zero, or an overflow in half precision?)")
+        raise Mismatch(
+            f"{what} has NaN/inf at {where} where the reference is finite "
+            f"(a division by zero, or an overflow in half precision?)"
+        )
     if not _close(got, expected, atol, rtol):
         raise Mismatch(_value_hint(got, expected, what, dims, atol, rtol))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> bool:
-    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol,
-                                                 equal_nan=True)
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol, equal_nan=True)
 
 
-def _value_hint(got: torch.Tensor, expected: torch.Tensor, what: str, dims: Sequence[str],
-                atol: float, rtol: float) -> str:
+def _value_hint(
+    got: torch.Tensor, expected: torch.Tensor, what: str, dims: Sequence[str], atol: float, rtol: float
+) -> str:
     g, e = got.detach().float(), expected.detach().float()
     bad = ~torch.isclose(g, e, atol=atol, rtol=rtol, equal_nan=True)
     share = bad.float().mean().item()
     first = _position(bad, dims)
     idx = tuple(int(i) for i in bad.nonzero()[0])
-    msg = (f"{what} has wrong values at {share:.0%} of positions, first at {first}: got "
-           f"{g[idx].item():.4g}, expected {e[idx].item():.4g} "
-           f"(max abs error {(g - e).abs().max().item():.3g})")
+    msg = (
+        f"{what} has wrong values at {share:.0%} of positions, first at {first}: got "
+        f"{g[idx].item():.4g}, expected {e[idx].item():.4g} "
+        f"(max abs error {(g - e).abs().max().item():.3g})"
+    )
     if e.dim() >= 1 and e.shape[-1] > 1:
         # Which indices of the last dimension are wrong (any row): e.g. only the second half.
         cols = bad.reshape(-1, e.shape[-1]).any(0).nonzero().flatten().tolist()

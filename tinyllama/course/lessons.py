@@ -6,6 +6,7 @@ copies into the learner's workspace (`tinyllama/course/stubs/lessonN_<slug>.py`)
 reinstall never touches the learner's work: `./course_workspace/` by default, or the folder in
 $TINYLLAMA_COURSE_DIR, or `--workspace`.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,8 +72,9 @@ def workspace_dir(workspace: Optional[str] = None) -> Path:
     return Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE)
 
 
-def start_lesson(lesson: Lesson, workspace: Path, force: bool = False,
-                 name: Optional[str] = None) -> Tuple[Path, Optional[Path]]:
+def start_lesson(
+    lesson: Lesson, workspace: Path, force: bool = False, name: Optional[str] = None
+) -> Tuple[Path, Optional[Path]]:
     """Copy the lesson's stub into the workspace; return (new file, backup of the old one or None).
 
     An existing learner file is never overwritten: without `force` this refuses; with `force`
@@ -87,7 +89,8 @@ def start_lesson(lesson: Lesson, workspace: Path, force: bool = False,
             raise CourseError(
                 f"{target} already exists and holds your work, so it was left untouched. To start "
                 f"over, run again with --force (your file is kept as a .bak backup), or pick another "
-                f"file name with --name lesson{lesson.number}_try2.py")
+                f"file name with --name lesson{lesson.number}_try2.py"
+            )
         backup = _free_backup_name(target)
         target.rename(backup)
     workspace.mkdir(parents=True, exist_ok=True)
@@ -108,6 +111,8 @@ def learner_file(lesson: Lesson, workspace: Path, file: Optional[str] = None) ->
     """The learner's file for `lesson` (or `file`), which must exist."""
     path = Path(file) if file else workspace / lesson.stub_name
     if not path.is_file():
-        raise CourseError(f"{path} does not exist: run `python -m tinyllama.course start "
-                          f"{lesson.number}` first (or pass --file with your file's path)")
+        raise CourseError(
+            f"{path} does not exist: run `python -m tinyllama.course start "
+            f"{lesson.number}` first (or pass --file with your file's path)"
+        )
     return path

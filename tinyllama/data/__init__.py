@@ -10,9 +10,19 @@
 This package reads its settings from tinyllama.config and imports neither the training package
 nor any stage.
 """
+
 from tinyllama.data.loader import BatchLoader, TokenStream, eval_batches
 from tinyllama.data.pack import ensure_packed, packed_dir, read_meta
 from tinyllama.data.sources import DataWarning, describe_source, iter_documents
 
-__all__ = ["iter_documents", "describe_source", "DataWarning", "ensure_packed", "packed_dir", "read_meta",
-           "BatchLoader", "eval_batches", "TokenStream"]
+__all__ = [
+    "iter_documents",
+    "describe_source",
+    "DataWarning",
+    "ensure_packed",
+    "packed_dir",
+    "read_meta",
+    "BatchLoader",
+    "eval_batches",
+    "TokenStream",
+]

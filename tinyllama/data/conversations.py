@@ -14,6 +14,7 @@ is given by its Hub name, a local folder of such files, or a `save_to_disk` fold
 is imported only then). Bad input is refused with one DataError naming the file and row and the
 fix: an unknown role, an empty conversation, no assistant turn, none of the recognised fields.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ if TYPE_CHECKING:
     from tinyllama.config import DataConfig
 
 SHAPES = ("messages", "instruction/input/output (Alpaca)", "prompt/completion")
-_FIX = ("give each record a 'messages' list of {role, content} (roles system/user/assistant), or "
-        "'instruction' (+ optional 'input') and 'output' (Alpaca), or 'prompt' and 'completion'")
+_FIX = (
+    "give each record a 'messages' list of {role, content} (roles system/user/assistant), or "
+    "'instruction' (+ optional 'input') and 'output' (Alpaca), or 'prompt' and 'completion'"
+)
 
 
 def to_messages(record: Any, where: str) -> List[Message]:
@@ -41,11 +44,16 @@ def to_messages(record: Any, where: str) -> List[Message]:
     elif "instruction" in record and "output" in record:
         instruction, extra = record["instruction"], record.get("input")
         user = f"{instruction}\n\n{extra}" if isinstance(instruction, str) and extra else instruction
-        messages = _system(record) + [{"role": "user", "content": user},
-                                      {"role": "assistant", "content": record["output"]}]
+        messages = _system(record) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": record["output"]},
+        ]
     elif "prompt" in record and "completion" in record:
-        messages = (_system(record) + _turns(record["prompt"], "user", where)
-                    + _turns(record["completion"], "assistant", where))
+        messages = (
+            _system(record)
+            + _turns(record["prompt"], "user", where)
+            + _turns(record["completion"], "assistant", where)
+        )
     else:
         raise DataError(f"{where}: none of the recognised fields (found {sorted(record)}): {_FIX}")
     return check_conversation(messages, where)
@@ -55,15 +63,19 @@ def check_conversation(messages: Any, where: str) -> List[Message]:
     """The messages as plain dicts, or one DataError for an empty conversation, a malformed or
     unknown-role message, or a conversation without an assistant turn (nothing to learn from)."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: empty conversation (its messages are {messages!r}): give at least a user "
-                        f"and an assistant message, or remove the record")
+        raise DataError(
+            f"{where}: empty conversation (its messages are {messages!r}): give at least a user "
+            f"and an assistant message, or remove the record"
+        )
     checked = []
     for i, m in enumerate(messages):
         role, content = check_message(m, i, where)
         checked.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in checked):
-        raise DataError(f"{where}: no assistant turn, so there is nothing to learn from: add the reply as "
-                        f"an assistant message, or remove the record")
+        raise DataError(
+            f"{where}: no assistant turn, so there is nothing to learn from: add the reply as "
+            f"an assistant message, or remove the record"
+        )
     return checked
 
 
@@ -104,8 +116,9 @@ def _records(path: Path) -> Iterable[tuple]:
                 yield f"{path} row {row}", record
                 row += 1
     else:
-        raise DataError(f"{path}: conversations are read from .jsonl, .json or .parquet files, "
-                        f"not {suffix!r}")
+        raise DataError(
+            f"{path}: conversations are read from .jsonl, .json or .parquet files, not {suffix!r}"
+        )
 
 
 def _json(text: str, where: str) -> Any:

@@ -11,6 +11,7 @@ resumes every rank exactly. Evaluation reads non-overlapping windows in order (`
 the one evaluation windowing: of packed shards in `eval_batches`, of text in memory in
 `tinyllama.evaluate.text_batches`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -31,8 +32,11 @@ class TokenStream:
         if split not in meta["splits"]:
             raise DataError(f"{packed_dir} has no split {split!r} (splits: {list(meta['splits'])})")
         shards = meta["splits"][split]["shards"]
-        self.arrays = [np.memmap(Path(packed_dir) / s["file"], dtype=meta["dtype"], mode="r")
-                       for s in shards if s["tokens"]]
+        self.arrays = [
+            np.memmap(Path(packed_dir) / s["file"], dtype=meta["dtype"], mode="r")
+            for s in shards
+            if s["tokens"]
+        ]
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays]).tolist()  # offset of each shard
         self.tokens = self.starts[-1]
 
@@ -42,7 +46,7 @@ class TokenStream:
         i = bisect.bisect_right(self.starts, start) - 1
         while length > 0:
             local = start - self.starts[i]
-            piece = self.arrays[i][local:local + length]
+            piece = self.arrays[i][local : local + length]
             parts.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -53,9 +57,11 @@ def _windows_per_rank(stream: TokenStream, packed_dir: Path, split: str, window:
     if per_rank == 0:
         raise DataError(
             f"the {split} split of {packed_dir} has {stream.tokens} tokens, but one window of "
-            f"seq_len + 1 = {window} tokens" + (f" per rank ({world_size} ranks)" if world_size > 1 else "")
+            f"seq_len + 1 = {window} tokens"
+            + (f" per rank ({world_size} ranks)" if world_size > 1 else "")
             + f" needs at least {window * world_size}: give the source more text (data.num_docs, more "
-            f"files) or lower train.seq_len")
+            f"files) or lower train.seq_len"
+        )
     return per_rank
 
 
@@ -68,8 +74,16 @@ def _to_xy(windows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
 class BatchLoader:
     """Seeded random training batches from a packed split; see the module docstring."""
 
-    def __init__(self, packed_dir, split: str, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        packed_dir,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.packed_dir = Path(packed_dir)
@@ -78,7 +92,9 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.stream = TokenStream(self.packed_dir, self.meta, split)
         self.window = seq_len + 1
-        self.windows_per_rank = _windows_per_rank(self.stream, self.packed_dir, split, self.window, world_size)
+        self.windows_per_rank = _windows_per_rank(
+            self.stream, self.packed_dir, split, self.window, world_size
+        )
         self.epoch = 0
         self.taken = 0  # windows of this epoch already returned (same count on every rank)
         self._order: Optional[Tuple[int, np.ndarray]] = None
@@ -94,12 +110,16 @@ class BatchLoader:
     def check_compatible(self, fingerprint: str, vocab_size: int) -> None:
         """Refuse data made by another tokenizer, or with ids the model's embedding cannot hold."""
         if fingerprint != self.fingerprint:
-            raise DataError(f"{self.packed_dir} was packed with tokenizer {self.fingerprint}, but the model "
-                            f"uses tokenizer {fingerprint}: repack the data with the model's tokenizer "
-                            f"(tokenizer.model_file) or train with the data's tokenizer")
+            raise DataError(
+                f"{self.packed_dir} was packed with tokenizer {self.fingerprint}, but the model "
+                f"uses tokenizer {fingerprint}: repack the data with the model's tokenizer "
+                f"(tokenizer.model_file) or train with the data's tokenizer"
+            )
         if self.vocab_size > vocab_size:
-            raise DataError(f"{self.packed_dir} has vocab size {self.vocab_size}, larger than the model's "
-                            f"vocab_size={vocab_size}: raise model.vocab_size to at least {self.vocab_size}")
+            raise DataError(
+                f"{self.packed_dir} has vocab size {self.vocab_size}, larger than the model's "
+                f"vocab_size={vocab_size}: raise model.vocab_size to at least {self.vocab_size}"
+            )
 
     def _epoch_order(self) -> Tuple[int, np.ndarray]:
         """(grid offset, this rank's window indices) for the current epoch, from (seed, epoch)."""
@@ -107,7 +127,7 @@ class BatchLoader:
         n_windows = self.stream.tokens // self.window
         offset = int(rng.integers(0, self.stream.tokens - n_windows * self.window + 1))
         order = rng.permutation(n_windows)[: self.windows_per_rank * self.world_size]
-        return offset, order[self.rank::self.world_size]
+        return offset, order[self.rank :: self.world_size]
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Next (x, y), both (B, T) int64 on the CPU; epochs roll over without a gap."""
@@ -123,20 +143,34 @@ class BatchLoader:
         return _to_xy(windows)
 
     def state_dict(self) -> Dict:
-        return {"epoch": self.epoch, "taken": self.taken, "seed": self.seed, "seq_len": self.seq_len,
-                "world_size": self.world_size, "split": self.split, "fingerprint": self.fingerprint}
+        return {
+            "epoch": self.epoch,
+            "taken": self.taken,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "split": self.split,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue where `state` left off; refuse a state that would not replay the same batches."""
         for key in ("seed", "seq_len", "world_size", "split", "fingerprint"):
             if state[key] != getattr(self, key):
-                raise DataError(f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "
-                                f"this run has {getattr(self, key)!r}; use the same {key} to resume")
+                raise DataError(
+                    f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "
+                    f"this run has {getattr(self, key)!r}; use the same {key} to resume"
+                )
         self.epoch, self.taken, self._order = int(state["epoch"]), int(state["taken"]), None
 
 
-def window_batches(read: Callable[[int, int], np.ndarray], seq_len: int, batch_size: int, windows: range,
-                   max_batches: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def window_batches(
+    read: Callable[[int, int], np.ndarray],
+    seq_len: int,
+    batch_size: int,
+    windows: range,
+    max_batches: Optional[int] = None,
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """The evaluation windowing: a token sequence cut into non-overlapping windows of seq_len + 1
     tokens from its first token; the windows numbered `windows` in order, batch_size per (x, y)
     batch, (B, T) int64 each (the last may have fewer rows), at most max_batches batches.
@@ -150,8 +184,15 @@ def window_batches(read: Callable[[int, int], np.ndarray], seq_len: int, batch_s
         yield _to_xy([read(j * window, window) for j in range(i, min(i + batch_size, windows.stop))])
 
 
-def eval_batches(packed_dir, split: str, batch_size: int, seq_len: int, max_batches: Optional[int] = None,
-                 rank: int = 0, world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    packed_dir,
+    split: str,
+    batch_size: int,
+    seq_len: int,
+    max_batches: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Sequential non-overlapping (x, y) batches of a packed split (`window_batches`).
     Each rank reads its own contiguous block of windows; all ranks yield the same batch count."""
     packed_dir = Path(packed_dir)

@@ -16,6 +16,7 @@ pickling of text and token arrays between processes (that copying made processes
 CPU: BENCHMARKS.md, data packing). The folder is built under a temporary name and renamed into place (tinyllama.atomic), so
 an interrupted run never leaves a complete-looking output.
 """
+
 from __future__ import annotations
 
 import collections
@@ -74,42 +75,59 @@ def read_meta(packed_dir: Path) -> Dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise DataError(f"{packed_dir} is not complete packed data (no readable {META_FILE}): "
-                        f"delete it and rerun scripts/prepare_data.py") from None
+        raise DataError(
+            f"{packed_dir} is not complete packed data (no readable {META_FILE}): "
+            f"delete it and rerun scripts/prepare_data.py"
+        ) from None
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in meta["splits"].values():
         for shard in split["shards"]:
             f = packed_dir / shard["file"]
             if not f.is_file() or f.stat().st_size != shard["tokens"] * itemsize:
-                raise DataError(f"{f} is missing or truncated (meta.json lists {shard['tokens']} tokens): "
-                                f"delete {packed_dir} and rerun scripts/prepare_data.py")
+                raise DataError(
+                    f"{f} is missing or truncated (meta.json lists {shard['tokens']} tokens): "
+                    f"delete {packed_dir} and rerun scripts/prepare_data.py"
+                )
     return meta
 
 
 def _check_same(meta: Dict, out: Path, data_cfg: DataConfig, tokenizer) -> None:
     have = meta["tokenizer"]["fingerprint"]
     if have != tokenizer.fingerprint:
-        raise DataError(f"{out} was packed with tokenizer {have}, not {tokenizer.fingerprint} "
-                        f"({tokenizer.model_path}): its token ids would be misread. Delete it, or "
-                        f"use the tokenizer that made it (tokenizer.model_file).")
+        raise DataError(
+            f"{out} was packed with tokenizer {have}, not {tokenizer.fingerprint} "
+            f"({tokenizer.model_path}): its token ids would be misread. Delete it, or "
+            f"use the tokenizer that made it (tokenizer.model_file)."
+        )
     wanted = json.loads(json.dumps(describe_source(data_cfg)))
     if meta["source"] != wanted:
-        raise DataError(f"{out} was packed from another source ({meta['source']}) than data={data_cfg.name} "
-                        f"now describes ({wanted}); it is kept untouched. Use another data.name for the "
-                        f"new source, or delete {out} to repack.")
+        raise DataError(
+            f"{out} was packed from another source ({meta['source']}) than data={data_cfg.name} "
+            f"now describes ({wanted}); it is kept untouched. Use another data.name for the "
+            f"new source, or delete {out} to repack."
+        )
 
 
 def _pack(data_cfg: DataConfig, tokenizer, folder: Path) -> Dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     with _encoder(tokenizer.sp, dtype, data_cfg.num_workers) as encode:
-        splits = {split: pack_documents(iter_documents(data_cfg, split), encode, folder, split, dtype,
-                                        data_cfg.shard_tokens)
-                  for split in ("train", "val")}
+        splits = {
+            split: pack_documents(
+                iter_documents(data_cfg, split), encode, folder, split, dtype, data_cfg.shard_tokens
+            )
+            for split in ("train", "val")
+        }
     return {
         "format": FORMAT_VERSION,
-        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "unk_id": tokenizer.unk_id,
-                      "pad_id": tokenizer.pad_id, "model_path": str(tokenizer.model_path)},
+        "tokenizer": {
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "unk_id": tokenizer.unk_id,
+            "pad_id": tokenizer.pad_id,
+            "model_path": str(tokenizer.model_path),
+        },
         "dtype": dtype.name,
         "source": describe_source(data_cfg),
         "splits": splits,
@@ -141,12 +159,18 @@ def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, in_fli
         yield pending.popleft().result()
 
 
-def pack_documents(docs: Iterator[str], encode, folder: Path, split: str, dtype: np.dtype,
-                   shard_tokens: int) -> Dict:
+def pack_documents(
+    docs: Iterator[str], encode, folder: Path, split: str, dtype: np.dtype, shard_tokens: int
+) -> Dict:
     """Encode `docs` as BOS + ids + EOS each into folder/split/*.bin; return the split's counts."""
     writer = _ShardWriter(folder, split, dtype, shard_tokens)
-    with tqdm(desc=f"packing {split}", unit="tok", unit_scale=True, mininterval=1.0,
-              disable=os.environ.get("TINYLLAMA_PROGRESS", "1") == "0") as bar:
+    with tqdm(
+        desc=f"packing {split}",
+        unit="tok",
+        unit_scale=True,
+        mininterval=1.0,
+        disable=os.environ.get("TINYLLAMA_PROGRESS", "1") == "0",
+    ) as bar:
         for tokens, n_docs in encode(_chunks(docs, CHUNK_BYTES)):
             writer.write(tokens, n_docs)
             bar.update(len(tokens))

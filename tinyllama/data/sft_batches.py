@@ -10,6 +10,7 @@ packed as alone. Padding has label IGNORE_INDEX and segment id 0.
 A conversation longer than the window is cut to `seq_len` tokens (overflow="truncate") or
 left out (overflow="drop"); either way it is counted in `PackingStats`, for the caller to report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,8 +73,13 @@ class SFTBatch:
         return (self.segment_ids != 0).float().mean().item()
 
 
-def pack_windows(conversations: Iterable[Encoded], seq_len: int, pad_id: int, overflow: str = "truncate",
-                 stats: PackingStats | None = None) -> Iterator[Window]:
+def pack_windows(
+    conversations: Iterable[Encoded],
+    seq_len: int,
+    pad_id: int,
+    overflow: str = "truncate",
+    stats: PackingStats | None = None,
+) -> Iterator[Window]:
     """Fill windows of `seq_len` tokens with whole conversations, in order (a conversation that
     does not fit in what is left of a window starts the next one)."""
     if overflow not in OVERFLOW:
@@ -104,12 +110,18 @@ def pack_windows(conversations: Iterable[Encoded], seq_len: int, pad_id: int, ov
 
 def collate(windows: Sequence[Window]) -> SFTBatch:
     """Stack windows into one batch with its block-diagonal causal attention mask."""
+
     def stack(name: str) -> torch.Tensor:
         return torch.tensor([getattr(w, name) for w in windows], dtype=torch.long)
 
     segment_ids = stack("segment_ids")
-    return SFTBatch(stack("input_ids"), stack("labels"), stack("position_ids"), segment_ids,
-                    segment_attention_mask(segment_ids))
+    return SFTBatch(
+        stack("input_ids"),
+        stack("labels"),
+        stack("position_ids"),
+        segment_ids,
+        segment_attention_mask(segment_ids),
+    )
 
 
 def _window(rows: List[Encoded], seq_len: int, pad_id: int, stats: PackingStats) -> Window:

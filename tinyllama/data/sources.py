@@ -12,6 +12,7 @@ error (a glob matching nothing, no documents at all, a missing text field) or a 
 says what was done about it (an empty file is skipped; bytes that are not UTF-8 are replaced
 with U+FFFD and counted).
 """
+
 from __future__ import annotations
 
 import glob
@@ -43,12 +44,20 @@ def describe_source(cfg: DataConfig) -> Dict:
     if cfg.source in STORY_CORPORA:
         d.update(num_docs=cfg.num_docs, seed=cfg.seed)
     elif cfg.source in ("tinystories", "hf") and not cfg.train_files:
-        d.update(hf_path=cfg.hf_path or (TINYSTORIES if cfg.source == "tinystories" else None),
-                 hf_name=cfg.hf_name, hf_train_split=cfg.hf_train_split, hf_val_split=cfg.hf_val_split,
-                 text_field=cfg.text_field)
+        d.update(
+            hf_path=cfg.hf_path or (TINYSTORIES if cfg.source == "tinystories" else None),
+            hf_name=cfg.hf_name,
+            hf_train_split=cfg.hf_train_split,
+            hf_val_split=cfg.hf_val_split,
+            text_field=cfg.text_field,
+        )
     else:
-        d.update(train_files=list(cfg.train_files), val_files=list(cfg.val_files),
-                 doc_separator=cfg.doc_separator, text_field=cfg.text_field)
+        d.update(
+            train_files=list(cfg.train_files),
+            val_files=list(cfg.val_files),
+            doc_separator=cfg.doc_separator,
+            text_field=cfg.text_field,
+        )
     if _held_out(cfg):
         d.update(val_fraction=cfg.val_fraction, seed=cfg.seed)
     return d
@@ -69,9 +78,11 @@ def iter_documents(cfg: DataConfig, split: str) -> Iterator[str]:
         n += 1
         yield doc
     if n == 0:
-        raise DataError(f"the {split} split of data={cfg.name} ({_where(cfg, split)}) holds no documents: "
-                        f"check the files' contents, data.doc_separator and data.text_field"
-                        + (", or raise data.val_fraction / give data.val_files" if split == "val" else ""))
+        raise DataError(
+            f"the {split} split of data={cfg.name} ({_where(cfg, split)}) holds no documents: "
+            f"check the files' contents, data.doc_separator and data.text_field"
+            + (", or raise data.val_fraction / give data.val_files" if split == "val" else "")
+        )
 
 
 def _split_docs(cfg: DataConfig, split: str) -> Iterator[str]:
@@ -82,8 +93,10 @@ def _split_docs(cfg: DataConfig, split: str) -> Iterator[str]:
         # Validation stories continue the index sequence, so they never repeat a train story's draw.
         return synthetic.iter_stories(max(1, cfg.num_docs // 50), cfg.seed, cfg.num_docs, story=story)
     if cfg.source == "text_files" and not cfg.train_files:
-        raise DataError("data=text_files needs data.train_files: a list of files or globs, e.g. "
-                        "data.train_files='[my_texts/*.txt]'")
+        raise DataError(
+            "data=text_files needs data.train_files: a list of files or globs, e.g. "
+            "data.train_files='[my_texts/*.txt]'"
+        )
     if cfg.train_files:  # text_files, or local copies for tinystories / hf
         if split == "val" and cfg.val_files:
             return _read_files(cfg.val_files, cfg)
@@ -135,8 +148,10 @@ def expand_files(patterns: List[str]) -> List[Path]:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise DataError(f"{pattern!r} matches no file (working directory {os.getcwd()}): "
-                            f"check the path or glob in data.train_files / data.val_files")
+            raise DataError(
+                f"{pattern!r} matches no file (working directory {os.getcwd()}): "
+                f"check the path or glob in data.train_files / data.val_files"
+            )
         files += [Path(m) for m in matches]
     return files
 
@@ -157,8 +172,11 @@ def _read_files(patterns: List[str], cfg: DataConfig) -> Iterator[str]:
         else:
             yield from _read_txt(path, cfg.doc_separator, bad)
         if bad[0]:
-            warnings.warn(f"{path}: {bad[0]} byte sequence(s) are not valid UTF-8; replaced with U+FFFD",
-                          DataWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: {bad[0]} byte sequence(s) are not valid UTF-8; replaced with U+FFFD",
+                DataWarning,
+                stacklevel=2,
+            )
 
 
 def _decode(raw: bytes, bad: List[int]) -> str:
@@ -209,8 +227,10 @@ def _read_jsonl(path: Path, field: str, bad: List[int]) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl "
-                                f"file must be one JSON object") from None
+                raise DataError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); each line of a .jsonl "
+                    f"file must be one JSON object"
+                ) from None
             yield _field(record, field, f"{path}:{lineno}")
 
 
@@ -244,8 +264,10 @@ def _hf_docs(cfg: DataConfig, path: str, split: str) -> Iterator[str]:
     ds = _load_hf(cfg, path, split)
     columns = ds.column_names
     if columns is not None and cfg.text_field not in columns:
-        raise DataError(f"dataset {path} split {split!r} has no column {cfg.text_field!r} "
-                        f"(columns: {columns}): set data.text_field")
+        raise DataError(
+            f"dataset {path} split {split!r} has no column {cfg.text_field!r} "
+            f"(columns: {columns}): set data.text_field"
+        )
     for batch in ds.iter(batch_size=1024):
         yield from (t or "" for t in batch[cfg.text_field])
 
@@ -258,7 +280,9 @@ def _load_hf(cfg: DataConfig, path: str, split: str):
         ds = datasets.load_from_disk(str(local))  # a folder written by Dataset(Dict).save_to_disk
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{local} has no split {split!r} (splits: {list(ds)}): set data.hf_train_split / hf_val_split")
+                raise DataError(
+                    f"{local} has no split {split!r} (splits: {list(ds)}): set data.hf_train_split / hf_val_split"
+                )
             ds = ds[split]
         return ds.to_iterable_dataset() if cfg.streaming else ds
     if not local.exists() and not _offline_mode() and not _hub_reachable():
@@ -268,18 +292,24 @@ def _load_hf(cfg: DataConfig, path: str, split: str):
     except (ConnectionError, OSError) as e:
         raise DataError(_offline_advice(cfg, path) + f" ({type(e).__name__}: {e})") from None
     except ValueError as e:  # an unknown split or config
-        raise DataError(f"could not load split {split!r} of dataset {path} (config {cfg.hf_name!r}): {e}") from None
+        raise DataError(
+            f"could not load split {split!r} of dataset {path} (config {cfg.hf_name!r}): {e}"
+        ) from None
     except Exception as e:  # datasets raises its own types (DatasetNotFoundError, ...) for a missing dataset
         if "offline" in str(e).lower() or "connect" in str(e).lower():
             raise DataError(_offline_advice(cfg, path) + f" ({type(e).__name__}: {e})") from None
-        raise DataError(f"could not load dataset {path} (config {cfg.hf_name!r}, split {split!r}): "
-                        f"{type(e).__name__}: {e}") from None
+        raise DataError(
+            f"could not load dataset {path} (config {cfg.hf_name!r}, split {split!r}): "
+            f"{type(e).__name__}: {e}"
+        ) from None
 
 
 def _offline_mode() -> bool:
     """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: datasets then uses its cache and fails fast without it."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -293,13 +323,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline_advice(cfg: DataConfig, path: str) -> str:
-    example = ("data.train_files='[/path/TinyStories-train.txt]' data.val_files='[/path/TinyStories-valid.txt]'"
-               if cfg.source == "tinystories" else
-               "data.hf_path=/path/to/a/local/dataset/folder (or data=text_files data.train_files='[...]')")
-    return (f"cannot reach the Hugging Face Hub to load {path!r} (offline, or HF_HUB_OFFLINE / "
-            f"HF_DATASETS_OFFLINE is set and no cached copy exists). Point it at local files instead: "
-            f"{example}. .txt (stories separated by <|endoftext|> lines), .jsonl/.json with a "
-            f"{cfg.text_field!r} field, and parquet files all work.")
+    example = (
+        "data.train_files='[/path/TinyStories-train.txt]' data.val_files='[/path/TinyStories-valid.txt]'"
+        if cfg.source == "tinystories"
+        else "data.hf_path=/path/to/a/local/dataset/folder (or data=text_files data.train_files='[...]')"
+    )
+    return (
+        f"cannot reach the Hugging Face Hub to load {path!r} (offline, or HF_HUB_OFFLINE / "
+        f"HF_DATASETS_OFFLINE is set and no cached copy exists). Point it at local files instead: "
+        f"{example}. .txt (stories separated by <|endoftext|> lines), .jsonl/.json with a "
+        f"{cfg.text_field!r} field, and parquet files all work."
+    )
 
 
 __all__ = ["iter_documents", "describe_source", "expand_files", "DataWarning"]

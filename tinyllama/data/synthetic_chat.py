@@ -16,6 +16,7 @@ for "write"), so an evaluation can prompt with all messages but the last and com
 reply with it (`answer_matches`). The train split is examples 0..num_docs-1, the held-out split the next
 max(1, num_docs // 50): held-out stories are never trained on.
 """
+
 from __future__ import annotations
 
 import random
@@ -61,13 +62,17 @@ def chat_example(seed: int, index: int) -> Example:
     if kind in ("question", "follow_up"):
         asked = rng.sample(questions, 2 if kind == "follow_up" else 1)
         question, answer = asked[0]
-        messages += [{"role": "user", "content": f"{story}\n\n{question}"},
-                     {"role": "assistant", "content": answer}]
+        messages += [
+            {"role": "user", "content": f"{story}\n\n{question}"},
+            {"role": "assistant", "content": answer},
+        ]
         for question, answer in asked[1:]:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     else:
-        messages += [{"role": "user", "content": write_request(rng, facts)},
-                     {"role": "assistant", "content": story}]
+        messages += [
+            {"role": "user", "content": write_request(rng, facts)},
+            {"role": "assistant", "content": story},
+        ]
         if kind == "write_follow_up":
             question, answer = rng.choice(questions)
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -85,15 +90,22 @@ def short_story(story: str, facts: StoryFacts) -> str:
 def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
     """(question, short answer) pairs whose answer is written in the story (so it can be copied)."""
     hero, friend = facts.hero, facts.friend
-    kind = (f"What kind of animal is {hero.name}?" if hero.kind in ANIMALS
-            else f"Is {hero.name} a boy or a girl?")
-    pairs = [("Who is the story about?", hero.name), (kind, hero.kind),  # every opening names both
-             ("How does the story end?", facts.ending)]
+    kind = (
+        f"What kind of animal is {hero.name}?" if hero.kind in ANIMALS else f"Is {hero.name} a boy or a girl?"
+    )
+    pairs = [
+        ("Who is the story about?", hero.name),
+        (kind, hero.kind),  # every opening names both
+        ("How does the story end?", facts.ending),
+    ]
     checks: List[Tuple[str, str, Callable[[], bool]]] = [
         (f"Who is {hero.name}'s friend?", friend.name, lambda: friend.name in story),
         (f"Where does {hero.name} live?", facts.place, lambda: facts.place in story),
-        (f"What {facts.color} thing is in the story?", facts.thing,
-         lambda: f"{facts.color} {facts.thing}" in story),
+        (
+            f"What {facts.color} thing is in the story?",
+            facts.thing,
+            lambda: f"{facts.color} {facts.thing}" in story,
+        ),
         # A bake story names two foods, so "which food" has no single answer there.
         ("What food is in the story?", facts.food, lambda: facts.food in story and facts.plot != "bake"),
     ]
@@ -102,9 +114,13 @@ def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
 
 def write_request(rng: random.Random, facts: StoryFacts) -> str:
     hero, friend = facts.hero, facts.friend
-    return rng.choice([f"Write a short story about {hero.name} and {friend.name}.",
-                       f"Tell me a story about a {hero.kind} named {hero.name}.",
-                       f"Please write a children's story about {hero.name}, with {friend.name} in it."])
+    return rng.choice(
+        [
+            f"Write a short story about {hero.name} and {friend.name}.",
+            f"Tell me a story about a {hero.kind} named {hero.name}.",
+            f"Please write a children's story about {hero.name}, with {friend.name} in it.",
+        ]
+    )
 
 
 def answer_matches(reply: str, answer: str) -> bool:

@@ -35,20 +35,51 @@ built from them, and the parity tests tell you whether yours still matches trans
                attention_mask (B|1, 1, T, S) bool or None = plain causal, past_key_values) -> (B, T, C)
     mlp:       cls(config);  forward(x (B, T, C)) -> (B, T, C)
 """
+
 from tinyllama.model.attention import Attention, eager_attention, repeat_kv
 from tinyllama.model.cache import KVCache
 from tinyllama.model.config import LlamaConfig
-from tinyllama.model.heads import (CausalLMOutput, LlamaForCausalLM, LlamaForSequenceClassification,
-                                   SequenceClassifierOutput, causal_lm_loss, chunked_causal_lm_loss)
+from tinyllama.model.heads import (
+    CausalLMOutput,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    SequenceClassifierOutput,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+)
 from tinyllama.model.mlp import ACTIVATIONS, MLP
 from tinyllama.model.modeling import BaseModelOutput, DecoderLayer, LlamaModel, ModelParts
 from tinyllama.model.norm import RMSNorm
-from tinyllama.model.rotary import (ROPE_TYPES, RotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq,
-                                    rotate_half)
+from tinyllama.model.rotary import (
+    ROPE_TYPES,
+    RotaryEmbedding,
+    apply_rotary_pos_emb,
+    compute_inv_freq,
+    rotate_half,
+)
 
 __all__ = [
-    "ACTIVATIONS", "ROPE_TYPES", "Attention", "BaseModelOutput", "CausalLMOutput", "DecoderLayer", "KVCache", "LlamaConfig",
-    "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel", "MLP", "ModelParts", "RMSNorm",
-    "RotaryEmbedding", "SequenceClassifierOutput", "apply_rotary_pos_emb", "causal_lm_loss",
-    "chunked_causal_lm_loss", "compute_inv_freq", "eager_attention", "repeat_kv", "rotate_half",
+    "ACTIVATIONS",
+    "ROPE_TYPES",
+    "Attention",
+    "BaseModelOutput",
+    "CausalLMOutput",
+    "DecoderLayer",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "MLP",
+    "ModelParts",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SequenceClassifierOutput",
+    "apply_rotary_pos_emb",
+    "causal_lm_loss",
+    "chunked_causal_lm_loss",
+    "compute_inv_freq",
+    "eager_attention",
+    "repeat_kv",
+    "rotate_half",
 ]

@@ -3,6 +3,7 @@
 - "eager": the formulas written out, softmax(Q K^T / sqrt(D) + mask) V, the path to read;
 - "sdpa": torch's fused scaled_dot_product_attention, same result, faster, less memory.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -31,9 +32,15 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
-def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor], scaling: float,
-                    dropout: float = 0.0, training: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, T, D), k/v (B, H, S, D), boolean mask (B|1, 1, T, S) or None (plain causal).
 
     Returns the output (B, H, T, D) and the attention weights (B, H, T, S).
@@ -65,7 +72,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim ** -0.5  # 1 / sqrt(D) keeps q.k at unit scale
+        self.scaling = self.head_dim**-0.5  # 1 / sqrt(D) keeps q.k at unit scale
         self.attention_dropout = config.attention_dropout
         self.attn_implementation = config.attn_implementation
         self.sliding_window = config.sliding_window if config.uses_sliding_window(layer_idx) else None
@@ -76,9 +83,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, self.num_key_value_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, c, bias=config.attention_bias)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-                attention_mask: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """hidden_states (B, T, C); cos/sin (B, T, D); boolean mask (B|1, 1, T, S), True = may
         attend (see masks.py), or None -> (B, T, C).
 
@@ -99,8 +110,14 @@ class Attention(nn.Module):
         if self.attn_implementation == "eager":
             out, _ = eager_attention(q, k, v, attention_mask, self.scaling, dropout, self.training)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
-                                                 is_causal=attention_mask is None and q_len > 1,
-                                                 scale=self.scaling)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attention_mask,
+                dropout_p=dropout,
+                is_causal=attention_mask is None and q_len > 1,
+                scale=self.scaling,
+            )
         out = out.transpose(1, 2).reshape(bsz, q_len, -1)  # (B, T, H*D)
         return self.o_proj(out)

@@ -14,6 +14,7 @@ generation loop that knows its total length makes one of that size up front:
 Writers go through `update` (tensors: the attention layers) or `update_arrays` (NumPy arrays:
 fast_decode.py's decoding step on CPU); nothing else writes the buffers or the lengths.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Optional, Tuple
@@ -33,8 +34,14 @@ class KVCache:
     the device of its keys (under autocast the projections' dtype is only known then).
     """
 
-    def __init__(self, config: LlamaConfig, batch_size: int, max_length: int,
-                 device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        batch_size: int,
+        max_length: int,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         self.shape = (batch_size, config.resolved_num_key_value_heads, max_length, config.resolved_head_dim)
         n = config.num_hidden_layers
         self.keys: List[Optional[torch.Tensor]] = [None] * n
@@ -50,8 +57,9 @@ class KVCache:
         """Number of cached positions (the next token's cache index)."""
         return self.lengths[layer_idx]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               layer_idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H_kv, T, D) keys/values for one layer; return all (B, H_kv, past + T, D)."""
         start = self.lengths[layer_idx]
         end = start + key_states.shape[2]
@@ -61,8 +69,9 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def update_arrays(self, key_states: "np.ndarray", value_states: "np.ndarray",
-                      layer_idx: int) -> Tuple["np.ndarray", "np.ndarray"]:
+    def update_arrays(
+        self, key_states: "np.ndarray", value_states: "np.ndarray", layer_idx: int
+    ) -> Tuple["np.ndarray", "np.ndarray"]:
         """`update` for float32 NumPy arrays (B, H_kv, T, D), as fast_decode.py's decoding step
         computes them: written into the same buffers through zero-copy NumPy views of them, so
         the model's forward and that step can take turns on one cache. Returns the filled part,
@@ -71,8 +80,10 @@ class KVCache:
         end = start + key_states.shape[2]
         self._reserve(layer_idx, end, torch.float32, torch.device("cpu"))
         if self.keys[layer_idx].dtype != torch.float32 or self.keys[layer_idx].device.type != "cpu":
-            raise ValueError(f"update_arrays writes float32 CPU buffers; this cache holds "
-                             f"{self.keys[layer_idx].dtype} on {self.keys[layer_idx].device}")
+            raise ValueError(
+                f"update_arrays writes float32 CPU buffers; this cache holds "
+                f"{self.keys[layer_idx].dtype} on {self.keys[layer_idx].device}"
+            )
         keys, values = self.keys[layer_idx].numpy(), self.values[layer_idx].numpy()
         keys[:, :, start:end], values[:, :, start:end] = key_states, value_states
         self.lengths[layer_idx] = end

@@ -3,6 +3,7 @@
 
 The allowed values of a field live where they are used: hidden_act in mlp.ACTIVATIONS,
 rope_scaling's types and keys in rotary.ROPE_TYPES; this module checks against those tables."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -110,43 +111,66 @@ def _problems(c: LlamaConfig) -> List[str]:
         if not ok:
             out.append(msg)
 
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "max_position_embeddings", "num_labels"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "num_labels",
+    ):
         need(getattr(c, name) > 0, f"{name}={getattr(c, name)}: must be > 0")
     heads = c.num_attention_heads
     if c.head_dim is None:
-        need(heads <= 0 or c.hidden_size % heads == 0,
-             f"hidden_size={c.hidden_size}: must be divisible by num_attention_heads={heads} "
-             "(or set head_dim explicitly)")
+        need(
+            heads <= 0 or c.hidden_size % heads == 0,
+            f"hidden_size={c.hidden_size}: must be divisible by num_attention_heads={heads} "
+            "(or set head_dim explicitly)",
+        )
     else:
         need(c.head_dim > 0, f"head_dim={c.head_dim}: must be > 0 (or null for hidden_size // heads)")
     if heads > 0 and (c.head_dim is None or c.head_dim > 0):
-        need(c.resolved_head_dim % 2 == 0,
-             f"head_dim={c.resolved_head_dim}: must be even (RoPE rotates pairs of channels)")
+        need(
+            c.resolved_head_dim % 2 == 0,
+            f"head_dim={c.resolved_head_dim}: must be even (RoPE rotates pairs of channels)",
+        )
     kv = c.num_key_value_heads
     if kv is not None:
         need(kv > 0, f"num_key_value_heads={kv}: must be > 0 (or null for num_attention_heads)")
-        need(kv <= 0 or heads % kv == 0,
-             f"num_key_value_heads={kv}: num_attention_heads={heads} must be a multiple of it "
-             "(each key/value head serves a whole group of query heads)")
+        need(
+            kv <= 0 or heads % kv == 0,
+            f"num_key_value_heads={kv}: num_attention_heads={heads} must be a multiple of it "
+            "(each key/value head serves a whole group of query heads)",
+        )
     need(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps}: must be > 0")
     need(c.rope_theta > 0, f"rope_theta={c.rope_theta}: must be > 0")
     need(c.initializer_range >= 0, f"initializer_range={c.initializer_range}: must be >= 0")
     need(0 <= c.attention_dropout < 1, f"attention_dropout={c.attention_dropout}: must be in [0, 1)")
     need(c.hidden_act in ACTIVATIONS, f"hidden_act={c.hidden_act!r}: choose one of {', '.join(ACTIVATIONS)}")
-    need(c.attn_implementation in ("sdpa", "eager"),
-         f"attn_implementation={c.attn_implementation!r}: choose sdpa or eager")
+    need(
+        c.attn_implementation in ("sdpa", "eager"),
+        f"attn_implementation={c.attn_implementation!r}: choose sdpa or eager",
+    )
     need(c.model_type in ("llama", "qwen2"), f"model_type={c.model_type!r}: choose llama or qwen2")
-    need(not (c.model_type == "qwen2" and c.attention_bias),
-         "attention_bias=True: Qwen2 always has q/k/v bias and no o_proj bias; attention_bias is for llama")
-    need(c.problem_type is None or c.problem_type in PROBLEM_TYPES,
-         f"problem_type={c.problem_type!r}: choose null or one of {', '.join(PROBLEM_TYPES)}")
-    need(c.pad_token_id is None or 0 <= c.pad_token_id < c.vocab_size,
-         f"pad_token_id={c.pad_token_id}: must be null or in [0, vocab_size={c.vocab_size})")
+    need(
+        not (c.model_type == "qwen2" and c.attention_bias),
+        "attention_bias=True: Qwen2 always has q/k/v bias and no o_proj bias; attention_bias is for llama",
+    )
+    need(
+        c.problem_type is None or c.problem_type in PROBLEM_TYPES,
+        f"problem_type={c.problem_type!r}: choose null or one of {', '.join(PROBLEM_TYPES)}",
+    )
+    need(
+        c.pad_token_id is None or 0 <= c.pad_token_id < c.vocab_size,
+        f"pad_token_id={c.pad_token_id}: must be null or in [0, vocab_size={c.vocab_size})",
+    )
     if c.sliding_window is not None:
         need(c.sliding_window > 0, f"sliding_window={c.sliding_window}: must be > 0 (or null to disable)")
-        need(c.model_type == "qwen2",
-             f"sliding_window={c.sliding_window}: a Qwen2 feature; set model_type=qwen2 or sliding_window=null")
+        need(
+            c.model_type == "qwen2",
+            f"sliding_window={c.sliding_window}: a Qwen2 feature; set model_type=qwen2 or sliding_window=null",
+        )
     need(c.max_window_layers >= 0, f"max_window_layers={c.max_window_layers}: must be >= 0")
     out.extend(_rope_scaling_problems(c.rope_scaling))
     return out
@@ -159,13 +183,18 @@ def _rope_scaling_problems(rs: Optional[Dict[str, Any]]) -> List[str]:
         return [f"rope_scaling={rs!r}: must be a mapping such as {{rope_type: linear, factor: 2.0}}"]
     kind = rs.get("rope_type")
     if kind not in ROPE_TYPES:
-        hint = " (rename the key \"type\" to \"rope_type\")" if "type" in rs else ""
+        hint = ' (rename the key "type" to "rope_type")' if "type" in rs else ""
         return [f"rope_scaling.rope_type={kind!r}: choose one of {', '.join(ROPE_TYPES)}{hint}"]
-    out = [f"rope_scaling={dict(rs)}: rope_type {kind} needs the key {key!r}"
-           for key in ROPE_TYPES[kind] if rs.get(key) is None]
+    out = [
+        f"rope_scaling={dict(rs)}: rope_type {kind} needs the key {key!r}"
+        for key in ROPE_TYPES[kind]
+        if rs.get(key) is None
+    ]
     if not out and kind != "default" and rs["factor"] < 1:
         out.append(f"rope_scaling.factor={rs['factor']}: must be >= 1 (it stretches the context)")
     if not out and kind == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
-        out.append(f"rope_scaling.high_freq_factor={rs['high_freq_factor']}: must be greater than "
-                   f"low_freq_factor={rs['low_freq_factor']}")
+        out.append(
+            f"rope_scaling.high_freq_factor={rs['high_freq_factor']}: must be greater than "
+            f"low_freq_factor={rs['low_freq_factor']}"
+        )
     return out

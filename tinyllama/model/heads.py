@@ -3,6 +3,7 @@
 Also the causal-LM loss, defined once (`causal_lm_loss`; `chunked_causal_lm_loss` sums it over
 chunks of positions, evaluation reads it per token), and the causal LM's FLOPs per token, which
 the train loop's MFU and the inspect stage read (`LlamaForCausalLM.flops_per_token`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,21 +41,31 @@ class SequenceClassifierOutput:
     """The updated cache (use_cache=True)."""
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                   reduction: str = "mean") -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
     """Cross-entropy in float32 of logits (B, T, V) against ALREADY-ALIGNED targets (B, T):
     targets[b, t] is the token that should follow position t; targets equal to ignore_index
     count for nothing. The one definition of the causal-LM loss: the train loop gets it as
     model(x, shift_labels=y).loss, the chunked loss sums it chunk by chunk, evaluation reads it
     per token. reduction: "mean" over the non-ignored targets, "sum", or "none": (B, T), one
     loss per target, 0 where ignored."""
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index, reduction=reduction)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
     return loss.view_as(targets) if reduction == "none" else loss
 
 
-def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                           chunk_tokens: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    targets: torch.Tensor,
+    chunk_tokens: int = 1024,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """causal_lm_loss(lm_head(hidden_states), targets), same value and gradients, without ever
     holding the (B, T, V) logits: hidden_states (B, T, C), targets (B, T) already aligned.
 
@@ -63,12 +74,15 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module, targ
     checkpointing the layers alone saves little. Here each chunk of `chunk_tokens` positions goes
     through lm_head + a summed cross-entropy inside a checkpoint: forward keeps only the scalar,
     backward recomputes that chunk's logits, so at most one chunk's (chunk_tokens, V) exists."""
+
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (N, C), (N,) -> summed CE
         return causal_lm_loss(lm_head(h), t, ignore_index, reduction="sum")
 
     hidden, flat_targets = hidden_states.reshape(-1, hidden_states.shape[-1]), targets.reshape(-1)
-    total = sum(checkpoint(chunk_loss, h, t, use_reentrant=False)
-                for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens)))
+    total = sum(
+        checkpoint(chunk_loss, h, t, use_reentrant=False)
+        for h, t in zip(hidden.split(chunk_tokens), flat_targets.split(chunk_tokens))
+    )
     return total / (flat_targets != ignore_index).sum()  # mean over the non-ignored targets
 
 
@@ -109,10 +123,17 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         self.loss_chunk_tokens = 1024
         self.init_weights()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None, use_cache: bool = False,
-                shift_labels: Optional[torch.Tensor] = None, logits_to_keep: int = 0) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+        shift_labels: Optional[torch.Tensor] = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
         """input_ids (B, T) -> logits (B, T, V), and the causal-LM loss given either of:
         labels (B, T): the inputs themselves (-100 to ignore a position), shifted here so position
             t is scored on token t + 1;
@@ -136,8 +157,9 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         if shift_labels is not None:
             shift_labels = shift_labels[:, kept]
             if self.chunked_loss:
-                loss = chunked_causal_lm_loss(hidden_states, self.lm_head, shift_labels,
-                                              self.loss_chunk_tokens)
+                loss = chunked_causal_lm_loss(
+                    hidden_states, self.lm_head, shift_labels, self.loss_chunk_tokens
+                )
                 return CausalLMOutput(None, loss, out.past_key_values)
         logits = self.lm_head(hidden_states)
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels)
@@ -168,8 +190,13 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         for layer in range(config.num_hidden_layers):
             context = min(seq_len, config.sliding_window) if config.uses_sliding_window(layer) else seq_len
             attention += 4 * config.num_attention_heads * config.resolved_head_dim * context
-        return {"forward": 2 * n + attention, "training": 6 * n + 3 * attention, "n": n,
-                "attention_forward": attention, "seq_len": seq_len}
+        return {
+            "forward": 2 * n + attention,
+            "training": 6 * n + 3 * attention,
+            "n": n,
+            "attention_forward": attention,
+            "seq_len": seq_len,
+        }
 
 
 class LlamaForSequenceClassification(LlamaPreTrainedModel):
@@ -183,9 +210,15 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.init_weights()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None, use_cache: bool = False) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+    ) -> SequenceClassifierOutput:
         """input_ids (B, T) -> logits (B, num_labels). labels: (B,) class ids (single-label),
         (B, num_labels) floats (multi-label, or regression), or (B,) floats (regression, 1 label)."""
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
@@ -193,8 +226,10 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         bsz = input_ids.shape[0]
         if self.config.pad_token_id is None:
             if bsz != 1:
-                raise ValueError("sequence classification of a batch needs config.pad_token_id "
-                                 "to find each row's last token")
+                raise ValueError(
+                    "sequence classification of a batch needs config.pad_token_id "
+                    "to find each row's last token"
+                )
             last = torch.full((1,), input_ids.shape[1] - 1, device=logits.device)
         else:
             # Rightmost non-pad index: works for left and right padding alike.
@@ -205,7 +240,9 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         return SequenceClassifierOutput(pooled, loss, out.past_key_values)
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, config: LlamaConfig
+) -> torch.Tensor:
     """transformers' rule: problem_type, or inferred from num_labels and the labels' dtype:
     1 label -> regression (MSE); integer labels -> single-label (CE); else multi-label (BCE)."""
     problem = config.problem_type

@@ -3,6 +3,7 @@
 Boolean, so one mask serves every dtype (autocast included): sdpa takes it as is, and the eager
 path turns it into the additive form of the course notes (0 or dtype-min added to the scores).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -10,9 +11,14 @@ from typing import Optional
 import torch
 
 
-def build_attention_mask(attention_mask: Optional[torch.Tensor], query_length: int, past_length: int,
-                         device: torch.device, sliding_window: Optional[int] = None,
-                         allow_implicit_causal: bool = False) -> Optional[torch.Tensor]:
+def build_attention_mask(
+    attention_mask: Optional[torch.Tensor],
+    query_length: int,
+    past_length: int,
+    device: torch.device,
+    sliding_window: Optional[int] = None,
+    allow_implicit_causal: bool = False,
+) -> Optional[torch.Tensor]:
     """Mask of shape (B or 1, 1, T, S) for T queries over S = past_length + T keys.
 
     attention_mask: (B, S) with 1 for real tokens and 0 for padding (left or right), covering the
@@ -30,10 +36,16 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], query_length: i
         return attention_mask.bool()
     kv_length = past_length + query_length
     if attention_mask is not None and attention_mask.shape[-1] != kv_length:
-        raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; it must cover the "
-                         f"{past_length} cached and {query_length} new positions ({kv_length})")
-    if (allow_implicit_causal and attention_mask is None and sliding_window is None
-            and (past_length == 0 or query_length == 1)):
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns; it must cover the "
+            f"{past_length} cached and {query_length} new positions ({kv_length})"
+        )
+    if (
+        allow_implicit_causal
+        and attention_mask is None
+        and sliding_window is None
+        and (past_length == 0 or query_length == 1)
+    ):
         return None
     q_index = torch.arange(past_length, kv_length, device=device)[:, None]  # (T, 1)
     k_index = torch.arange(kv_length, device=device)[None, :]  # (1, S)

@@ -1,4 +1,5 @@
 """The SwiGLU feed-forward block: down(act(gate(x)) * up(x))."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

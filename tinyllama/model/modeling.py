@@ -1,6 +1,7 @@
 """The decoder backbone: token embedding, a stack of pre-norm decoder layers, a final RMSNorm;
 and what every model of this package shares (LlamaPreTrainedModel: initialisation,
 num_parameters)."""
+
 from __future__ import annotations
 
 import functools
@@ -54,13 +55,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = parts.norm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = parts.norm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple,
-                attention_mask: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                       attention_mask, past_key_values)
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
+        )
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -94,9 +100,11 @@ class LlamaPreTrainedModel(nn.Module):
         exclude_embeddings leaves out the token embedding table (and so a head tied to it).
         Works on the meta device: only shapes are read."""
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        return sum(p.numel() for p in self.parameters()  # yields a shared (tied) tensor once
-                   if not (exclude_embeddings and id(p) in embeddings)
-                   and (p.requires_grad or not only_trainable))
+        return sum(
+            p.numel()
+            for p in self.parameters()  # yields a shared (tied) tensor once
+            if not (exclude_embeddings and id(p) in embeddings) and (p.requires_grad or not only_trainable)
+        )
 
 
 class LlamaModel(LlamaPreTrainedModel):
@@ -113,9 +121,14 @@ class LlamaModel(LlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self._warned_cache_with_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False) -> BaseModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+        use_cache: bool = False,
+    ) -> BaseModelOutput:
         """input_ids (B, T) -> hidden states (B, T, C).
 
         attention_mask: (B, past + T), 1 = token, 0 = padding; None = no padding.
@@ -131,7 +144,10 @@ class LlamaModel(LlamaPreTrainedModel):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if recompute and use_cache:
             if not self._warned_cache_with_checkpointing:
-                warnings.warn("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+                warnings.warn(
+                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False",
+                    stacklevel=2,
+                )
                 self._warned_cache_with_checkpointing = True
             use_cache, past_key_values = False, None  # recomputing a layer would write the cache twice
         bsz, q_len = input_ids.shape
@@ -145,16 +161,25 @@ class LlamaModel(LlamaPreTrainedModel):
             max_position = past + q_len
         position_embeddings = self.rotary_emb(hidden_states, position_ids, max_position)
         # One mask for full-attention layers, one for Qwen2's sliding-window layers (if any).
-        make_mask = functools.partial(build_attention_mask, attention_mask, q_len, past, input_ids.device,
-                                      allow_implicit_causal=self.config.attn_implementation == "sdpa")
+        make_mask = functools.partial(
+            build_attention_mask,
+            attention_mask,
+            q_len,
+            past,
+            input_ids.device,
+            allow_implicit_causal=self.config.attn_implementation == "sdpa",
+        )
         full_mask = make_mask()
-        window_mask = make_mask(sliding_window=self.config.sliding_window) if self.config.sliding_window else None
+        window_mask = (
+            make_mask(sliding_window=self.config.sliding_window) if self.config.sliding_window else None
+        )
 
         for i, layer in enumerate(self.layers):
             mask = window_mask if self.config.uses_sliding_window(i) else full_mask
             if recompute:
-                hidden_states = checkpoint(layer, hidden_states, position_embeddings, mask, past_key_values,
-                                           use_reentrant=False)
+                hidden_states = checkpoint(
+                    layer, hidden_states, position_embeddings, mask, past_key_values, use_reentrant=False
+                )
             else:
                 hidden_states = layer(hidden_states, position_embeddings, mask, past_key_values)
         return BaseModelOutput(self.norm(hidden_states), past_key_values)

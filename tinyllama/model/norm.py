@@ -2,6 +2,7 @@
 
 Unlike LayerNorm there is no mean subtraction and no bias: y = x / sqrt(mean(x^2) + eps) * weight.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ formula by formula, in float32 as it computes them, so the two match to rounding
 - llama3:  long wavelengths (> original_max / low_freq_factor) divided by factor, short ones
            (< original_max / high_freq_factor) kept, the band between smoothly interpolated.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ ROPE_TYPES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def compute_inv_freq(config: LlamaConfig, seq_len: Optional[int] = None,
-                     device: Optional[torch.device] = None) -> torch.Tensor:
+def compute_inv_freq(
+    config: LlamaConfig, seq_len: Optional[int] = None, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """Inverse frequencies (D/2,) in float32 for the config's rope_scaling.
 
     seq_len only matters for "dynamic": the length the frequencies must cover.
@@ -49,7 +51,7 @@ def compute_inv_freq(config: LlamaConfig, seq_len: Optional[int] = None,
         factor = scaling["factor"]
         base = base * ((factor * length / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (base ** exponents)
+    inv_freq = 1.0 / (base**exponents)
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -101,8 +103,9 @@ class RotaryEmbedding(nn.Module):
         self.cos_cached, self.sin_cached = emb.cos(), emb.sin()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
-                max_position: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, max_position: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, T, D) in x's dtype for position_ids (B, T).
 
         max_position: 1 + the largest position, when the caller knows it (saves a device sync).
@@ -137,8 +140,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         unsqueeze_dim: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, H, T, D) and k (B, H_kv, T, D) by cos/sin (B, T, D).
 
     unsqueeze_dim=1 adds the head axis to cos/sin so one table serves every head.

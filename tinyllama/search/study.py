@@ -11,6 +11,7 @@ machine or on several that reach the same storage, ask it for trials until it ho
 `n_trials` of them. Each running trial's process records a heartbeat; a RUNNING trial whose
 heartbeat stopped (its process was killed) is marked FAIL by the next copy that starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,14 @@ OBJECTIVE_ATTR = "objective"
 ERROR_ATTR = "error"  # trial user attribute: why a failed trial failed
 # hydra.sweeper.sampler.name / pruner.name -> the Optuna class (in optuna.samplers / optuna.pruners,
 # looked up when a search starts, so Hydra's plugin discovery never imports Optuna).
-SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
-            "qmc": "QMCSampler"}
-PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner",
-           "hyperband": "HyperbandPruner", "successive_halving": "SuccessiveHalvingPruner",
-           "none": "NopPruner"}
+SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "qmc": "QMCSampler"}
+PRUNERS = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "hyperband": "HyperbandPruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "none": "NopPruner",
+}
 
 
 @dataclass
@@ -75,8 +79,10 @@ class StudySettings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"unknown hydra.sweeper keys: {', '.join(unknown)}; the study sweeper "
-                              f"takes {', '.join(sorted(names | {'params'}))}")
+            raise ConfigError(
+                f"unknown hydra.sweeper keys: {', '.join(unknown)}; the study sweeper "
+                f"takes {', '.join(sorted(names | {'params'}))}"
+            )
         settings = cls(**values)
         settings.check()
         return settings
@@ -127,16 +133,21 @@ def open_storage(url: str, settings: StudySettings) -> Any:
                 raise FileNotFoundError(f"no folder {Path(url).parent}")
             return optuna.storages.JournalStorage(JournalFileBackend(url))
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).parent.is_dir():
-            raise FileNotFoundError(f"no folder {Path(url[len('sqlite:///'):]).parent}")
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).parent.is_dir():
+            raise FileNotFoundError(f"no folder {Path(url[len('sqlite:///') :]).parent}")
         with quiet_optuna():
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                              heartbeat_interval=settings.heartbeat_interval,
-                                              grace_period=settings.grace_period)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period,
+            )
     except Exception as e:  # a driver missing, a server down, a folder missing...
-        raise ConfigError(f"cannot open the study storage {url!r}: {type(e).__name__}: {e}\n"
-                          "check hydra.sweeper.storage (an Optuna storage URL, e.g. "
-                          "sqlite:///path/study.db or postgresql://user@host/db)") from e
+        raise ConfigError(
+            f"cannot open the study storage {url!r}: {type(e).__name__}: {e}\n"
+            "check hydra.sweeper.storage (an Optuna storage URL, e.g. "
+            "sqlite:///path/study.db or postgresql://user@host/db)"
+        ) from e
 
 
 def make_sampler(spec: Dict[str, Any], search_space: Dict[str, Any], trial_number: int) -> Any:
@@ -168,13 +179,14 @@ def grid_of(search_space: Dict[str, Any]) -> Dict[str, List[Any]]:
         if isinstance(dist, CategoricalDistribution):
             grid[key] = list(dist.choices)
         elif getattr(dist, "step", None) is not None and not getattr(dist, "log", False):
-            grid[key] = [type(dist.low)(v) for v in np.arange(dist.low, dist.high + dist.step / 2,
-                                                              dist.step)]
+            grid[key] = [type(dist.low)(v) for v in np.arange(dist.low, dist.high + dist.step / 2, dist.step)]
         else:
             problems.append(key)
     if problems:
-        raise ConfigError(f"the grid sampler needs choice(...) or range(...) for every key; "
-                          f"{', '.join(problems)} is a continuous interval")
+        raise ConfigError(
+            f"the grid sampler needs choice(...) or range(...) for every key; "
+            f"{', '.join(problems)} is a continuous interval"
+        )
     return grid
 
 
@@ -212,24 +224,36 @@ def open_study(storage: Any, settings: StudySettings, search_space: Dict[str, An
     direction differ (its trials would not be comparable), before any trial runs."""
     import optuna
 
-    wanted = {SEARCH_SPACE_ATTR: space_as_json(search_space),
-              OBJECTIVE_ATTR: f"{settings.direction} {settings.objective}"}
-    study = optuna.create_study(storage=storage, study_name=settings.study_name, pruner=pruner,
-                                direction=settings.direction, load_if_exists=True)
+    wanted = {
+        SEARCH_SPACE_ATTR: space_as_json(search_space),
+        OBJECTIVE_ATTR: f"{settings.direction} {settings.objective}",
+    }
+    study = optuna.create_study(
+        storage=storage,
+        study_name=settings.study_name,
+        pruner=pruner,
+        direction=settings.direction,
+        load_if_exists=True,
+    )
     held = study.user_attrs
     if not held.get(SEARCH_SPACE_ATTR) and not study.get_trials(deepcopy=False):
         for key, value in wanted.items():  # a new study (or one created but never asked)
             study.set_user_attr(key, value)
         return study
-    diffs = [f"  {k}: the study has {held.get(k)!r}, this command {v!r}"
-             for k, v in wanted.items() if held.get(k) != v]
+    diffs = [
+        f"  {k}: the study has {held.get(k)!r}, this command {v!r}"
+        for k, v in wanted.items()
+        if held.get(k) != v
+    ]
     direction = study.direction.name.lower()
     if direction != settings.direction:
         diffs.append(f"  direction: the study has {direction}, this command {settings.direction}")
     if diffs:
-        raise ConfigError(f"study {settings.study_name!r} already exists with a different "
-                          "search:\n" + "\n".join(diffs) + "\ncontinue it with its own search "
-                          "space, or start another run.name (nothing was changed)")
+        raise ConfigError(
+            f"study {settings.study_name!r} already exists with a different "
+            "search:\n" + "\n".join(diffs) + "\ncontinue it with its own search "
+            "space, or start another run.name (nothing was changed)"
+        )
     return study
 
 
@@ -271,13 +295,18 @@ def read_outcome(run_dir: Path, objective: str) -> Dict[str, Any]:
     path = run_dir / SUMMARY
     summary = read_summary(run_dir)
     if summary is None:
-        return {"state": "FAIL", "interrupted": True,
-                "error": f"no readable {path}: the run stopped before its end (interrupted by a signal?)"}
+        return {
+            "state": "FAIL",
+            "interrupted": True,
+            "error": f"no readable {path}: the run stopped before its end (interrupted by a signal?)",
+        }
     if summary.get("pruned"):
         return {"state": "PRUNED"}  # Optuna keeps its last reported validation loss
     if objective not in summary:
-        raise ConfigError(f"hydra.sweeper.objective={objective!r} is not in {path} (it has "
-                          f"{', '.join(sorted(summary))}): choose one of those keys")
+        raise ConfigError(
+            f"hydra.sweeper.objective={objective!r} is not in {path} (it has "
+            f"{', '.join(sorted(summary))}): choose one of those keys"
+        )
     value = summary[objective]
     if value is None or not math.isfinite(float(value)):
         return {"state": "FAIL", "error": f"{objective} is {value} (the run diverged?)"}
@@ -298,8 +327,14 @@ def tell(study: Any, trial: Any, outcome: Dict[str, Any]) -> None:
     study.tell(trial, outcome.get("value") if state == TrialState.COMPLETE else None, state=state)
 
 
-def write_best(study: Any, sweep_dir: Path, fixed: Dict[str, Any], groups: Dict[str, str],
-               storage_url: str, objective: str) -> Optional[Path]:
+def write_best(
+    study: Any,
+    sweep_dir: Path,
+    fixed: Dict[str, Any],
+    groups: Dict[str, str],
+    storage_url: str,
+    objective: str,
+) -> Optional[Path]:
     """runs/<name>/best.yaml: the best complete trial as an experiment (`@package _global_`):
     the search command's own settings (`fixed`: dotted keys; `groups`: config-group choices such
     as model=tiny, experiment=cpu_quick) and the trial's params, taken from the study. None
@@ -319,11 +354,13 @@ def write_best(study: Any, sweep_dir: Path, fixed: Dict[str, Any], groups: Dict[
         _set_dotted(values, key, value)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(count_states(study).items()))
     name = study.study_name
-    header = (f"# @package _global_\n"
-              f"# Best trial of the Optuna study {name!r} ({storage_url}): trial {best.number}, "
-              f"{objective} = {best.value:.6g}\n# (of {counts} trials). Run it as an experiment:\n"
-              f"#   cp {sweep_dir}/{BEST} configs/experiment/{name}_best.yaml\n"
-              f"#   python train.py experiment={name}_best run.name={name}_best\n")
+    header = (
+        f"# @package _global_\n"
+        f"# Best trial of the Optuna study {name!r} ({storage_url}): trial {best.number}, "
+        f"{objective} = {best.value:.6g}\n# (of {counts} trials). Run it as an experiment:\n"
+        f"#   cp {sweep_dir}/{BEST} configs/experiment/{name}_best.yaml\n"
+        f"#   python train.py experiment={name}_best run.name={name}_best\n"
+    )
     path = sweep_dir / BEST
     write_text_atomic(path, header + yaml.safe_dump(values, sort_keys=False))
     return path

@@ -5,6 +5,7 @@ The training loop only knows `on_eval(step, val_loss) -> bool` (True: stop here)
 builds one for the trial a search launched, from the same `hydra.sweeper` settings the sweeper
 used, so it works in the sweeper's process and in the processes of a parallel launcher alike.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,7 @@ EvalHook = Callable[[int, float], bool]
 def eval_reporter(sweeper: Dict[str, Any], sweep_dir: Path, trial_number: int) -> EvalHook:
     """on_eval hook for trial `trial_number` of the study `sweeper` (the resolved hydra.sweeper
     node) describes; `sweep_dir` is absolute. The study is opened at the first report."""
-    settings = StudySettings.from_dict(
-        {k: v for k, v in sweeper.items() if k not in ("_target_", "params")})
+    settings = StudySettings.from_dict({k: v for k, v in sweeper.items() if k not in ("_target_", "params")})
     trial: Optional[Any] = None
 
     def report(step: int, val_loss: float) -> bool:
@@ -36,8 +36,8 @@ def _open_trial(settings: StudySettings, sweep_dir: Path, trial_number: int) -> 
     import optuna
 
     storage = open_storage(settings.storage or default_storage(sweep_dir), settings)
-    study = optuna.load_study(study_name=settings.study_name, storage=storage,
-                              pruner=make_pruner(settings.pruner))
+    study = optuna.load_study(
+        study_name=settings.study_name, storage=storage, pruner=make_pruner(settings.pruner)
+    )
     study_id = storage.get_study_id_from_name(settings.study_name)
-    return optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(
-        study_id, trial_number))
+    return optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number))

@@ -1,5 +1,6 @@
 """What the loop trains on: the tokenizer and packed data (made if missing), and the model
 (fresh, or starting from the weights of a checkpoint or a Hugging Face folder)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,13 +40,17 @@ def check_vocab(model_config: LlamaConfig, tokenizer) -> None:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
             f"{model_config.vocab_size}: set model.vocab_size={tokenizer.vocab_size} "
-            f"or a smaller tokenizer.vocab_size")
+            f"or a smaller tokenizer.vocab_size"
+        )
 
 
 def weight_differences(source: LlamaConfig, target: LlamaConfig) -> list:
     """config_differences that matter for loading weights (runtime-only fields ignored)."""
-    return [d for d in config_differences(source, target)
-            if d.split(":")[0].removeprefix("model.") not in RUNTIME_FIELDS]
+    return [
+        d
+        for d in config_differences(source, target)
+        if d.split(":")[0].removeprefix("model.") not in RUNTIME_FIELDS
+    ]
 
 
 def initial_weights(init_from: str, model_config: LlamaConfig) -> Dict[str, torch.Tensor]:
@@ -58,8 +63,10 @@ def initial_weights(init_from: str, model_config: LlamaConfig) -> Dict[str, torc
         source_config, state = ckpt.model_config, ckpt.model_state
     diffs = weight_differences(source_config, model_config)
     if diffs:
-        raise CheckpointError(f"init_from={init_from} has another architecture than this "
-                              "config:\n  " + "\n  ".join(diffs) + "\nset the model fields to match")
+        raise CheckpointError(
+            f"init_from={init_from} has another architecture than this "
+            "config:\n  " + "\n  ".join(diffs) + "\nset the model fields to match"
+        )
     return state
 
 

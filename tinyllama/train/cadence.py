@@ -1,4 +1,5 @@
 """When a periodic job of the loop runs: the evaluator and the checkpointer share this schedule."""
+
 from __future__ import annotations
 
 from typing import Optional

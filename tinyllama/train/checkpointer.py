@@ -11,6 +11,7 @@ As torchtitan's CheckpointManager, it is handed the run's stateful objects once 
 The file format (folders, pointers, keep-last-K) is tinyllama.checkpoint's; the schedule is a
 Cadence shared with the evaluator.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,14 @@ from typing import Any, Mapping, Optional, Protocol
 import torch
 from torch import nn
 
-from tinyllama.checkpoint import (CHECKPOINTS, LoadedCheckpoint, latest_checkpoint, load_checkpoint,
-                                  prune_checkpoints, save_checkpoint)
+from tinyllama.checkpoint import (
+    CHECKPOINTS,
+    LoadedCheckpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from tinyllama.config import JobConfig
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.tokenizer import Tokenizer
@@ -51,32 +58,40 @@ class Attribute:
         setattr(self.obj, self.name, state)
 
 
-def resume_checkpoint(run_dir: Path, job: JobConfig, tokenizer: Tokenizer,
-                      world_size: int) -> Optional[LoadedCheckpoint]:
+def resume_checkpoint(
+    run_dir: Path, job: JobConfig, tokenizer: Tokenizer, world_size: int
+) -> Optional[LoadedCheckpoint]:
     """The checkpoint that checkpoint.resume asks to continue from (None: a fresh run), after
     checking that it fits this run; refusals happen here, before anything is written."""
     mode, latest = job.checkpoint.resume, latest_checkpoint(run_dir / CHECKPOINTS)
     if mode == "never":
         if latest is not None:
-            raise ConfigError(f"{run_dir} already holds checkpoints ({latest.name}): "
-                              "continue it with checkpoint.resume=auto, or pick another "
-                              "run.name (nothing was overwritten)")
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints ({latest.name}): "
+                "continue it with checkpoint.resume=auto, or pick another "
+                "run.name (nothing was overwritten)"
+            )
         return None
     if mode == "auto" and latest is None:
         return None  # a fresh run
     ckpt = load_checkpoint(latest if mode == "auto" else mode)
     diffs = weight_differences(ckpt.model_config, job.model)  # sdpa/eager may change
     if ckpt.tokenizer_fingerprint != tokenizer.fingerprint:
-        diffs.append(f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, "
-                     f"config {tokenizer.fingerprint}")
+        diffs.append(
+            f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, config {tokenizer.fingerprint}"
+        )
     saved_world = ckpt.train_state["world_size"]
     if saved_world != world_size:
-        diffs.append(f"world size: checkpoint {saved_world}, now {world_size} "
-                     "(each rank resumes its own data stream)")
+        diffs.append(
+            f"world size: checkpoint {saved_world}, now {world_size} (each rank resumes its own data stream)"
+        )
     if diffs:
-        raise CheckpointError(f"cannot resume from {ckpt.path}:\n  " + "\n  ".join(diffs) +
-                              "\nuse the run's original settings, or start a new run.name "
-                              f"with init_from={ckpt.path} to reuse the weights only")
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse the run's original settings, or start a new run.name "
+            f"with init_from={ckpt.path} to reuse the weights only"
+        )
     return ckpt
 
 
@@ -90,9 +105,17 @@ class Checkpointer:
     (gathering the per-rank states is collective); only rank 0 writes.
     """
 
-    def __init__(self, run_dir: Path, job: JobConfig, env: DistEnv, model: nn.Module,
-                 tokenizer: Tokenizer, evaluator: Evaluator, states: Mapping[str, Stateful],
-                 rank_states: Mapping[str, Stateful]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        job: JobConfig,
+        env: DistEnv,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        evaluator: Evaluator,
+        states: Mapping[str, Stateful],
+        rank_states: Mapping[str, Stateful],
+    ) -> None:
         self.root = run_dir / CHECKPOINTS
         self.job, self.env, self.model, self.tokenizer = job, env, model, tokenizer
         self.evaluator, self.states, self.rank_states = evaluator, states, rank_states
@@ -119,10 +142,21 @@ class Checkpointer:
         if self.env.is_main:
             train_state = {k: s.state_dict() for k, s in self.states.items()}
             train_state.update(world_size=self.env.world_size, ranks=ranks)
-            meta = {"tokens": train_state["tokens"], "val_loss": self.evaluator.loss_at(step),
-                    "tokenizer_fingerprint": self.tokenizer.fingerprint}
-            save_checkpoint(self.root, step, self.model, self.job.model, self.job,
-                            self.tokenizer.model_path, meta, train_state)
+            meta = {
+                "tokens": train_state["tokens"],
+                "val_loss": self.evaluator.loss_at(step),
+                "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            }
+            save_checkpoint(
+                self.root,
+                step,
+                self.model,
+                self.job.model,
+                self.job,
+                self.tokenizer.model_path,
+                meta,
+                train_state,
+            )
         self.env.barrier()
         return self.root / f"step_{step}"
 

@@ -4,6 +4,7 @@
 the run is a single process (rank 0 of 1) and no process group is created. NCCL joins GPUs,
 gloo joins CPU processes. Every other module asks a `DistEnv` instead of the environment.
 """
+
 from __future__ import annotations
 
 import os

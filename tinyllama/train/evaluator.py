@@ -1,5 +1,6 @@
 """Validation during training; owns its schedule (a Cadence: every `eval.every` steps and at the
 end)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,18 @@ class Evaluator:
     each checkpoint's validation loss and, on resume, `remember`s it.
     """
 
-    def __init__(self, model: nn.Module, packed_dir: Path, cfg: EvalConfig, batch_size: int,
-                 seq_len: int, env: DistEnv, autocast: Callable[[], ContextManager],
-                 max_steps: int, on_result: Callable[[int, float], None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        packed_dir: Path,
+        cfg: EvalConfig,
+        batch_size: int,
+        seq_len: int,
+        env: DistEnv,
+        autocast: Callable[[], ContextManager],
+        max_steps: int,
+        on_result: Callable[[int, float], None],
+    ) -> None:
         self.model, self.packed_dir, self.cfg = model, packed_dir, cfg
         self.batch_size, self.seq_len, self.env = batch_size, seq_len, env
         self.autocast, self.on_result = autocast, on_result
@@ -49,9 +59,15 @@ class Evaluator:
             return self.last_loss
         if not self.cadence.due(step, force):
             return None
-        batches = eval_batches(self.packed_dir, "val", self.batch_size, self.seq_len,
-                               max_batches=self.cfg.batches or None,
-                               rank=self.env.rank, world_size=self.env.world_size)
+        batches = eval_batches(
+            self.packed_dir,
+            "val",
+            self.batch_size,
+            self.seq_len,
+            max_batches=self.cfg.batches or None,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
         loss = evaluate_loss(self.model, batches, self.env.device, self.autocast)["loss"]
         self.remember(step, loss)
         if self.best_loss is None or loss < self.best_loss:

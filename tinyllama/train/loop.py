@@ -9,6 +9,7 @@ the Checkpointer, which saves and resumes everything a step depends on (weights,
 scaler, schedule, counters, loader position and RNG states per rank), so losses after a resume
 equal those of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
 from tinyllama.train.tracker import Tracker
 
 
-def run_training(job: JobConfig, overrides: Sequence[str] = (),
-                 on_eval: Optional[Callable[[int, float], bool]] = None) -> float:
+def run_training(
+    job: JobConfig, overrides: Sequence[str] = (), on_eval: Optional[Callable[[int, float], bool]] = None
+) -> float:
     """Train, evaluate and sample as `job` says; returns the final validation loss.
     `overrides`: the command line that launched it, kept in the run folder's launches.jsonl.
     on_eval(step, val_loss), called on rank 0 after each evaluation during training, may return
@@ -53,8 +55,13 @@ class Trainer:
     """Holds the state of one run. `model` is the plain LlamaForCausalLM (saved, evaluated and
     sampled); `train_model` is what steps run through (compiled and/or DDP-wrapped)."""
 
-    def __init__(self, job: JobConfig, env: DistEnv, overrides: Sequence[str] = (),
-                 on_eval: Optional[Callable[[int, float], bool]] = None) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        env: DistEnv,
+        overrides: Sequence[str] = (),
+        on_eval: Optional[Callable[[int, float], bool]] = None,
+    ) -> None:
         self.job, self.env, t = job, env, job.train
         self.on_eval = on_eval
         self.run_dir = run_dir_of(job)
@@ -66,36 +73,80 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
         self.guard = NanGuard(t.nan_policy)
-        self.loader = BatchLoader(self.packed_dir, "train", t.batch_size, t.seq_len,
-                                  seed=job.run.seed, rank=env.rank, world_size=env.world_size)
+        self.loader = BatchLoader(
+            self.packed_dir,
+            "train",
+            t.batch_size,
+            t.seq_len,
+            seed=job.run.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
         self.loader.check_compatible(self.tokenizer.fingerprint, job.model.vocab_size)
         self.step, self.tokens, self.resumed_from = 0, 0, None
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         # Refusals happen here, before anything is written.
         resume = resume_checkpoint(self.run_dir, job, self.tokenizer, env.world_size)
         if env.is_main:
-            record_launch(self.run_dir, job, overrides, resumed_from_step=resume.step if resume
-                          else 0, device=str(env.device), world_size=env.world_size,
-                          precision=self.precision.name, precision_reason=self.precision.reason)
-        self.tracker = Tracker(self.run_dir, env.is_main, job.logger, t.log_every, t.max_steps,
-                               resume.step if resume else 0, OmegaConf.to_container(
-                                   OmegaConf.structured(job)))
-        self.evaluator = Evaluator(self.model, self.packed_dir, job.eval, t.batch_size, t.seq_len,
-                                   env, self.precision.autocast, t.max_steps, self.tracker.log_eval)
+            record_launch(
+                self.run_dir,
+                job,
+                overrides,
+                resumed_from_step=resume.step if resume else 0,
+                device=str(env.device),
+                world_size=env.world_size,
+                precision=self.precision.name,
+                precision_reason=self.precision.reason,
+            )
+        self.tracker = Tracker(
+            self.run_dir,
+            env.is_main,
+            job.logger,
+            t.log_every,
+            t.max_steps,
+            resume.step if resume else 0,
+            OmegaConf.to_container(OmegaConf.structured(job)),
+        )
+        self.evaluator = Evaluator(
+            self.model,
+            self.packed_dir,
+            job.eval,
+            t.batch_size,
+            t.seq_len,
+            env,
+            self.precision.autocast,
+            t.max_steps,
+            self.tracker.log_eval,
+        )
         # The run's state, declared once: the checkpointer saves, restores and prunes it.
         self.checkpointer = Checkpointer(
-            self.run_dir, job, env, self.model, self.tokenizer, self.evaluator,
-            states={"step": Attribute(self, "step"), "tokens": Attribute(self, "tokens"),
-                    "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
-                    "best_val_loss": Attribute(self.evaluator, "best_loss")},
-            rank_states={"loader": self.loader, "rng": RNGStates()})
+            self.run_dir,
+            job,
+            env,
+            self.model,
+            self.tokenizer,
+            self.evaluator,
+            states={
+                "step": Attribute(self, "step"),
+                "tokens": Attribute(self, "tokens"),
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+                "best_val_loss": Attribute(self.evaluator, "best_loss"),
+            },
+            rank_states={"loader": self.loader, "rng": RNGStates()},
+        )
         if resume:
             self.checkpointer.load(resume)  # last: restores the RNG states everything above consumed
             self.resumed_from = resume.path
         compiled = torch.compile(self.model) if t.compile else self.model
         self.train_model = wrap_ddp(compiled, env)
-        self.throughput = Throughput(self.tokens_per_step, self.model.flops_per_token(t.seq_len)["training"],
-                                     peak_flops(env.device, self.precision.dtype), env.world_size)
+        self.throughput = Throughput(
+            self.tokens_per_step,
+            self.model.flops_per_token(t.seq_len)["training"],
+            peak_flops(env.device, self.precision.dtype),
+            env.world_size,
+        )
 
     # ---- one optimizer step ---------------------------------------------------------------
     def forward_backward(self) -> Tuple[float, float]:
@@ -107,8 +158,9 @@ class Trainer:
             x, y = self.loader.next_batch()  # (B, T) int64 each, y = x shifted by one
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             last = micro == accum - 1
-            no_sync = self.train_model.no_sync if self.env.is_distributed and not last \
-                else contextlib.nullcontext
+            no_sync = (
+                self.train_model.no_sync if self.env.is_distributed and not last else contextlib.nullcontext
+            )
             with no_sync():
                 with self.precision.autocast():
                     # The model applies causal_lm_loss; under gradient checkpointing it does so in
@@ -158,16 +210,24 @@ class Trainer:
                     if self.env.any(stop.requested):  # all ranks stop after the same step
                         return self._stop(stop.signal_name, lr, grad_norm)
                     if val_loss is not None and self._pruned(val_loss):
-                        self._summarise(val_loss, time.perf_counter() - t0,
-                                        self.step - start_step, pruned=True)
+                        self._summarise(
+                            val_loss, time.perf_counter() - t0, self.step - start_step, pruned=True
+                        )
                         return val_loss
                     self.checkpointer.maybe_save(self.step)
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
             self.tracker.end_progress()
             if self.env.is_main:
-                write_samples(self.model, self.tokenizer, self.job.sample, self.job.run.seed,
-                              self.run_dir / "samples.txt", self.env.device, self.tracker.print)
+                write_samples(
+                    self.model,
+                    self.tokenizer,
+                    self.job.sample,
+                    self.job.run.seed,
+                    self.run_dir / "samples.txt",
+                    self.env.device,
+                    self.tracker.print,
+                )
             self._summarise(final, time.perf_counter() - t0, self.step - start_step)
             return final
         finally:
@@ -198,8 +258,9 @@ class Trainer:
         if self.tracker.pending:
             self._write_step(lr, grad_norm)
         self.checkpointer.maybe_save(self.step, force=True)
-        self.tracker.print(f"stopped at step {self.step} by {signal_name}; "
-                           "run the same command again to resume")
+        self.tracker.print(
+            f"stopped at step {self.step} by {signal_name}; run the same command again to resume"
+        )
         return self.evaluator.last_loss if self.evaluator.last_loss is not None else float("nan")
 
     def _announce(self) -> None:
@@ -210,18 +271,23 @@ class Trainer:
             f"global batch: {t.batch_size} sequences x "
             f"{t.grad_accum} accumulation x {self.env.world_size} ranks = "
             f"{t.batch_size * t.grad_accum * self.env.world_size} sequences of {t.seq_len} tokens "
-            f"({self.tokens_per_step} tokens per step) | run folder {self.run_dir}")
+            f"({self.tokens_per_step} tokens per step) | run folder {self.run_dir}"
+        )
         if self.resumed_from is not None:
             self.tracker.print(f"resumed from {self.resumed_from} at step {self.step}")
 
     def _summarise(self, final: float, wall_s: float, steps: int, pruned: bool = False) -> None:
         summary = {
-            "final_val_loss": final, "best_val_loss": self.evaluator.best_loss,
-            "tokens_seen": self.tokens, "wall_time_s": wall_s,
+            "final_val_loss": final,
+            "best_val_loss": self.evaluator.best_loss,
+            "tokens_seen": self.tokens,
+            "wall_time_s": wall_s,
             "tok_per_s": steps * self.tokens_per_step / max(wall_s, 1e-9),
             "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20,
-            "skipped_steps": self.guard.skipped, "pruned": pruned,
-            "precision": self.precision.name, "precision_reason": self.precision.reason,
+            "skipped_steps": self.guard.skipped,
+            "pruned": pruned,
+            "precision": self.precision.name,
+            "precision_reason": self.precision.reason,
         }
         self.tracker.print("summary:")
         self.tracker.summary(summary)

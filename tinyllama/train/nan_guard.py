@@ -4,6 +4,7 @@ weights, so no checkpoint is ever written from bad weights.
 train.nan_policy="stop" raises NonFiniteLossError; "skip" drops that step's update and goes on,
 but gives up after MAX_CONSECUTIVE_SKIPS bad steps in a row (the run has diverged for good).
 """
+
 from __future__ import annotations
 
 from tinyllama.config import NAN_POLICIES
@@ -30,14 +31,20 @@ class NanGuard:
         if finite:
             self._in_a_row = 0
             return False
-        hint = ("the last checkpoint is intact; lower optim.lr, raise optim.warmup_steps, keep "
-                "train.grad_clip > 0 or use train.precision=fp32/bf16, then resume")
+        hint = (
+            "the last checkpoint is intact; lower optim.lr, raise optim.warmup_steps, keep "
+            "train.grad_clip > 0 or use train.precision=fp32/bf16, then resume"
+        )
         if self.policy == "stop":
-            raise NonFiniteLossError(f"non-finite {what} at step {step}: stopping. {hint} "
-                                     "(or set train.nan_policy=skip to skip such steps)")
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step}: stopping. {hint} "
+                "(or set train.nan_policy=skip to skip such steps)"
+            )
         self.skipped += 1
         self._in_a_row += 1
         if self._in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteLossError(f"non-finite {what} for {self._in_a_row} steps in a row "
-                                     f"(last at step {step}): the run has diverged; {hint}")
+            raise NonFiniteLossError(
+                f"non-finite {what} for {self._in_a_row} steps in a row "
+                f"(last at step {step}): the run has diverged; {hint}"
+            )
         return True

@@ -4,6 +4,7 @@ The schedule is a `torch.optim.lr_scheduler.LambdaLR` over `lr_multiplier`, so i
 through LambdaLR's own state_dict (its step counter); the multiplier is a pure function of
 the step, which keeps resumed runs on exactly the same learning rates.
 """
+
 from __future__ import annotations
 
 import functools

@@ -7,6 +7,7 @@
             bf16 is emulated and far slower than fp32, so the choice must follow the machine.
 Weights and optimizer state stay in float32 in every mode; autocast only lowers the matmuls.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,7 @@ def cpu_bf16_instructions() -> Tuple[str, ...]:
 def bf16_matmul_speedup(n: int = 512, repeats: int = 5) -> float:
     """bf16 / fp32 matmul FLOP/s on this CPU (an n x n product, best of `repeats`: a fraction of a
     second where bf16 is native)."""
-    return (measured_cpu_flops(n, repeats, torch.bfloat16)
-            / measured_cpu_flops(n, repeats, torch.float32))
+    return measured_cpu_flops(n, repeats, torch.bfloat16) / measured_cpu_flops(n, repeats, torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,12 +76,16 @@ def cpu_native_bf16() -> Tuple[bool, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     instructions = cpu_bf16_instructions()
     if not instructions:
-        return False, (f"CPU ({capability}) has no native bf16 matmul (no AVX512_BF16 or AMX): "
-                       "bf16 would be emulated, slower than fp32")
+        return False, (
+            f"CPU ({capability}) has no native bf16 matmul (no AVX512_BF16 or AMX): "
+            "bf16 would be emulated, slower than fp32"
+        )
     speedup = bf16_matmul_speedup()
     if speedup < MIN_BF16_MATMUL_SPEEDUP:
-        return False, (f"CPU reports {'+'.join(instructions)} but a bf16 matmul ran only "
-                       f"{speedup:.2f}x fp32 (< {MIN_BF16_MATMUL_SPEEDUP}x)")
+        return False, (
+            f"CPU reports {'+'.join(instructions)} but a bf16 matmul ran only "
+            f"{speedup:.2f}x fp32 (< {MIN_BF16_MATMUL_SPEEDUP}x)"
+        )
     return True, f"CPU multiplies bf16 natively ({'+'.join(instructions)}, matmul {speedup:.1f}x fp32)"
 
 

@@ -1,5 +1,6 @@
 """RNG states of Python, NumPy, torch and CUDA, as plain tensors and tuples, so they travel in a
 checkpoint loadable with torch.load(weights_only=True) and resume bit-identically."""
+
 from __future__ import annotations
 
 import random

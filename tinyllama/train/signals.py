@@ -3,6 +3,7 @@
 The handler only raises a flag; the loop checks it between optimizer steps (all ranks agree
 through `DistEnv.any`), saves a checkpoint and returns. A second Ctrl-C interrupts at once.
 """
+
 from __future__ import annotations
 
 import signal

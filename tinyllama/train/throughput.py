@@ -7,6 +7,7 @@ is a measured matmul rate in the run's precision (float32, or bfloat16 under bf1
 measured once per process). CPU MFU is therefore "share of what this CPU reaches on a large
 matmul of that dtype", not of a theoretical peak.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,7 @@ GPU_PEAK_FLOPS = {
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_flops(n: int = 1024, repeats: int = 20,
-                       dtype: torch.dtype = torch.float32) -> float:
+def measured_cpu_flops(n: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of an n x n `dtype` matmul on this CPU with torch's current thread count
     (best of `repeats`, after one warm-up; the best survives other processes'
     load better than the mean, but on a busy machine the figure, and so MFU, is still noisy).
@@ -82,8 +82,9 @@ class Throughput:
     flops_per_token: training FLOPs per token; peak: per-device peak FLOP/s (None: no MFU).
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: Optional[float],
-                 world_size: int) -> None:
+    def __init__(
+        self, tokens_per_step: int, flops_per_token: float, peak: Optional[float], world_size: int
+    ) -> None:
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak = peak

@@ -4,6 +4,7 @@ metrics.jsonl (contract): training lines carry step, loss, lr, tokens, tok_per_s
 grad_norm, mfu, peak_mem_mb); evaluation lines carry step, val_loss, val_ppl. The tracker owns
 the logging cadence (`train.log_every`), so the loop calls `log_step` after every step.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,16 @@ class Tracker:
     after it, written before the interruption, are dropped so the file reads as one run).
     """
 
-    def __init__(self, run_dir: Path, is_main: bool, logger: LoggerConfig, log_every: int,
-                 max_steps: int, start_step: int, config: Dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        is_main: bool,
+        logger: LoggerConfig,
+        log_every: int,
+        max_steps: int,
+        start_step: int,
+        config: Dict[str, Any],
+    ) -> None:
         self.is_main = is_main
         self.log_every, self.max_steps = log_every, max_steps
         self._window: List[float] = []
@@ -48,8 +57,11 @@ class Tracker:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
     def _write(self, record: Dict[str, Any]) -> None:
@@ -77,8 +89,7 @@ class Tracker:
         """True when steps were recorded since the last training line (a run stopped early)."""
         return bool(self._window)
 
-    def write_step(self, step: int, lr: float, tokens: int, perf: Dict[str, float],
-                   **extra: float) -> None:
+    def write_step(self, step: int, lr: float, tokens: int, perf: Dict[str, float], **extra: float) -> None:
         """Write the training line for the window that ends at `step` (see log_step)."""
         loss = sum(self._window) / max(1, len(self._window))
         self._window.clear()
@@ -129,7 +140,13 @@ def _start_wandb(run_dir: Path, logger: LoggerConfig, config: Dict[str, Any]):
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     return wandb.init(
-        project=logger.project, group=logger.group, tags=list(logger.tags) or None,
-        mode=logger.mode, dir=str(run_dir), id=run_id, resume="allow",
-        name=logger.run_name or run_dir.name, config=config,
+        project=logger.project,
+        group=logger.group,
+        tags=list(logger.tags) or None,
+        mode=logger.mode,
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        name=logger.run_name or run_dir.name,
+        config=config,
     )

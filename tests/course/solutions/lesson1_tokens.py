@@ -1,4 +1,5 @@
 """Reference solution of lesson 1."""
+
 from typing import List, Sequence, Tuple
 
 import torch

@@ -1,4 +1,5 @@
 """Reference solution of lesson 2 (used by the tests: it must pass `check 2`)."""
+
 import torch
 from torch import nn
 

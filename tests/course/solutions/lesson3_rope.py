@@ -1,4 +1,5 @@
 """Reference solution of lesson 3."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -7,8 +8,13 @@ from torch import nn
 from tinyllama.model import LlamaConfig
 
 
-def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Optional[dict] = None,
-                  seq_len: Optional[int] = None, max_position_embeddings: int = 2048) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    rope_scaling: Optional[dict] = None,
+    seq_len: Optional[int] = None,
+    max_position_embeddings: int = 2048,
+) -> torch.Tensor:
     kind = (rope_scaling or {}).get("rope_type", "default")
     if kind == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
         f = rope_scaling["factor"]
@@ -39,8 +45,9 @@ class RotaryEmbedding(nn.Module):
         c = self.config
         if max_position is None:
             max_position = int(position_ids.max()) + 1
-        inv_freq = rope_inv_freq(c.resolved_head_dim, c.rope_theta, c.rope_scaling, max_position,
-                                 c.max_position_embeddings).to(x.device)
+        inv_freq = rope_inv_freq(
+            c.resolved_head_dim, c.rope_theta, c.rope_scaling, max_position, c.max_position_embeddings
+        ).to(x.device)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -1,12 +1,10 @@
 """Reference solution of lesson 4."""
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyllama.model import KVCache, LlamaConfig
-from tinyllama.model import apply_rotary_pos_emb
+from tinyllama.model import LlamaConfig, apply_rotary_pos_emb
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -37,7 +35,7 @@ class Attention(nn.Module):
         self.head_dim = config.resolved_head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         c, d, bias = config.hidden_size, self.head_dim, config.attention_bias
         self.q_proj = nn.Linear(c, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(c, self.num_key_value_heads * d, bias=bias)

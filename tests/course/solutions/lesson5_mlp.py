@@ -1,4 +1,5 @@
 """Reference solution of lesson 5."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

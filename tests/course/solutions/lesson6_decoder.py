@@ -1,4 +1,5 @@
 """Reference solution of lesson 6."""
+
 from typing import Dict
 
 import torch
@@ -16,8 +17,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None):
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                           attention_mask, past_key_values)
+        h = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
+        )
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -30,8 +32,13 @@ def count_parameters(config: LlamaConfig) -> Dict[str, int]:
     elif config.attention_bias:
         attn += h * d + 2 * kv * d + c
     mlp = 3 * c * i + (2 * i + c if config.mlp_bias else 0)
-    counts = {"embeddings": v * c, "attention": n * attn, "mlp": n * mlp, "norms": (2 * n + 1) * c,
-              "head": 0 if config.tie_word_embeddings else v * c}
+    counts = {
+        "embeddings": v * c,
+        "attention": n * attn,
+        "mlp": n * mlp,
+        "norms": (2 * n + 1) * c,
+        "head": 0 if config.tie_word_embeddings else v * c,
+    }
     counts["total"] = sum(counts.values())
     return counts
 

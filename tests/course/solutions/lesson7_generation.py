@@ -1,4 +1,5 @@
 """Reference solution of lesson 7."""
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Reference solution of lesson 8."""
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,5 @@
 """Reference solution of lesson 9."""
+
 from typing import Dict, List, Tuple
 
 import torch

@@ -4,6 +4,7 @@ Each lesson module exposes `check(grader, learner)`: it adds cases to the `Grade
 `tinyllama.course.grading`), each case building random inputs (several seeds, shapes and, where
 precision matters, dtypes), running the learner's code and the reference, and comparing them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,4 +25,3 @@ def run_check(lesson: Lesson, path: Path) -> Report:
     checks = importlib.import_module(f"tinyllama.course.checks.{lesson.slug}")
     checks.check(grader, learner)
     return grader.report
-

@@ -1,5 +1,6 @@
 """Lesson 9 check: the ids and label mask of conversations against tinyllama/chat_template.py, and
 the packing mask against tinyllama/model/masks.py (segment_attention_mask)."""
+
 from __future__ import annotations
 
 import tempfile
@@ -15,23 +16,32 @@ from tinyllama.model.masks import segment_attention_mask
 from tinyllama.tokenizer import ensure_tokenizer
 
 CONVERSATIONS = {
-    "one question": [{"role": "user", "content": "Who is the story about?"},
-                     {"role": "assistant", "content": "Mia"}],
+    "one question": [
+        {"role": "user", "content": "Who is the story about?"},
+        {"role": "assistant", "content": "Mia"},
+    ],
     "system prompt and two turns": [
         {"role": "system", "content": "You answer in a few words."},
         {"role": "user", "content": "Mia had a red kite. What red thing is in the story?"},
-        {"role": "assistant", "content": "kite"}, {"role": "user", "content": "Who had it?"},
-        {"role": "assistant", "content": "Mia, a little girl."}],
+        {"role": "assistant", "content": "kite"},
+        {"role": "user", "content": "Who had it?"},
+        {"role": "assistant", "content": "Mia, a little girl."},
+    ],
 }
-SEGMENTS = {"two conversations": [[1, 1, 1, 2, 2, 2, 2]],
-            "three conversations and padding": [[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 2, 2, 0]]}
+SEGMENTS = {
+    "two conversations": [[1, 1, 1, 2, 2, 2, 2]],
+    "three conversations and padding": [[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 2, 2, 0]],
+}
 
 
 def _tokenizer(folder: Path):
     """A small BPE tokenizer with the chat pieces, trained on 300 synthetic stories (a second or two)."""
-    return ensure_tokenizer(TokenizerConfig(name="course_chat", vocab_size=400, num_threads=1,
-                                            user_defined_symbols=list(CHAT_PIECES)),
-                            DataConfig(num_docs=300, root=str(folder)))
+    return ensure_tokenizer(
+        TokenizerConfig(
+            name="course_chat", vocab_size=400, num_threads=1, user_defined_symbols=list(CHAT_PIECES)
+        ),
+        DataConfig(num_docs=300, root=str(folder)),
+    )
 
 
 def _case_conversation(learner: ModuleType, tokenizer, name: str) -> None:
@@ -42,8 +52,10 @@ def _case_conversation(learner: ModuleType, tokenizer, name: str) -> None:
         raise Mismatch(f"encode_conversation returned {type(got).__name__}: return (input_ids, labels)")
     got_ids, got_labels = list(got[0]), list(got[1])
     if got_ids != ids:
-        raise Mismatch(f"input_ids {got_ids!r:.160} differ from the template's {ids!r:.160}: <s>, then per "
-                       f"message its role piece, tokenizer.encode(content) and {END_OF_TURN}")
+        raise Mismatch(
+            f"input_ids {got_ids!r:.160} differ from the template's {ids!r:.160}: <s>, then per "
+            f"message its role piece, tokenizer.encode(content) and {END_OF_TURN}"
+        )
     if len(got_labels) != len(ids):
         raise Mismatch(f"labels has {len(got_labels)} entries for {len(ids)} input ids: one label per token")
     if got_labels == labels:
@@ -55,8 +67,10 @@ def _case_conversation(learner: ModuleType, tokenizer, name: str) -> None:
     if set(learnt) > set(expected) and set(learnt) - set(expected) == set(roles):
         hint = "the <|assistant|> piece is labelled: it comes with the prompt, the model never writes it"
     elif set(learnt) > set(expected):
-        hint = ("system/user tokens carry loss: only the assistant's replies are learnt; label the rest "
-                f"{IGNORE_INDEX}")
+        hint = (
+            "system/user tokens carry loss: only the assistant's replies are learnt; label the rest "
+            f"{IGNORE_INDEX}"
+        )
     elif set(expected) - set(learnt) == {t for t in expected if ids[t] == end}:
         hint = f"the reply's {END_OF_TURN} is not labelled: without it the model never learns to stop"
     elif any(got_labels[t] not in (IGNORE_INDEX, ids[t]) for t in range(len(ids))):
@@ -75,27 +89,40 @@ def _case_mask(learner: ModuleType, name: str) -> None:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     real = (segment_ids != 0)[:, None, :]
     mistakes = {
-        "tokens attend to the conversations packed before them: allow only keys of the same segment":
-            (causal & real)[:, None] | torch.eye(t, dtype=torch.bool),
-        "tokens see later tokens of their conversation: the mask must stay causal (s <= t) inside a block":
-            ((same & real) | torch.eye(t, dtype=torch.bool))[:, None],
-        "a padding row that sees nothing turns sdpa's softmax into NaN: let a padding token see itself":
-            (same & causal & real)[:, None],
-        "padding tokens see each other: a padding token (segment 0) attends to itself only":
-            (same & causal)[:, None],
+        "tokens attend to the conversations packed before them: allow only keys of the same segment": (
+            causal & real
+        )[:, None]
+        | torch.eye(t, dtype=torch.bool),
+        "tokens see later tokens of their conversation: the mask must stay causal (s <= t) inside a block": (
+            (same & real) | torch.eye(t, dtype=torch.bool)
+        )[:, None],
+        "a padding row that sees nothing turns sdpa's softmax into NaN: let a padding token see itself": (
+            same & causal & real
+        )[:, None],
+        "padding tokens see each other: a padding token (segment 0) attends to itself only": (same & causal)[
+            :, None
+        ],
     }
     if isinstance(got, torch.Tensor) and got.dtype != torch.bool:
         raise Mismatch(f"segment_mask returned {got.dtype}: return a boolean mask (True = may attend)")
-    compare(got, expected, what=f"segment_mask ({name})", dims=("B", "1", "T", "S"), atol=0, rtol=0,
-            mistakes={k: v for k, v in mistakes.items() if not torch.equal(v, expected)})
+    compare(
+        got,
+        expected,
+        what=f"segment_mask ({name})",
+        dims=("B", "1", "T", "S"),
+        atol=0,
+        rtol=0,
+        mistakes={k: v for k, v in mistakes.items() if not torch.equal(v, expected)},
+    )
 
 
 def check(grader: Grader, learner: ModuleType) -> None:
     folder = tempfile.TemporaryDirectory(prefix="course-chat-")
     tokenizer = _tokenizer(Path(folder.name))
     for name in CONVERSATIONS:
-        grader.case(f"encode_conversation: {name}",
-                    lambda name=name: _case_conversation(learner, tokenizer, name))
+        grader.case(
+            f"encode_conversation: {name}", lambda name=name: _case_conversation(learner, tokenizer, name)
+        )
     for name in SEGMENTS:
         grader.case(f"segment_mask: {name}", lambda name=name: _case_mask(learner, name))
     folder.cleanup()

@@ -1,5 +1,6 @@
 """Lesson 7 check: KV cache size against tinyllama/model/cache.py, greedy decoding with the cache
 against tinyllama/generate.py, and the top-k / top-p filters (the rules generate.py applies)."""
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -13,8 +14,15 @@ from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM
 
 
 def _config(heads: int, kv_heads: int, layers: int = 2) -> LlamaConfig:
-    return LlamaConfig(vocab_size=64, hidden_size=heads * 8, intermediate_size=32, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32)
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=heads * 8,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32,
+    )
 
 
 def _case_cache_bytes(learner: ModuleType, heads: int, kv_heads: int, dtype: torch.dtype) -> None:
@@ -25,9 +33,12 @@ def _case_cache_bytes(learner: ModuleType, heads: int, kv_heads: int, dtype: tor
     got = learner_attr(learner, "kv_cache_bytes")(config, 2, 10, nbytes)
     if got != expected:
         mha = expected * heads // kv_heads
-        hint = (f": that is the size with {heads} key/value heads; the cache stores only the "
-                f"KV={kv_heads} heads (GQA's saving), not H" if got == mha and heads != kv_heads else
-                ": 2 (keys and values) x layers x B x KV x S x D x bytes")
+        hint = (
+            f": that is the size with {heads} key/value heads; the cache stores only the "
+            f"KV={kv_heads} heads (GQA's saving), not H"
+            if got == mha and heads != kv_heads
+            else ": 2 (keys and values) x layers x B x KV x S x D x bytes"
+        )
         raise Mismatch(f"kv_cache_bytes = {got}, expected {expected:,}{hint}")
 
 
@@ -49,17 +60,23 @@ def _case_greedy(learner: ModuleType, kv_heads: int, seed: int) -> None:
         hook.remove()
     uncached = [i for i, (n, has_cache) in enumerate(calls) if i > 0 and n == 1 and not has_cache]
     if uncached:
-        raise Mismatch(f"call {uncached[0]} fed one token without a cache, so the model saw only that "
-                       "token: pass use_cache=True on every call (the prefill too) and "
-                       "past_key_values=out.past_key_values from the previous call")
+        raise Mismatch(
+            f"call {uncached[0]} fed one token without a cache, so the model saw only that "
+            "token: pass use_cache=True on every call (the prefill too) and "
+            "past_key_values=out.past_key_values from the previous call"
+        )
     expected = generate(model, prompt, max_new_tokens=6, temperature=0.0)
-    compare(got, expected, what="greedy_generate(prompt (2, 5), 6 new tokens)", dims=("B", "T"), atol=0, rtol=0)
+    compare(
+        got, expected, what="greedy_generate(prompt (2, 5), 6 new tokens)", dims=("B", "T"), atol=0, rtol=0
+    )
     fed = [n for n, _ in calls]
     later = [n for n in fed[1:] if n != 1]
     if later:
-        raise Mismatch(f"the tokens are right, but the model was fed {fed} tokens per call: after the "
-                       "prefill, feed only the newest token (B, 1) with past_key_values=out.past_key_values; "
-                       "the cache already holds the keys and values of everything before it")
+        raise Mismatch(
+            f"the tokens are right, but the model was fed {fed} tokens per call: after the "
+            "prefill, feed only the newest token (B, 1) with past_key_values=out.past_key_values; "
+            "the cache already holds the keys and values of everything before it"
+        )
 
 
 def _ref_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,11 +102,15 @@ def _case_top_k(learner: ModuleType, k: int, seed: int) -> None:
     expected = _ref_top_k(logits, k)
     if isinstance(got, torch.Tensor) and got.shape == logits.shape:
         if torch.equal(_kept(got), _kept(_ref_top_k(-logits, k))) and k < 50:
-            raise Mismatch(f"top_k_filter(k={k}) kept the k SMALLEST logits: torch.topk returns the largest by default")
+            raise Mismatch(
+                f"top_k_filter(k={k}) kept the k SMALLEST logits: torch.topk returns the largest by default"
+            )
         if not torch.equal(_kept(got), _kept(expected)):
             n = _kept(got).sum(-1).tolist()
-            raise Mismatch(f"top_k_filter(k={k}) kept {n} tokens per row, expected {k} (the k largest; "
-                           f"everything below the k-th largest logit becomes -inf)")
+            raise Mismatch(
+                f"top_k_filter(k={k}) kept {n} tokens per row, expected {k} (the k largest; "
+                f"everything below the k-th largest logit becomes -inf)"
+            )
     compare(got, expected, what=f"top_k_filter(logits (3, 50), k={k})", dims=("B", "V"))
 
 
@@ -98,14 +119,22 @@ def _case_top_p(learner: ModuleType, p: float, seed: int, peaked: bool) -> None:
     got = learner_attr(learner, "top_p_filter")(logits.clone(), p)
     expected = _ref_top_p(logits, p)
     what = f"top_p_filter(logits (3, 40), p={p})"
-    if isinstance(got, torch.Tensor) and got.shape == logits.shape and not torch.equal(_kept(got), _kept(expected)):
+    if (
+        isinstance(got, torch.Tensor)
+        and got.shape == logits.shape
+        and not torch.equal(_kept(got), _kept(expected))
+    ):
         if torch.equal(_kept(got), _kept(_ref_top_p(logits, p, keep_crossing=False))):
-            raise Mismatch(f"{what}: you dropped the token whose cumulative probability crosses p; it stays "
-                           "(keep a token if the tokens ranked ABOVE it sum to less than p), otherwise a "
-                           "small p can remove every token")
+            raise Mismatch(
+                f"{what}: you dropped the token whose cumulative probability crosses p; it stays "
+                "(keep a token if the tokens ranked ABOVE it sum to less than p), otherwise a "
+                "small p can remove every token"
+            )
         row = int((_kept(got) != _kept(expected)).any(-1).nonzero()[0])
-        raise Mismatch(f"{what}: row {row} keeps {int(_kept(got)[row].sum())} tokens, expected "
-                       f"{int(_kept(expected)[row].sum())} (sort by probability, descending, then cumsum)")
+        raise Mismatch(
+            f"{what}: row {row} keeps {int(_kept(got)[row].sum())} tokens, expected "
+            f"{int(_kept(expected)[row].sum())} (sort by probability, descending, then cumsum)"
+        )
     compare(got, expected, what=what, dims=("B", "V"))
 
 

@@ -1,4 +1,5 @@
 """Lesson 2 check: RMSNorm against tinyllama/model/norm.py."""
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -23,8 +24,10 @@ def _pair(learner: ModuleType, hidden: int, eps: float, dtype: torch.dtype, seed
     try:
         mine.load_state_dict(ref.state_dict())
     except (RuntimeError, AttributeError) as e:
-        raise Mismatch(f"cannot load the reference weights into your RMSNorm: keep one parameter "
-                       f"named `weight` of shape ({hidden},) ({str(e).splitlines()[0]})") from e
+        raise Mismatch(
+            f"cannot load the reference weights into your RMSNorm: keep one parameter "
+            f"named `weight` of shape ({hidden},) ({str(e).splitlines()[0]})"
+        ) from e
     return ref.to(dtype), mine.to(dtype)
 
 
@@ -33,8 +36,15 @@ def _without_upcast(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _run(learner: ModuleType, shape, dtype: torch.dtype, seed: int, scale: float = 1.0,
-         zero_row: bool = False, eps: float = 1e-5) -> None:
+def _run(
+    learner: ModuleType,
+    shape,
+    dtype: torch.dtype,
+    seed: int,
+    scale: float = 1.0,
+    zero_row: bool = False,
+    eps: float = 1e-5,
+) -> None:
     ref, mine = _pair(learner, shape[-1], eps, dtype, seed)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
     if zero_row:
@@ -44,35 +54,50 @@ def _run(learner: ModuleType, shape, dtype: torch.dtype, seed: int, scale: float
         got = mine(x)
     mistakes = {}
     if dtype != torch.float32:
-        mistakes[f"matches RMSNorm computed in {dtype}: upcast with x.to(torch.float32) before "
-                 "squaring (fp16 squares of values above 256 overflow to inf) and cast back at the "
-                 "end"] = _without_upcast(x, ref.weight, eps)
+        mistakes[
+            f"matches RMSNorm computed in {dtype}: upcast with x.to(torch.float32) before "
+            "squaring (fp16 squares of values above 256 overflow to inf) and cast back at the "
+            "end"
+        ] = _without_upcast(x, ref.weight, eps)
     if zero_row:
-        mistakes["an all-zero token came out NaN (0 / 0): add eps inside the square root, "
-                 "rsqrt(mean(x^2) + eps)"] = ref.weight * (x.float() / x.float().pow(2).mean(
-                     -1, keepdim=True).sqrt()).to(dtype)
+        mistakes[
+            "an all-zero token came out NaN (0 / 0): add eps inside the square root, rsqrt(mean(x^2) + eps)"
+        ] = ref.weight * (x.float() / x.float().pow(2).mean(-1, keepdim=True).sqrt()).to(dtype)
     atol, rtol = TOLERANCE[dtype]
-    compare(got, expected.detach(), what=f"RMSNorm output for {dtype} input {tuple(shape)}",
-            dims=DIMS, atol=atol, rtol=rtol, mistakes=mistakes)
+    compare(
+        got,
+        expected.detach(),
+        what=f"RMSNorm output for {dtype} input {tuple(shape)}",
+        dims=DIMS,
+        atol=atol,
+        rtol=rtol,
+        mistakes=mistakes,
+    )
 
 
 def _default_init(learner: ModuleType) -> None:
     mine = learner_attr(learner, "RMSNorm")(16, eps=1e-6)
     weight = getattr(mine, "weight", None)
     if not isinstance(weight, torch.nn.Parameter):
-        raise Mismatch("RMSNorm needs `self.weight = nn.Parameter(torch.ones(hidden_size))`: a "
-                       "Parameter, so the optimizer trains it")
+        raise Mismatch(
+            "RMSNorm needs `self.weight = nn.Parameter(torch.ones(hidden_size))`: a "
+            "Parameter, so the optimizer trains it"
+        )
     compare(weight.detach(), torch.ones(16), what="the initial weight", dims=("C",))
 
 
 def check(grader: Grader, learner: ModuleType) -> None:
     grader.case("weight is a Parameter of ones", lambda: _default_init(learner))
     for seed, shape in enumerate([(2, 5, 16), (3, 7, 64), (1, 1, 8)]):
-        grader.case(f"float32 {shape} seed {seed}",
-                    lambda s=shape, seed=seed: _run(learner, s, torch.float32, seed))
-    grader.case("eps: an all-zero token stays finite",
-                lambda: _run(learner, (2, 3, 32), torch.float32, 3, zero_row=True))
-    grader.case("bfloat16 input keeps its dtype",
-                lambda: _run(learner, (2, 4, 32), torch.bfloat16, 4))
-    grader.case("float16 input with large activations (~300)",
-                lambda: _run(learner, (2, 4, 64), torch.float16, 5, scale=300.0))
+        grader.case(
+            f"float32 {shape} seed {seed}", lambda s=shape, seed=seed: _run(learner, s, torch.float32, seed)
+        )
+    grader.case(
+        "eps: an all-zero token stays finite",
+        lambda: _run(learner, (2, 3, 32), torch.float32, 3, zero_row=True),
+    )
+    grader.case("bfloat16 input keeps its dtype", lambda: _run(learner, (2, 4, 32), torch.bfloat16, 4))
+    grader.case(
+        "float16 input with large activations (~300)",
+        lambda: _run(learner, (2, 4, 64), torch.float16, 5, scale=300.0),
+    )

@@ -6,6 +6,7 @@ tinyllama/model/: LlamaModel.embed_tokens (nn.Embedding, modeling.py) and LlamaF
 
     python -m tinyllama.course check 1
 """
+
 from typing import List, Sequence, Tuple
 
 import torch

@@ -7,6 +7,7 @@ Reference: tinyllama/model/norm.py, class RMSNorm.  Grade with:
 Keep the class name, the constructor signature and the parameter name `weight`: the check loads
 the reference's weights into your module, and the final exercise builds the real model with it.
 """
+
 import torch
 from torch import nn
 

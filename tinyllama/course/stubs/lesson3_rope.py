@@ -8,6 +8,7 @@ class RotaryEmbedding.  Grade with:
 Layout: half-split, as Hugging Face's Llama. Channel i of a head (i < D/2) is paired with channel
 i + D/2, and the pair is rotated by the angle position * inv_freq[i].
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -16,8 +17,13 @@ from torch import nn
 from tinyllama.model import LlamaConfig
 
 
-def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Optional[dict] = None,
-                  seq_len: Optional[int] = None, max_position_embeddings: int = 2048) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    rope_scaling: Optional[dict] = None,
+    seq_len: Optional[int] = None,
+    max_position_embeddings: int = 2048,
+) -> torch.Tensor:
     """Inverse frequencies (D/2,) in float32.
 
     default: inv_freq[i] = 1 / theta ** (2i / D) for i = 0 .. D/2 - 1
@@ -34,8 +40,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError
 
 
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         unsqueeze_dim: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, T, D), k (B, KV, T, D), cos and sin (B, T, D) -> rotated (q, k), same shapes.
 
     Add the head axis to cos/sin at unsqueeze_dim so one table serves every head, then
@@ -54,8 +61,9 @@ class RotaryEmbedding(nn.Module):
         self.config = config
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
-                max_position: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, max_position: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin of shape (B, T, D) in x's dtype.
 
         max_position: 1 + the largest position (None: compute it from position_ids); it is the

@@ -8,15 +8,15 @@ tinyllama/model/masks.py (build_attention_mask).  Grade with:
 Shapes: B batch, T queries, S keys (S = cached + T), H query heads, KV key/value heads,
 D head_dim, n_rep = H // KV query heads per key/value head.
 """
+
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyllama.model import KVCache, LlamaConfig
 # Your lesson-3 functions replace this import in the final exercise (`python -m tinyllama.course train`).
-from tinyllama.model import apply_rotary_pos_emb
+from tinyllama.model import KVCache, LlamaConfig, apply_rotary_pos_emb
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -38,8 +38,13 @@ def causal_mask(query_length: int, key_length: int) -> torch.Tensor:
     raise NotImplementedError
 
 
-def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor], scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax(Q K^T * scaling + mask) V.
 
     query (B, H, T, D), key and value (B, H, S, D) (already repeated); attention_mask boolean,
@@ -66,9 +71,13 @@ class Attention(nn.Module):
         #   handles Qwen2's q/k/v-only bias).
         raise NotImplementedError
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-                attention_mask: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """hidden_states (B, T, C), position_embeddings = (cos, sin) each (B, T, D),
         attention_mask boolean (B or 1, 1, T, S), True = may attend, or None (plain causal)
         -> (B, T, C).

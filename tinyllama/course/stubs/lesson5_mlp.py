@@ -7,6 +7,7 @@ Reference: tinyllama/model/mlp.py, class MLP.  Grade with:
 Keep the class name, the constructor signature and the three projection names: the check loads
 the reference's weights into your module, and the final exercise builds the real model with it.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn

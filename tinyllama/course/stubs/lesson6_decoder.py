@@ -5,6 +5,7 @@ Reference: tinyllama/model/modeling.py (DecoderLayer, LlamaModel), tinyllama/mod
 
     python -m tinyllama.course check 6
 """
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -24,9 +25,13 @@ class DecoderLayer(nn.Module):
         # attention) and post_attention_layernorm (before the MLP).
         raise NotImplementedError
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor],
-                attention_mask: Optional[torch.Tensor] = None,
-                past_key_values: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[KVCache] = None,
+    ) -> torch.Tensor:
         """hidden_states (B, T, C) -> (B, T, C).
 
         Two residual branches; each normalises its input, the residual stream itself is never

@@ -5,6 +5,7 @@ _top_p_filter).  Grade with:
 
     python -m tinyllama.course check 7
 """
+
 import torch
 
 from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM

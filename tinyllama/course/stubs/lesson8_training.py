@@ -9,6 +9,7 @@ Then the final exercise, your lessons 2-5 inside the real model:
 
     python -m tinyllama.course train
 """
+
 import torch
 
 
@@ -28,8 +29,9 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     raise NotImplementedError
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> float:
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
     """One optimizer step on a batch x, y (B, T) (y = x shifted by one, as the loader gives).
 
     Forward to logits, your causal_lm_loss, backward, step; leave no gradient behind for the

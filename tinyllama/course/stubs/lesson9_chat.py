@@ -5,6 +5,7 @@ Reference: tinyllama/chat_template.py (encode_conversation), tinyllama/model/mas
 
     python -m tinyllama.course check 9
 """
+
 from typing import Dict, List, Tuple
 
 import torch
