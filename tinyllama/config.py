@@ -24,7 +24,15 @@ from tinyllama.model.rotary import ROPE_TYPES
 
 # The allowed values of the keys that name a choice: validate() and the code that acts on each
 # value read these tables, so a new choice is added in one place.
-SOURCES = ("synthetic", "synthetic_zh", "tinystories", "text_files", "hf")
+SOURCES = ("synthetic", "synthetic_zh", "tinystories", "text_files", "hf", "synthetic_chat", "chat_files")
+# Sources of conversations (supervised fine-tuning) rather than plain documents.
+CHAT_SOURCES = ("synthetic_chat", "chat_files")
+# data.train_on: which tokens of a conversation carry loss.
+TRAIN_ON = ("assistant", "all")
+# data.packing: several conversations per window (no attention across them), or one per window.
+PACKING = ("packed", "padded")
+# data.overflow: what becomes of a conversation longer than train.seq_len (counted and reported).
+OVERFLOW = ("truncate", "drop")
 """data.source (tinyllama.data.sources reads each)."""
 NAN_POLICIES = ("stop", "skip")
 """train.nan_policy (tinyllama.train.nan_guard)."""
@@ -82,7 +90,8 @@ class DataConfig:
     """Name of the dataset; keys the packed output data/packed/<name>/<tokenizer fingerprint>/."""
     source: str = "synthetic"
     """"synthetic" (built-in stories), "synthetic_zh" (the same in Chinese), "tinystories",
-    "text_files" or "hf"."""
+    "text_files" or "hf"; conversations for fine-tuning: "synthetic_chat" (built-in, from the
+    synthetic stories) or "chat_files" (train_files/val_files, or hf_path)."""
     train_files: List[str] = field(default_factory=list)
     """Local files or globs for the train split (tinystories and text_files)."""
     val_files: List[str] = field(default_factory=list)
@@ -116,6 +125,13 @@ class DataConfig:
     """Tokens per shard file."""
     root: str = "data"
     """Folder holding tokenizers/ and packed/."""
+    train_on: str = "assistant"
+    """Conversations: "assistant" (loss on the assistant's tokens and end-of-turn pieces only) or
+    "all" (every token)."""
+    packing: str = "packed"
+    """Conversations: "packed" (several per window, none attending to another) or "padded"."""
+    overflow: str = "truncate"
+    """Conversations longer than train.seq_len: "truncate" or "drop" (both counted and reported)."""
 
 
 @dataclass
@@ -330,6 +346,11 @@ class JobConfig:
     """scripts/sample.py shorthand for sample.prompt (python scripts/sample.py prompt="Once")."""
 
 
+def is_chat(data: DataConfig) -> bool:
+    """Whether `data` holds conversations (supervised fine-tuning) rather than documents."""
+    return data.source in CHAT_SOURCES
+
+
 def run_dir_of(job: JobConfig) -> Path:
     """The run folder: run.dir, or runs/<run.name> when run.dir is unset."""
     return Path(job.run.dir or Path("runs") / job.run.name)
@@ -414,6 +435,9 @@ def validate(job: JobConfig) -> None:
         f"tokenizer.model_type={job.tokenizer.model_type!r}: choose bpe or unigram",
     )
     need(job.data.source in SOURCES, f"data.source={job.data.source!r}: choose {', '.join(SOURCES)}")
+    for key, choices in (("train_on", TRAIN_ON), ("packing", PACKING), ("overflow", OVERFLOW)):
+        value = getattr(job.data, key)
+        need(value in choices, f"data.{key}={value!r}: choose {', '.join(choices)}")
     d, tk = job.data, job.tokenizer
     need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
     need(d.num_docs > 0, f"data.num_docs={d.num_docs}: must be > 0")

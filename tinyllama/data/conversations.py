@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Sequence
 
 from tinyllama.chat_template import Message, check_message
-from tinyllama.data import sources
+from tinyllama.data import sources, synthetic_chat
 from tinyllama.errors import DataError
 
 if TYPE_CHECKING:
@@ -79,6 +79,57 @@ def check_conversation(messages: Any, where: str) -> List[Message]:
     return checked
 
 
+def iter_conversations(cfg: "DataConfig", split: str) -> Iterator[Dict[str, Any]]:
+    """The conversations of `split` ("train" or "val") of a chat source, each as
+    `{"messages": [...], "answer": str or None}`; `answer` is the short reply that the built-in
+    corpus checks by exact match (None for your files).
+
+    synthetic_chat: the built-in corpus (data.num_docs, data.seed; validation = its held-out
+    stories). chat_files: data.train_files / data.val_files, or the Hugging Face dataset
+    data.hf_path (data.hf_train_split / data.hf_val_split); without a validation part,
+    data.val_fraction of the train conversations is held out, as for documents.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if cfg.source == "synthetic_chat":
+        for example in synthetic_chat.iter_chat_examples(
+            "train" if split == "train" else "validation", cfg.num_docs, cfg.seed
+        ):
+            yield {"messages": example["messages"], "answer": example["answer"]}
+        return
+    if cfg.source != "chat_files":
+        raise DataError(
+            f"data.source={cfg.source!r} holds documents, not conversations: use "
+            "data=synthetic_chat or data=chat_files for fine-tuning"
+        )
+    if cfg.train_files:
+        if split == "val" and cfg.val_files:
+            conversations = read_conversation_files(cfg.val_files)
+        else:
+            conversations = sources.hold_out(read_conversation_files(cfg.train_files), cfg, split)
+    elif cfg.hf_path:
+        if split == "val" and cfg.hf_val_split:
+            conversations = load_hf_conversations(cfg, cfg.hf_path, cfg.hf_val_split)
+        else:
+            conversations = sources.hold_out(
+                load_hf_conversations(cfg, cfg.hf_path, cfg.hf_train_split), cfg, split
+            )
+    else:
+        raise DataError(
+            "data=chat_files needs data.train_files (e.g. data.train_files='[chats/*.jsonl]') or "
+            "data.hf_path (a Hugging Face dataset name or folder)"
+        )
+    n = 0
+    for messages in conversations:
+        n += 1
+        yield {"messages": messages, "answer": None}
+    if n == 0:
+        raise DataError(
+            f"the {split} split of data={cfg.name} holds no conversations: check the files, or "
+            "raise data.val_fraction / give data.val_files"
+        )
+
+
 def read_conversation_files(patterns: Sequence[str]) -> Iterator[List[Message]]:
     """Conversations of .jsonl / .json / .parquet files (globs allowed), in sorted file order."""
     for path in sources.expand_files(list(patterns)):
@@ -89,7 +140,7 @@ def read_conversation_files(patterns: Sequence[str]) -> Iterator[List[Message]]:
 def load_hf_conversations(cfg: "DataConfig", path: str, split: str) -> Iterator[List[Message]]:
     """Conversations of split `split` of a Hugging Face dataset: a Hub name (cfg.hf_name is its
     config), a local folder or a save_to_disk folder. Offline, a Hub name fails with advice."""
-    ds = sources._load_hf(cfg, path, split)
+    ds = sources.load_hf(cfg, path, split)
     for i, record in enumerate(ds):
         yield to_messages(dict(record), f"dataset {path} split {split!r} row {i}")
 

@@ -100,13 +100,13 @@ def _split_docs(cfg: DataConfig, split: str) -> Iterator[str]:
     if cfg.train_files:  # text_files, or local copies for tinystories / hf
         if split == "val" and cfg.val_files:
             return _read_files(cfg.val_files, cfg)
-        return _hold_out(_read_files(cfg.train_files, cfg), cfg, split)
+        return hold_out(_read_files(cfg.train_files, cfg), cfg, split)
     path = cfg.hf_path or (TINYSTORIES if cfg.source == "tinystories" else None)
     if not path:
         raise DataError("data=hf needs data.hf_path: a Hugging Face dataset name or a local dataset folder")
     if split == "val" and cfg.hf_val_split:
         return _hf_docs(cfg, path, cfg.hf_val_split)
-    return _hold_out(_hf_docs(cfg, path, cfg.hf_train_split), cfg, split)
+    return hold_out(_hf_docs(cfg, path, cfg.hf_train_split), cfg, split)
 
 
 def _held_out(cfg: DataConfig) -> bool:
@@ -116,7 +116,7 @@ def _held_out(cfg: DataConfig) -> bool:
     return not cfg.val_files if cfg.train_files else not cfg.hf_val_split
 
 
-def _hold_out(docs: Iterator[str], cfg: DataConfig, split: str) -> Iterator[str]:
+def hold_out(docs: Iterator[str], cfg: DataConfig, split: str) -> Iterator[str]:
     """Deterministic split by a hash of (seed, document index): the same documents go to
     validation on every run and every machine, without reading the corpus twice."""
     if not _held_out(cfg):
@@ -261,7 +261,7 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
 
 
 def _hf_docs(cfg: DataConfig, path: str, split: str) -> Iterator[str]:
-    ds = _load_hf(cfg, path, split)
+    ds = load_hf(cfg, path, split)
     columns = ds.column_names
     if columns is not None and cfg.text_field not in columns:
         raise DataError(
@@ -272,7 +272,7 @@ def _hf_docs(cfg: DataConfig, path: str, split: str) -> Iterator[str]:
         yield from (t or "" for t in batch[cfg.text_field])
 
 
-def _load_hf(cfg: DataConfig, path: str, split: str):
+def load_hf(cfg: DataConfig, path: str, split: str):
     import datasets
 
     local = Path(os.path.expanduser(path))
