@@ -3,6 +3,7 @@ the chat pieces, and the round trip through an exported folder in transformers."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,7 +89,9 @@ def test_a_tokenizer_without_the_chat_pieces_is_refused_with_the_fix(tiny_data):
     from tinyllama.tokenizer import ensure_tokenizer
 
     data, tok_cfg = tiny_data
-    base = ensure_tokenizer(tok_cfg, data)
+    base = ensure_tokenizer(
+        dataclasses.replace(tok_cfg, name="no_chat_pieces", user_defined_symbols=[]), data
+    )
     assert missing_pieces(base) == list(CHAT_PIECES)
     with pytest.raises(ConfigError, match=r"no chat pieces.*user_defined_symbols"):
         require_chat_pieces(base)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from tinyllama.chat_template import CHAT_PIECES
 from tinyllama.errors import ConfigError
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.rotary import ROPE_TYPES
@@ -72,8 +73,10 @@ class TokenizerConfig:
     """Share of characters covered by the vocabulary: 1.0 for English, 0.9995 for Chinese."""
     pad_id: int = -1
     """Id of a <pad> piece, or -1 for none (Llama has none)."""
-    user_defined_symbols: List[str] = field(default_factory=list)
-    """Extra pieces that are never split (e.g. chat markers)."""
+    user_defined_symbols: List[str] = field(default_factory=lambda: list(CHAT_PIECES))
+    """Pieces that text never splits into. The default reserves the chat template's pieces
+    (tinyllama/chat_template.py), so any model pretrained with it can be fine-tuned for chat: a
+    trained tokenizer does not gain pieces later. [] for none; extra markers go after them."""
     input_sentence_size: int = 200_000
     """Cap on the sentences SentencePiece samples, so large corpora train in bounded time/memory."""
     max_train_bytes: int = 50_000_000
