@@ -52,9 +52,9 @@ def main() -> None:
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--repeats", type=int, default=2, help="runs of the command per revision")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the script and its arguments")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, command = parser.parse_args(argv[:split]), argv[split + 1 :]
     if not command:
         parser.error("give the command after --, e.g. -- scripts/bench_model.py --threads 1")
     with checkout(args.old) as old, checkout(args.new) as new:
