@@ -259,3 +259,34 @@ def test_conversations_longer_than_the_window_are_counted_and_reported(chat_job,
             assert train["dropped"] > 0 and train["truncated"] == 0
         report = f"{train['truncated']} truncated and {train['dropped']} dropped"
         assert report in capsys.readouterr().out
+
+
+def test_ddp_two_processes_fine_tune_as_one_process_with_twice_the_accumulation(chat_job, tmp_path):
+    """One sequence per rank and micro-batch, so both runs average the same per-window means."""
+    import subprocess
+    import sys
+
+    from tinyllama.cli import job_config_args
+
+    chat_job.data.num_docs, chat_job.data.packing = 100, "padded"  # 2 held-out windows: 1 per rank
+    chat_job.train.max_steps, chat_job.train.batch_size = 3, 1
+    chat_job.eval.every, chat_job.eval.batches, chat_job.checkpoint.every = 3, 0, 3
+    ddp, single = copy.deepcopy(chat_job), copy.deepcopy(chat_job)
+    ddp.run.dir, single.run.dir, single.train.grad_accum = str(tmp_path / "ddp"), str(tmp_path / "one"), 2
+    repo = Path(__file__).resolve().parents[2]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = subprocess.run(
+        [*torchrun, str(repo / "train.py"), *job_config_args(ddp, tmp_path)],
+        cwd=repo,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_training(single)
+    for key in ("loss", "val_loss", "real_share"):
+        a = {m["step"]: m[key] for m in metrics(ddp) if key in m}
+        b = {m["step"]: m[key] for m in metrics(single) if key in m}
+        assert a.keys() == b.keys() and a, key
+        if key != "real_share":  # rank 0's batches only, against both micro-batches
+            torch.testing.assert_close(list(a.values()), list(b.values()), rtol=1e-5, atol=0, msg=key)
