@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ def evaluate_loss(
 ) -> Dict[str, object]:
     """Mean cross-entropy per target token over `batches`, and its perplexity.
 
-    batches: (x, y) int64 pairs of shape (B, T), y already aligned with x (the next tokens);
+    batches: (x, y) int64 pairs of shape (B, T), y already aligned with x (the next tokens),
+    or dicts of model keyword arguments with input_ids (x) and shift_labels (y);
     label -100 in y is ignored. The mean is weighted by tokens, so a short last batch counts
     for what it holds. Under torch.distributed every rank passes its own share of the batches
     and all ranks get the global figures.
@@ -102,10 +103,16 @@ def evaluate_loss(
         "bytes": torch.zeros((), dtype=torch.float64, device=device),
     }
     position_nats = position_tokens = None
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for batch in batches:
+        # (x, y), or the model's keyword arguments (packed conversations add position_ids and
+        # attention_mask): input_ids is x, shift_labels is y.
+        kwargs = (
+            dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch[0], "shift_labels": batch[1]}
+        )
+        kwargs = {k: v.to(device, non_blocking=True) for k, v in kwargs.items()}
+        x, y = kwargs.pop("input_ids"), kwargs.pop("shift_labels")
         with autocast():
-            logits = model(x).logits  # (B, T, V)
+            logits = model(x, **kwargs).logits  # (B, T, V)
         nats = causal_lm_loss(logits, y, reduction="none")  # (B, T), 0 where ignored
         valid = y != -100
         sums["nats"] += nats.sum(dtype=torch.float64)

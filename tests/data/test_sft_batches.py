@@ -123,3 +123,20 @@ def test_padding_rows_keep_gradients_finite():
         labels=batch.labels,
     ).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_padded_windows_hold_one_conversation_each():
+    convs = [_conversation(3, 10), _conversation(2, 20), _conversation(4, 30)]
+    stats = PackingStats()
+    windows = list(pack_windows(convs, seq_len=6, pad_id=PAD, stats=stats, packing="padded"))
+    assert [w.segment_ids for w in windows] == [[1] * 3 + [0] * 3, [1] * 2 + [0] * 4, [1] * 4 + [0] * 2]
+    assert stats.real_share == pytest.approx(9 / 18)
+    with pytest.raises(ConfigError, match="packing"):
+        list(pack_windows(convs, seq_len=6, pad_id=PAD, packing="stacked"))
+
+
+def test_a_cut_conversation_left_without_loss_tokens_is_dropped_not_trained_on():
+    prompt_only = ([1, 2, 3, 4, 5, 6], [IGNORE_INDEX] * 4 + [5, 6])  # its reply lies past the cut
+    stats = PackingStats()
+    windows = list(pack_windows([prompt_only, _conversation(4, 20)], seq_len=4, pad_id=PAD, stats=stats))
+    assert len(windows) == 1 and (stats.dropped, stats.truncated) == (1, 0)

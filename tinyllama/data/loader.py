@@ -15,6 +15,7 @@ the one evaluation windowing: of packed shards in `eval_batches`, of text in mem
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -65,13 +66,87 @@ def _windows_per_rank(stream: TokenStream, packed_dir: Path, split: str, window:
     return per_rank
 
 
+@dataclass
+class ModelBatch:
+    """One micro-batch as the training loop takes it, for documents and conversations alike.
+
+    inputs: the model's keyword arguments, `model(**inputs)`: input_ids and shift_labels (B, T)
+        int64 (targets aligned with input_ids, IGNORE_INDEX -100 where none), and for packed
+        conversations position_ids (B, T) and attention_mask (B, 1, T, T) bool.
+    real_tokens: tokens of text rather than padding (B * T for documents).
+    """
+
+    inputs: Dict[str, torch.Tensor]
+    real_tokens: int
+
+    @property
+    def loss_tokens(self) -> int:
+        """Targets that carry loss."""
+        return int((self.inputs["shift_labels"] != -100).sum())
+
+    def to(self, device) -> Dict[str, torch.Tensor]:
+        """The inputs on `device`."""
+        return {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+
+
 def _to_xy(windows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(B, T + 1) token windows -> x (B, T), y (B, T) int64 tensors, y[:, t] = x[:, t + 1]."""
     buf = torch.from_numpy(np.stack(windows).astype(np.int64))
     return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
-class BatchLoader:
+class ResumableLoader:
+    """What the training loaders share: the tokenizer check and the resumable position (epoch,
+    items taken). Subclasses set packed_dir, meta, seed, seq_len, world_size, split, epoch, taken."""
+
+    packed_dir: Path
+    meta: Dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["tokenizer"]["fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["tokenizer"]["vocab_size"]
+
+    def check_compatible(self, fingerprint: str, vocab_size: int) -> None:
+        """Refuse data made by another tokenizer, or with ids the model's embedding cannot hold."""
+        if fingerprint != self.fingerprint:
+            raise DataError(
+                f"{self.packed_dir} was packed with tokenizer {self.fingerprint}, but the model "
+                f"uses tokenizer {fingerprint}: repack the data with the model's tokenizer "
+                f"(tokenizer.model_file) or train with the data's tokenizer"
+            )
+        if self.vocab_size > vocab_size:
+            raise DataError(
+                f"{self.packed_dir} has vocab size {self.vocab_size}, larger than the model's "
+                f"vocab_size={vocab_size}: raise model.vocab_size to at least {self.vocab_size}"
+            )
+
+    def state_dict(self) -> Dict:
+        return {
+            "epoch": self.epoch,
+            "taken": self.taken,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "world_size": self.world_size,
+            "split": self.split,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue where `state` left off; refuse a state that would not replay the same batches."""
+        for key in ("seed", "seq_len", "world_size", "split", "fingerprint"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "
+                    f"this run has {getattr(self, key)!r}; use the same {key} to resume"
+                )
+        self.epoch, self.taken, self._order = int(state["epoch"]), int(state["taken"]), None
+
+
+class BatchLoader(ResumableLoader):
     """Seeded random training batches from a packed split; see the module docstring."""
 
     def __init__(
@@ -99,28 +174,6 @@ class BatchLoader:
         self.taken = 0  # windows of this epoch already returned (same count on every rank)
         self._order: Optional[Tuple[int, np.ndarray]] = None
 
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["tokenizer"]["fingerprint"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.meta["tokenizer"]["vocab_size"]
-
-    def check_compatible(self, fingerprint: str, vocab_size: int) -> None:
-        """Refuse data made by another tokenizer, or with ids the model's embedding cannot hold."""
-        if fingerprint != self.fingerprint:
-            raise DataError(
-                f"{self.packed_dir} was packed with tokenizer {self.fingerprint}, but the model "
-                f"uses tokenizer {fingerprint}: repack the data with the model's tokenizer "
-                f"(tokenizer.model_file) or train with the data's tokenizer"
-            )
-        if self.vocab_size > vocab_size:
-            raise DataError(
-                f"{self.packed_dir} has vocab size {self.vocab_size}, larger than the model's "
-                f"vocab_size={vocab_size}: raise model.vocab_size to at least {self.vocab_size}"
-            )
-
     def _epoch_order(self) -> Tuple[int, np.ndarray]:
         """(grid offset, this rank's window indices) for the current epoch, from (seed, epoch)."""
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -142,26 +195,10 @@ class BatchLoader:
                 self.epoch, self.taken, self._order = self.epoch + 1, 0, None
         return _to_xy(windows)
 
-    def state_dict(self) -> Dict:
-        return {
-            "epoch": self.epoch,
-            "taken": self.taken,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "world_size": self.world_size,
-            "split": self.split,
-            "fingerprint": self.fingerprint,
-        }
-
-    def load_state_dict(self, state: Dict) -> None:
-        """Continue where `state` left off; refuse a state that would not replay the same batches."""
-        for key in ("seed", "seq_len", "world_size", "split", "fingerprint"):
-            if state[key] != getattr(self, key):
-                raise DataError(
-                    f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "
-                    f"this run has {getattr(self, key)!r}; use the same {key} to resume"
-                )
-        self.epoch, self.taken, self._order = int(state["epoch"]), int(state["taken"]), None
+    def next_inputs(self) -> ModelBatch:
+        """next_batch as the training loop takes it (see ModelBatch)."""
+        x, y = self.next_batch()
+        return ModelBatch({"input_ids": x, "shift_labels": y}, real_tokens=x.numel())
 
 
 def window_batches(

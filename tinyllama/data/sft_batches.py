@@ -7,8 +7,12 @@ tokens of its own conversation (a block-diagonal causal mask built from segment 
 position ids restart at 0 with every conversation, so a conversation's logits are the same
 packed as alone. Padding has label IGNORE_INDEX and segment id 0.
 
+With packing="padded" each window holds one conversation (no mask needed beyond the causal one).
+
 A conversation longer than the window is cut to `seq_len` tokens (overflow="truncate") or
 left out (overflow="drop"); either way it is counted in `PackingStats`, for the caller to report.
+A cut conversation left with no token that carries loss (its assistant turns were cut off) is
+dropped as well: it would teach nothing, and a window without targets has no mean loss.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 import torch
 
 from tinyllama.chat_template import IGNORE_INDEX
+from tinyllama.config import OVERFLOW, PACKING
 from tinyllama.errors import ConfigError
 from tinyllama.model.masks import segment_attention_mask
 
-OVERFLOW = ("truncate", "drop")
 Encoded = Tuple[List[int], List[int]]  # (input_ids, labels) of one conversation
 
 
@@ -79,11 +83,15 @@ def pack_windows(
     pad_id: int,
     overflow: str = "truncate",
     stats: PackingStats | None = None,
+    packing: str = "packed",
 ) -> Iterator[Window]:
     """Fill windows of `seq_len` tokens with whole conversations, in order (a conversation that
-    does not fit in what is left of a window starts the next one)."""
+    does not fit in what is left of a window starts the next one); packing="padded": one
+    conversation per window."""
     if overflow not in OVERFLOW:
         raise ConfigError(f"overflow={overflow!r}: use one of {', '.join(OVERFLOW)}")
+    if packing not in PACKING:
+        raise ConfigError(f"packing={packing!r}: use one of {', '.join(PACKING)}")
     stats = stats if stats is not None else PackingStats()
     rows: List[Encoded] = []
     used = 0
@@ -97,9 +105,12 @@ def pack_windows(
             if overflow == "drop":
                 stats.dropped += 1
                 continue
-            stats.truncated += 1
             input_ids, labels = input_ids[:seq_len], labels[:seq_len]
-        if used + len(input_ids) > seq_len:
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+        if rows and (packing == "padded" or used + len(input_ids) > seq_len):
             yield _window(rows, seq_len, pad_id, stats)
             rows, used = [], 0
         rows.append((input_ids, labels))

@@ -1,5 +1,9 @@
 """What the loop trains on: the tokenizer and packed data (made if missing), and the model
-(fresh, or starting from the weights of a checkpoint or a Hugging Face folder)."""
+(fresh, or starting from the weights of a checkpoint or a Hugging Face folder).
+
+Fine-tuning on conversations (config.is_chat(job.data)) packs them into windows of
+train.seq_len (tinyllama.data.sft_data) with the base model's tokenizer: the one of the
+init_from checkpoint unless tokenizer.model_file names another; it must hold the chat pieces."""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from typing import Dict, Tuple
 
 import torch
 
-from tinyllama.checkpoint import config_differences, load_checkpoint
-from tinyllama.config import JobConfig
-from tinyllama.data import ensure_packed
+from tinyllama.chat_template import require_chat_pieces
+from tinyllama.checkpoint import TOKENIZER, config_differences, load_checkpoint, resolve_checkpoint
+from tinyllama.config import JobConfig, is_chat
+from tinyllama.data import ensure_chat_packed, ensure_packed
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.export import import_hf
 from tinyllama.model import LlamaForCausalLM
@@ -23,16 +28,53 @@ RUNTIME_FIELDS = {"attn_implementation", "attention_dropout", "initializer_range
 
 
 def prepare_data(job: JobConfig, env: DistEnv) -> Tuple[Tokenizer, Path]:
-    """Tokenizer and packed shards for job.data/job.tokenizer, made by rank 0 when missing while
-    the other ranks wait, then reused by every rank (both stages are idempotent)."""
+    """Tokenizer and packed shards (windows, for conversations) for job.data/job.tokenizer, made
+    by rank 0 when missing while the other ranks wait, then reused by every rank (both stages are
+    idempotent)."""
     if env.is_main:
-        tokenizer = ensure_tokenizer(job.tokenizer, job.data)
-        packed = ensure_packed(job.data, tokenizer)
+        tokenizer, packed = _prepare(job)
     env.barrier()
     if not env.is_main:  # rank 0 has made them: these calls only load and check
-        tokenizer = ensure_tokenizer(job.tokenizer, job.data)
-        packed = ensure_packed(job.data, tokenizer)
+        tokenizer, packed = _prepare(job)
     return tokenizer, packed
+
+
+def _prepare(job: JobConfig) -> Tuple[Tokenizer, Path]:
+    if not is_chat(job.data):
+        tokenizer = ensure_tokenizer(job.tokenizer, job.data)
+        return tokenizer, ensure_packed(job.data, tokenizer)
+    tokenizer = chat_tokenizer(job)
+    require_chat_pieces(tokenizer)  # before anything is written
+    return tokenizer, ensure_chat_packed(job.data, tokenizer, job.train.seq_len)
+
+
+def chat_tokenizer(job: JobConfig) -> Tokenizer:
+    """The tokenizer a fine-tuning run encodes conversations with: tokenizer.model_file if set,
+    else the init_from checkpoint's (the base model's ids; a tokenizer trained on the chat data
+    would give its embeddings other meanings)."""
+    if job.tokenizer.model_file:
+        return Tokenizer.load(job.tokenizer.model_file)
+    if not job.init_from or job.init_from.startswith("hf:"):
+        raise ConfigError(
+            f"data={job.data.name} holds conversations: fine-tune a pretrained run with "
+            "init_from=<run folder or checkpoint> (its tokenizer is used), or set "
+            "tokenizer.model_file to a tokenizer with the chat pieces"
+        )
+    try:
+        folder = resolve_checkpoint(job.init_from)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"init_from={job.init_from}: {e}. Pretrain the base model first (`make demo` makes "
+            "runs/demo, the base of experiment=chat_demo), or set init_from to a pretrained run"
+        ) from None
+    return Tokenizer.load(folder / TOKENIZER)
+
+
+def tokenizer_origin(job: JobConfig, tokenizer: Tokenizer) -> str:
+    """Where the run's tokenizer comes from, for its first log lines."""
+    if is_chat(job.data) and not job.tokenizer.model_file:
+        return f"tokenizer: the base model's, from init_from={job.init_from} ({tokenizer.model_path})"
+    return f"tokenizer: {tokenizer.model_path}"
 
 
 def check_vocab(model_config: LlamaConfig, tokenizer) -> None:

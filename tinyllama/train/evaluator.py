@@ -9,7 +9,7 @@ from typing import Callable, ContextManager, Optional
 from torch import nn
 
 from tinyllama.config import EvalConfig
-from tinyllama.data import eval_batches
+from tinyllama.data import eval_batches, sft_eval_batches
 from tinyllama.evaluate import evaluate_loss
 from tinyllama.train.cadence import Cadence
 from tinyllama.train.distributed import DistEnv
@@ -20,6 +20,8 @@ class Evaluator:
 
     batch_size, seq_len: as in training (validation sees the same context length).
     on_result(step, val_loss): called on every rank after each evaluation (the tracker's log_eval).
+    conversations: packed_dir holds conversation windows (tinyllama.data.sft_data); the loss is
+    then over the tokens that carry labels (the assistant's, unless data.train_on=all).
     best_loss is part of the run's checkpointed state; the checkpointer records loss_at(step) as
     each checkpoint's validation loss and, on resume, `remember`s it.
     """
@@ -35,10 +37,11 @@ class Evaluator:
         autocast: Callable[[], ContextManager],
         max_steps: int,
         on_result: Callable[[int, float], None],
+        conversations: bool = False,
     ) -> None:
         self.model, self.packed_dir, self.cfg = model, packed_dir, cfg
         self.batch_size, self.seq_len, self.env = batch_size, seq_len, env
-        self.autocast, self.on_result = autocast, on_result
+        self.autocast, self.on_result, self.conversations = autocast, on_result, conversations
         self.cadence = Cadence(cfg.every, max_steps)
         self.last_loss: Optional[float] = None  # measured at step cadence.done
         self.best_loss: Optional[float] = None
@@ -59,15 +62,11 @@ class Evaluator:
             return self.last_loss
         if not self.cadence.due(step, force):
             return None
-        batches = eval_batches(
-            self.packed_dir,
-            "val",
-            self.batch_size,
-            self.seq_len,
-            max_batches=self.cfg.batches or None,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-        )
+        share = dict(max_batches=self.cfg.batches or None, rank=self.env.rank, world_size=self.env.world_size)
+        if self.conversations:  # the held-out windows: loss on the tokens that carry labels
+            batches = sft_eval_batches(self.packed_dir, "val", self.batch_size, **share)
+        else:
+            batches = eval_batches(self.packed_dir, "val", self.batch_size, self.seq_len, **share)
         loss = evaluate_loss(self.model, batches, self.env.device, self.autocast)["loss"]
         self.remember(step, loss)
         if self.best_loss is None or loss < self.best_loss:

@@ -20,10 +20,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from tinyllama.config import JobConfig, run_dir_of
-from tinyllama.data import BatchLoader
+from tinyllama.config import JobConfig, is_chat, run_dir_of
+from tinyllama.data import BatchLoader, SFTBatchLoader, packing_report, read_chat_meta
 from tinyllama.run_record import record_launch, write_summary
-from tinyllama.train.build import build_training_model, prepare_data
+from tinyllama.train.build import build_training_model, prepare_data, tokenizer_origin
 from tinyllama.train.checkpointer import Attribute, Checkpointer, resume_checkpoint
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
@@ -73,7 +73,9 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
         self.guard = NanGuard(t.nan_policy)
-        self.loader = BatchLoader(
+        # Documents or conversations: both loaders give ModelBatches, the model's keyword arguments.
+        self.chat = is_chat(job.data)
+        self.loader = (SFTBatchLoader if self.chat else BatchLoader)(
             self.packed_dir,
             "train",
             t.batch_size,
@@ -84,6 +86,7 @@ class Trainer:
         )
         self.loader.check_compatible(self.tokenizer.fingerprint, job.model.vocab_size)
         self.step, self.tokens, self.resumed_from = 0, 0, None
+        self.shares = TokenShares()
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         # Refusals happen here, before anything is written.
         resume = resume_checkpoint(self.run_dir, job, self.tokenizer, env.world_size)
@@ -117,6 +120,7 @@ class Trainer:
             self.precision.autocast,
             t.max_steps,
             self.tracker.log_eval,
+            conversations=self.chat,
         )
         # The run's state, declared once: the checkpointer saves, restores and prunes it.
         self.checkpointer = Checkpointer(
@@ -155,17 +159,19 @@ class Trainer:
         accum, device = self.job.train.grad_accum, self.env.device
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = self.loader.next_batch()  # (B, T) int64 each, y = x shifted by one
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            batch = self.loader.next_inputs()  # input_ids, shift_labels (B, T) (+ packing's)
+            self.shares.add(batch)
+            inputs = batch.to(device)
             last = micro == accum - 1
             no_sync = (
                 self.train_model.no_sync if self.env.is_distributed and not last else contextlib.nullcontext
             )
             with no_sync():
                 with self.precision.autocast():
-                    # The model applies causal_lm_loss; under gradient checkpointing it does so in
-                    # chunks without the (B, T, V) logits. / accum: the summed grads are a mean.
-                    loss = self.train_model(x, shift_labels=y).loss / accum
+                    # The model applies causal_lm_loss (mean over the targets that are not -100);
+                    # under gradient checkpointing in chunks without the (B, T, V) logits.
+                    # / accum: the summed grads are a mean.
+                    loss = self.train_model(**inputs).loss / accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
@@ -240,7 +246,8 @@ class Trainer:
 
     def _write_step(self, lr: float, grad_norm: float) -> None:
         perf = {**self.throughput.window(), "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
-        self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm)
+        shares = self.shares.window() if self.chat else {}
+        self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm, **shares)
 
     def _pruned(self, val_loss: float) -> bool:
         """Whether on_eval (asked on rank 0; every rank evaluates at the same steps) ends the run."""
@@ -273,6 +280,9 @@ class Trainer:
             f"{t.batch_size * t.grad_accum * self.env.world_size} sequences of {t.seq_len} tokens "
             f"({self.tokens_per_step} tokens per step) | run folder {self.run_dir}"
         )
+        if self.chat:  # what packing made of the conversations, cut and dropped ones included
+            self.tracker.print(tokenizer_origin(self.job, self.tokenizer))
+            self.tracker.print(packing_report(read_chat_meta(self.packed_dir)))
         if self.resumed_from is not None:
             self.tracker.print(f"resumed from {self.resumed_from} at step {self.step}")
 
@@ -289,7 +299,36 @@ class Trainer:
             "precision": self.precision.name,
             "precision_reason": self.precision.reason,
         }
+        if self.chat:
+            summary.update(self.shares.total())
         self.tracker.print("summary:")
         self.tracker.summary(summary)
         if self.env.is_main:
             write_summary(self.run_dir, summary)
+
+
+class TokenShares:
+    """Shares of the training batches' tokens that are text (not padding) and that carry loss,
+    over the steps since the last training line (window) and over this launch (total); this
+    rank's batches (every rank's are alike: windows of the same packing)."""
+
+    def __init__(self) -> None:
+        self._window = [0, 0, 0]  # real, loss, all tokens
+        self._total = [0, 0, 0]
+
+    def add(self, batch) -> None:
+        counts = (batch.real_tokens, batch.loss_tokens, batch.inputs["input_ids"].numel())
+        for acc in (self._window, self._total):
+            for i, n in enumerate(counts):
+                acc[i] += n
+
+    @staticmethod
+    def _shares(acc) -> dict:
+        return {"real_share": acc[0] / max(1, acc[2]), "loss_share": acc[1] / max(1, acc[2])}
+
+    def window(self) -> dict:
+        shares, self._window = self._shares(self._window), [0, 0, 0]
+        return shares
+
+    def total(self) -> dict:
+        return self._shares(self._total)
