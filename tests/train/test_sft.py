@@ -225,7 +225,7 @@ def test_a_tokenizer_without_chat_pieces_is_refused_with_nothing_written(chat_jo
     from tinyllama.tokenizer import ensure_tokenizer
 
     data, tok = tiny_data
-    plain = ensure_tokenizer(tok, data)
+    plain = ensure_tokenizer(dataclasses.replace(tok, name="no_chat_pieces", user_defined_symbols=[]), data)
     chat_job.model.vocab_size = plain.vocab_size
     chat_job.init_from = str(base_run(tmp_path / "plain_base", chat_job.model, plain))
     with pytest.raises(ConfigError, match="no chat pieces"):
