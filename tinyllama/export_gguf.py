@@ -341,7 +341,6 @@ def run_export_gguf(job) -> Path:
         dtype=ex.dtype,
         name=ckpt.path.parent.parent.name,
         generation=generation_defaults(job.sample),
-        chat_template=getattr(tokenizer, "chat_template", None),
         overwrite=ex.overwrite,
     )
     print(f"exported {ckpt.path} -> {path}")
