@@ -59,30 +59,37 @@ class ChatSession:
         """Forget the history (the system prompt stays)."""
         self.history, self.dropped = [], 0
 
+    def system(self) -> List[Message]:
+        """The system message, or none."""
+        return [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+
     def messages(self) -> List[Message]:
         """The system prompt (if any) followed by the history."""
-        system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
-        return system + self.history
+        return self.system() + self.history
 
     def prompt_ids(self) -> List[int]:
         """The ids the next reply continues: the messages in the template, ending with
         `<|assistant|>`. Drops the oldest turns (a user message and the replies after it) while
-        they exceed the room the reply leaves; refuses a last user message too long on its own."""
+        they exceed the room the reply leaves; a last user message too long on its own is
+        refused (and removed), the history before it kept."""
         budget = self.context - self.cfg.max_new_tokens
-        ids = apply_chat_template(self.tokenizer, self.messages(), add_generation_prompt=True)
-        while len(ids) > budget and len(self.history) > 1:
-            self.history.pop(0)
-            while self.history and self.history[0]["role"] != "user":
-                self.history.pop(0)
-            self.dropped += 1
-            ids = apply_chat_template(self.tokenizer, self.messages(), add_generation_prompt=True)
-        if len(ids) > budget:
-            self.history = self.history[:-1]
+        alone = apply_chat_template(
+            self.tokenizer, self.system() + self.history[-1:], add_generation_prompt=True
+        )
+        if len(alone) > budget:
+            self.history.pop()
             raise ConfigError(
-                f"the message needs {len(ids)} tokens (with the template and system prompt); with "
+                f"the message needs {len(alone)} tokens (with the template and system prompt); with "
                 f"chat.max_new_tokens={self.cfg.max_new_tokens} only {budget} of the model's "
                 f"{self.context} fit: write a shorter message or lower chat.max_new_tokens"
             )
+        ids = apply_chat_template(self.tokenizer, self.messages(), add_generation_prompt=True)
+        while len(ids) > budget:
+            self.history.pop(0)
+            while self.history[0]["role"] != "user":
+                self.history.pop(0)
+            self.dropped += 1
+            ids = apply_chat_template(self.tokenizer, self.messages(), add_generation_prompt=True)
         return ids
 
     def reply(self, user_text: str, out: Optional[TextIO] = None) -> str:
