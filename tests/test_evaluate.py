@@ -113,3 +113,82 @@ def test_cli_prints_one_clear_error_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no checkpoint at") and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no run folder, no .hydra/, no outputs/
+
+
+# ---- chat runs: loss on assistant tokens and answer accuracy --------------------------------
+
+
+def _chat_run(folder: Path, tokenizer, data, teach=()):
+    """A run folder with a tiny model (random, or trained on the conversations `teach`) at step 1."""
+    from tinyllama.checkpoint import save_checkpoint
+    from tinyllama.config import JobConfig, RunConfig
+    from tinyllama.model import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=256, **shape)
+    )
+    if teach:
+        from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
+
+        rows = [encode_conversation(tokenizer, c) for c in teach]
+        T = max(len(ids) for ids, _ in rows)
+        x = torch.full((len(rows), T), tokenizer.eos_id)
+        y = torch.full((len(rows), T), IGNORE_INDEX)
+        for i, (ids, labels) in enumerate(rows):
+            x[i, : len(ids)], y[i, : len(ids)] = torch.tensor(ids), torch.tensor(labels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            optimizer.zero_grad()
+            model(x, labels=y).loss.backward()
+            optimizer.step()
+    job = JobConfig(model=model.config, data=data, run=RunConfig(dir=str(folder), seed=3, device="cpu"))
+    job.train.seq_len = 256
+    meta = {"tokens": 0, "tokenizer_fingerprint": tokenizer.fingerprint}
+    save_checkpoint(folder / "checkpoints", 1, model, model.config, job, tokenizer.model_path, meta, None)
+    return job, model.eval()
+
+
+CHAT_DATA = dict(name="synthetic_chat", source="synthetic_chat", num_docs=150, seed=7)  # 3 held out
+
+
+def test_chat_run_reports_assistant_loss_and_answer_accuracy(chat_tokenizer, tmp_path):
+    from tinyllama.chat_template import encode_conversation
+    from tinyllama.config import DataConfig
+    from tinyllama.data.conversations import iter_conversations
+
+    data = DataConfig(**CHAT_DATA)
+    held_out = list(iter_conversations(data, "val"))
+    job, model = _chat_run(tmp_path / "chat", chat_tokenizer, data, [c["messages"] for c in held_out])
+    job.evaluate.batch_size = 2  # two batches, the second one row: padding changes nothing
+    result = run_evaluation(job)
+    nats = tokens = 0.0
+    with torch.no_grad():  # each conversation alone, the model's own loss over its assistant tokens
+        for c in held_out:
+            ids, labels = encode_conversation(chat_tokenizer, c["messages"])
+            n = sum(label != -100 for label in labels[1:])
+            nats += model(torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            tokens += n
+    assert result["assistant_tokens"] == tokens and result["truncated"] == 0
+    assert result["assistant_loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    # The model learnt these very conversations: every greedy reply is the expected answer.
+    assert result["answer_count"] == 3 and result["answer_accuracy"] == 1.0
+    assert [e["reply"] for e in result["answer_examples"]] == [c["answer"] for c in held_out]
+    saved = json.loads((Path(job.run.dir) / "eval" / "step_1-synthetic_chat_val-chat.json").read_text())
+    assert saved == result
+    job.evaluate.max_answers = 1
+    assert run_evaluation(job)["answer_count"] == 1
+
+
+def test_a_base_run_is_measured_on_the_built_in_questions_when_asked(chat_tokenizer, tmp_path):
+    from tinyllama.config import DataConfig
+
+    stories = DataConfig(num_docs=100, num_workers=0, root=str(tmp_path / "data"))
+    job, _ = _chat_run(tmp_path / "base", chat_tokenizer, stories)  # pretrained on stories
+    job.evaluate.max_batches = 1
+    assert "assistant_loss" not in run_evaluation(job)  # its own data: text windows, as before
+    job.data, job.evaluate.source = DataConfig(**CHAT_DATA), "data"
+    result = run_evaluation(job)
+    assert result["source"] == "synthetic_chat/val" and result["answer_count"] == 3
+    assert result["answer_accuracy"] == 0.0  # an untrained model copies no answer

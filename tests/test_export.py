@@ -188,3 +188,44 @@ def test_export_stage_writes_a_verified_folder_from_a_run(saved_run, capsys):
     assert theirs.dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="already exists"):
         run_export(tiny_job)
+
+
+def test_a_chat_model_exports_its_template_and_stops_at_end_of_turn_in_transformers(tmp_path, chat_tokenizer):
+    pytest.importorskip("jinja2")
+    from tinyllama.chat_template import CHAT_TEMPLATE, encode_conversation, end_of_turn_id
+
+    tok = chat_tokenizer
+    end = end_of_turn_id(tok)
+    taught = [{"role": "user", "content": "Who is the story about?"}, {"role": "assistant", "content": "Mia"}]
+    ours = tiny_model(vocab_size=tok.vocab_size)
+    ids, labels = encode_conversation(tok, taught)
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    for _ in range(60):  # until its greedy reply is "Mia<|end|>"
+        optimizer.zero_grad()
+        ours(torch.tensor([ids]), labels=torch.tensor([labels])).loss.backward()
+        optimizer.step()
+    ours.eval()
+    folder = export_hf(ours, tmp_path / "hf", tokenizer_path=tok.model_path)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_id, end]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    system = [{"role": "system", "content": "You answer in a few words."}]
+    for messages in (taught[:1], system + taught + [{"role": "user", "content": "And Tom, café?"}]):
+        got = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        got = got["input_ids"] if hasattr(got, "keys") else got
+        assert list(got) == tok.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = torch.tensor([tok.apply_chat_template(taught[:1], add_generation_prompt=True)])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert out[0, prompt.shape[1] :].tolist() == tok.encode("Mia") + [end]  # stopped at <|end|>
+    assert torch.equal(out, generate(ours, prompt, 20, temperature=0.0, eos_token_id=end))
+
+
+def test_a_base_model_exports_no_chat_template(tmp_path, tiny_data):
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    tok = ensure_tokenizer(tiny_data[1], tiny_data[0])  # no chat pieces
+    folder = export_hf(tiny_model(vocab_size=tok.vocab_size), tmp_path / "hf", tokenizer_path=tok.model_path)
+    assert "chat_template" not in json.loads((folder / "tokenizer_config.json").read_text())
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == tok.eos_id

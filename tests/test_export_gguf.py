@@ -417,3 +417,23 @@ def test_llama_cpp_q8_0_mostly_agrees(tmp_path, sp_tokenizer):
     # magnitude (<= 0.4%); through two layers and the head that stays within a few per cent.
     assert report["max_rel_logit_error"] < 3e-2, report
     assert report["same_token_ids"] and int(report["greedy_tokens_agreeing"].split("/")[0]) >= 15, report
+
+
+def test_a_chat_model_carries_its_template_and_end_of_turn_token(tmp_path, chat_tokenizer, sp_tokenizer):
+    from tinyllama.chat_template import CHAT_TEMPLATE, END_OF_TURN, end_of_turn_id
+    from tinyllama.export_gguf import OLLAMA_CHAT_TEMPLATE
+
+    tok = chat_tokenizer
+    path = export_gguf(tiny_model(tok.vocab_size), tmp_path / "chat", tokenizer_path=tok.model_path)
+    kv = fields(gguf.GGUFReader(path))
+    assert kv["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert kv["tokenizer.ggml.eot_token_id"] == end_of_turn_id(tok)  # llama.cpp ends generation there
+    assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_id
+    lines = (path.parent / "Modelfile").read_text().splitlines()
+    assert f'TEMPLATE """{OLLAMA_CHAT_TEMPLATE}"""' in lines
+    assert 'PARAMETER stop "</s>"' in lines and f'PARAMETER stop "{END_OF_TURN}"' in lines
+    base = export_gguf(
+        tiny_model(sp_tokenizer.vocab_size), tmp_path / "base", tokenizer_path=sp_tokenizer.model_path
+    )
+    kv = fields(gguf.GGUFReader(base))
+    assert "tokenizer.chat_template" not in kv and "tokenizer.ggml.eot_token_id" not in kv

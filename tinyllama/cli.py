@@ -1,11 +1,11 @@
 """Command-line entry points: the only module that imports Hydra.
 
 Each stage composes its YAML (configs/<stage>.yaml, all rooted in the typed `JobConfig`; the
-evaluate, sample, export and inspect stages share configs/stage.yaml), turns it into
+evaluate, sample, chat, export and inspect stages share configs/stage.yaml), turns it into
 dataclasses, validates it, and calls the library. Errors a user can cause (`TinyLlamaError`)
 are printed as one message, without a traceback, and exit with status 2.
 
-Each `*_main` imports its stage's module (tinyllama.evaluate, .sample, .export, .export_gguf,
+Each `*_main` imports its stage's module (tinyllama.evaluate, .sample, .chat, .export, .export_gguf,
 .inspect, .train.loop, ...) inside the function, on purpose: this module is the entry point of
 every stage, so `--help` and each stage start without importing the others' modules (a sample
 run never loads the training loop, the exports or the course tooling).
@@ -15,6 +15,7 @@ run never loads the training loop, the exports or the course tooling).
     tinyllama-prepare data=tinystories
     python scripts/evaluate.py run.dir=runs/demo
     python scripts/sample.py run.dir=runs/demo sample.prompt="Once upon a time"
+    python scripts/chat.py run.dir=runs/chat_demo prompt="Who is the story about?"
     python scripts/export_hf.py run.dir=runs/demo
     python scripts/export_gguf.py run.dir=runs/demo export.dtype=q8_0
     python scripts/inspect_model.py model=llama2_7b
@@ -164,6 +165,14 @@ def sample_main(job: JobConfig) -> None:
     from tinyllama.sample import run_sampling
 
     run_sampling(job)
+
+
+@_stage("chat")
+def chat_main(job: JobConfig) -> None:
+    """Reply to `prompt` once, or chat on stdin (without `prompt`): a fine-tuned chat run."""
+    from tinyllama.chat import run_chat
+
+    run_chat(job)
 
 
 @_stage("export")

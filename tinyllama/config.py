@@ -286,6 +286,9 @@ class EvaluateConfig:
     """Context stretch of rope_type, e.g. 4 to read 1024 tokens with a model trained on 256."""
     plot: bool = True
     """Write the loss-by-position plot (PNG) next to the JSON."""
+    max_answers: Optional[int] = 200
+    """Chat data: held-out questions answered greedily for answer_accuracy (the built-in corpus
+    only); None: all of them."""
 
 
 @dataclass
@@ -346,7 +349,10 @@ class JobConfig:
     """evaluate/sample/export: the checkpoint to load (a run folder, checkpoints/latest or best, or a
     checkpoints/step_<N> folder); None: run.dir."""
     prompt: Optional[str] = None
-    """scripts/sample.py shorthand for sample.prompt (python scripts/sample.py prompt="Once")."""
+    """scripts/sample.py shorthand for sample.prompt (python scripts/sample.py prompt="Once");
+    scripts/chat.py: the one user message to reply to (without it the chat is interactive)."""
+    chat: "ChatConfig" = field(default_factory=lambda: ChatConfig())
+    """scripts/chat.py options (ChatConfig, defined at the end of this module)."""
 
 
 def is_chat(data: DataConfig) -> bool:
@@ -484,6 +490,10 @@ def validate(job: JobConfig) -> None:
         "evaluate.batch_size and evaluate.seq_len must be > 0",
     )
     need(
+        ev.max_answers is None or ev.max_answers > 0,
+        f"evaluate.max_answers={ev.max_answers}: must be > 0 (or null: every held-out question)",
+    )
+    need(
         canonical_dtype(ex.dtype) in (*DTYPES, *QUANTIZED),
         f"export.dtype={ex.dtype!r}: choose one of {dtype_choices(QUANTIZED)}; "
         f"{', '.join(QUANTIZED)} for GGUF only",
@@ -498,5 +508,38 @@ def validate(job: JobConfig) -> None:
         sa.repetition_penalty > 0,
         f"sample.repetition_penalty={sa.repetition_penalty}: must be > 0 (1 disables it)",
     )
+    problems += chat_problems(job.chat)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class ChatConfig:
+    """Options of scripts/chat.py (the message itself is `prompt=`; without it, interactive)."""
+
+    system: Optional[str] = None
+    """System prompt put before the conversation; None: none."""
+    max_new_tokens: int = 64
+    """Most tokens of one reply; the history is trimmed to leave this much room in the context."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 is greedy (the replies a fine-tuned model was taught)."""
+    top_k: Optional[int] = None
+    """Keep only the k most likely tokens."""
+    top_p: Optional[float] = None
+    """Nucleus sampling threshold."""
+    seed: Optional[int] = None
+    """Sampling seed of the first reply, + 1 per reply (None: run.seed)."""
+
+
+def chat_problems(c: ChatConfig) -> List[str]:
+    """What is wrong with the chat options (validate() reports them with the rest)."""
+    problems = []
+    if c.max_new_tokens <= 0:
+        problems.append(f"chat.max_new_tokens={c.max_new_tokens}: must be > 0")
+    if c.temperature < 0:
+        problems.append(f"chat.temperature={c.temperature}: must be >= 0 (0 is greedy)")
+    if c.top_k is not None and c.top_k < 1:
+        problems.append(f"chat.top_k={c.top_k}: must be >= 1 (or null)")
+    if c.top_p is not None and not 0 < c.top_p <= 1:
+        problems.append(f"chat.top_p={c.top_p}: must be in (0, 1] (or null)")
+    return problems

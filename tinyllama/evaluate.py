@@ -4,6 +4,13 @@
     TokenBytes(tokenizer)                      UTF-8 bytes per target token, for bits per byte
     text_batches(tokenizer, docs, B, T)        (x, y) windows of any text, packed in memory
     run_evaluation(job)                        the stage: checkpoint -> JSON, table and plot
+    assistant_loss(model, tokenizer, convs)    chat runs: loss on the assistant's tokens only
+    answer_accuracy(model, tokenizer, convs)   chat runs: greedy replies vs the short answers
+
+On a chat run (its data is conversations, tinyllama.config.is_chat), or with evaluate.source=data
+and a chat `data` group (e.g. data=synthetic_chat, to measure a base run on the same questions),
+the stage evaluates the held-out conversations instead of text windows: the loss on assistant
+tokens and, for the built-in corpus, `answer_accuracy`.
 
 The stage loads its checkpoint with `tinyllama.checkpoint.load_for_inference`, as sampling and
 export do, and cuts windows with `tinyllama.data.loader.window_batches`, as training's validation
@@ -27,9 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tinyllama.chat import greedy_replies
+from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
 from tinyllama.checkpoint import load_for_inference
+from tinyllama.config import DataConfig, is_chat
 from tinyllama.data import ensure_packed, iter_documents
+from tinyllama.data.conversations import iter_conversations
 from tinyllama.data.loader import eval_batches, window_batches
+from tinyllama.data.synthetic_chat import answer_matches
 from tinyllama.errors import DataError
 from tinyllama.model import causal_lm_loss
 
@@ -171,6 +183,9 @@ def run_evaluation(job) -> Dict[str, object]:
     ev = job.evaluate
     ckpt, model, tokenizer, device = load_for_inference(job, ev.rope_type, ev.rope_factor)
     seq_len = ev.seq_len or ckpt.job.train.seq_len
+    chat_data = _chat_data(job, ckpt)
+    if chat_data is not None:
+        return run_chat_evaluation(job, ckpt, model, tokenizer, chat_data, seq_len)
     batches, source = _batches(job, ckpt, tokenizer, seq_len)
     result = evaluate_loss(model, batches, device, token_bytes=TokenBytes(tokenizer), by_position=True)
     by_position = result.pop("loss_by_position")
@@ -205,6 +220,123 @@ def run_evaluation(job) -> Dict[str, object]:
         f"bits/byte {result['bits_per_byte']:.4f}\nloss by position:\n{table}written {out / name}.json"
     )
     return result
+
+
+def run_chat_evaluation(job, ckpt, model, tokenizer, data: DataConfig, seq_len: int) -> Dict[str, object]:
+    """The evaluation stage on conversations: the loss on assistant tokens of `data`'s
+    evaluate.split and, for the built-in corpus, answer_accuracy over up to evaluate.max_answers
+    of its questions; printed and written to <run>/eval/<name>.json. Returns the results."""
+    ev = job.evaluate
+    conversations = list(iter_conversations(data, ev.split))
+    loss = assistant_loss(model, tokenizer, conversations, ev.batch_size, seq_len, ev.max_batches)
+    result: Dict[str, object] = {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "source": f"{data.name}/{ev.split}",
+        "seq_len": seq_len,
+        "conversations": len(conversations),
+        **loss,
+    }
+    if data.source == "synthetic_chat":  # only the built-in corpus has checkable short answers
+        result.update(answer_accuracy(model, tokenizer, conversations, ev.max_answers, ev.batch_size))
+    name = f"step_{ckpt.step}-{data.name}_{ev.split}-chat"
+    out = ckpt.path.parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    accuracy = (
+        f"  answer_accuracy {result['answer_accuracy']:.3f} ({result['answer_count']} questions)"
+        if "answer_accuracy" in result
+        else ""
+    )
+    print(
+        f"{result['source']} ({len(conversations)} conversations, {loss['assistant_tokens']} assistant "
+        f"tokens): assistant_loss {loss['assistant_loss']:.4f}{accuracy}\nwritten {out / name}.json"
+    )
+    return result
+
+
+def assistant_loss(
+    model: nn.Module,
+    tokenizer,
+    conversations: Iterable[Dict[str, object]],
+    batch_size: int = 8,
+    seq_len: Optional[int] = None,
+    max_batches: Optional[int] = None,
+) -> Dict[str, object]:
+    """Mean loss per assistant token (the tokens fine-tuning trains on: the replies and their
+    end-of-turn) over `conversations` ({"messages": [...]} records), each on its own row,
+    right-padded (causal attention: padding after a conversation never changes it).
+
+    seq_len: conversations longer than seq_len + 1 tokens are cut (as training's windows would),
+    and counted. Returns dict(assistant_loss, assistant_tokens, truncated)."""
+    device = next(model.parameters()).device
+    rows, truncated = [], 0
+    for conversation in conversations:
+        ids, labels = encode_conversation(tokenizer, conversation["messages"], train_on="assistant")
+        if seq_len is not None and len(ids) > seq_len + 1:
+            ids, labels, truncated = ids[: seq_len + 1], labels[: seq_len + 1], truncated + 1
+        rows.append((ids, labels))
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            T = max(len(ids) for ids, _ in chunk) - 1
+            x = torch.full((len(chunk), T), tokenizer.eos_id, dtype=torch.long)
+            y = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+            for i, (ids, labels) in enumerate(chunk):  # y[t]: the label of the token after x[t]
+                x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+                y[i, : len(ids) - 1] = torch.tensor(labels[1:])
+            yield x, y
+
+    limited = (b for i, b in enumerate(batches()) if max_batches is None or i < max_batches)
+    result = evaluate_loss(model, limited, device)
+    return {"assistant_loss": result["loss"], "assistant_tokens": result["tokens"], "truncated": truncated}
+
+
+def answer_accuracy(
+    model: nn.Module,
+    tokenizer,
+    conversations: Iterable[Dict[str, object]],
+    max_answers: Optional[int] = None,
+    batch_size: int = 8,
+    examples: int = 5,
+) -> Dict[str, object]:
+    """Share of questions answered exactly: for each conversation with an "answer" (the built-in
+    corpus's short reply to its last user turn; the first max_answers of them, None: all), the
+    greedy reply to the messages before its last assistant turn, compared by `answer_matches`.
+
+    A reply is given a few tokens more than its answer needs: a longer one cannot match.
+    Returns dict(answer_accuracy, answer_count, answer_examples: the first `examples`
+    {"answer", "reply"} pairs). Usable on any model whose tokenizer has the chat pieces (a base
+    run too, to compare it with its fine-tuned run on the same questions)."""
+    asked = [c for c in conversations if c.get("answer") is not None]
+    asked = asked[:max_answers] if max_answers is not None else asked
+    if not asked:
+        raise DataError("answer_accuracy: none of the conversations has a short answer to check")
+    prompts = []
+    for c in asked:
+        messages = list(c["messages"])
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"a conversation with an answer must end with its assistant turn: {messages[-1]}")
+        prompts.append(messages[:-1])
+    limits = [len(tokenizer.encode(c["answer"])) + 4 for c in asked]  # + end-of-turn and slack
+    replies = greedy_replies(model, tokenizer, prompts, limits, batch_size)
+    correct = sum(answer_matches(r, c["answer"]) for r, c in zip(replies, asked))
+    return {
+        "answer_accuracy": correct / len(asked),
+        "answer_count": len(asked),
+        "answer_examples": [{"answer": c["answer"], "reply": r} for c, r in zip(asked[:examples], replies)],
+    }
+
+
+def _chat_data(job, ckpt) -> Optional[DataConfig]:
+    """The conversations to evaluate on, or None for text: the run's own data when it is chat
+    (evaluate.source=run), the command line's `data` when that is chat (evaluate.source=data)."""
+    ev = job.evaluate
+    if ev.files:
+        return None
+    data = job.data if ev.source == "data" else ckpt.job.data
+    return data if is_chat(data) else None
 
 
 def _batches(job, ckpt, tokenizer, seq_len: int) -> Tuple[Iterator[Batch], str]:

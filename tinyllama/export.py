@@ -5,9 +5,10 @@ is in the configs and the tokenizer. An exported folder holds:
 
     config.json              LlamaForCausalLM (or Qwen2ForCausalLM for model_type=qwen2), RoPE included
     model.safetensors        the weights (a tied lm_head stored once, as transformers does)
-    generation_config.json   bos/eos ids and the run's sampling settings
+    generation_config.json   bos/eos ids (a chat model's eos: [</s>, <|end|>]) and the run's sampling settings
     tokenizer.json           the SentencePiece model rebuilt for the `tokenizers` library
-    tokenizer_config.json    so `AutoTokenizer.from_pretrained(folder)` loads it offline
+    tokenizer_config.json    so `AutoTokenizer.from_pretrained(folder)` loads it offline; a chat
+                             model's also holds `chat_template` (tinyllama/chat_template.py)
     tokenizer.model          the original SentencePiece model
 
 `import_hf(folder)` reads a local Llama or Qwen2 safetensors folder (transformers 4.x or 5.x
@@ -32,6 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tinyllama.atomic import building_folder
+from tinyllama.chat_template import add_chat_template, end_of_turn_id, missing_pieces
 from tinyllama.checkpoint import LoadedCheckpoint, load_for_inference, save_weights
 from tinyllama.config import DTYPES, canonical_dtype, dtype_choices
 from tinyllama.errors import CheckpointError, ConfigError
@@ -40,6 +42,7 @@ from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import restore_tied_head
 from tinyllama.model.rotary import ROPE_TYPES  # transformers' yarn, longrope, ... have no counterpart here
+from tinyllama.tokenizer import Tokenizer
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # How both exports tell the user to replace an existing folder (tinyllama.atomic refuses it).
@@ -158,7 +161,8 @@ def export_hf(
     """Write a Hugging Face folder for `model` (a LlamaForCausalLM or a LoadedCheckpoint).
 
     tokenizer_path: the SentencePiece .model (default: the checkpoint's copy); None with a bare
-    model writes no tokenizer. generation: sampling defaults for generation_config.json
+    model writes no tokenizer. A tokenizer with the chat pieces also gets the chat template
+    (`chat_template` in tokenizer_config.json), and generation stops at `<|end|>` as well as </s>. generation: sampling defaults for generation_config.json
     (do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens).
     The folder is built beside `out_dir` and renamed into place; an existing non-empty `out_dir`
     is refused unless overwrite=True (then replaced only once the new folder is complete).
@@ -170,13 +174,25 @@ def export_hf(
     with building_folder(out_dir, overwrite, OVERWRITE_HINT) as tmp:
         save_weights(tmp / "model.safetensors", state, cfg, getattr(torch, DTYPES[canonical_dtype(dtype)]))
         _write_json(tmp / "config.json", hf_config(cfg, dtype))
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation or {})}
+        end = chat_end_of_turn(tokenizer_path) if tokenizer_path is not None else None
+        # A chat model's replies end at <|end|>: generate stops at either id (transformers takes a list).
+        eos = cfg.eos_token_id if end is None else [cfg.eos_token_id, end]
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, **(generation or {})}
         if cfg.pad_token_id is not None:
             gen["pad_token_id"] = cfg.pad_token_id
         _write_json(tmp / "generation_config.json", gen)
         if tokenizer_path is not None:
             write_hf_tokenizer(Path(tokenizer_path), tmp, cfg.max_position_embeddings)
+            if end is not None:
+                add_chat_template(tmp)
     return out_dir
+
+
+def chat_end_of_turn(sp_model: Union[str, Path]) -> Optional[int]:
+    """Id of the end-of-turn piece of a SentencePiece model that has the chat pieces, else None
+    (a base model's tokenizer: nothing of the chat template is exported)."""
+    tokenizer = Tokenizer.load(sp_model)
+    return None if missing_pieces(tokenizer) else end_of_turn_id(tokenizer)
 
 
 def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Tensor]]:

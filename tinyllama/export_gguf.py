@@ -32,18 +32,20 @@ import dataclasses
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from tinyllama.atomic import building_folder
+from tinyllama.chat_template import CHAT_TEMPLATE, END_OF_TURN
 from tinyllama.checkpoint import LoadedCheckpoint
 from tinyllama.config import QUANTIZED, canonical_dtype, dtype_choices
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.export import (
     OVERWRITE_HINT,
+    chat_end_of_turn,
     check_export,
     export_inputs,
     exported_parts,
@@ -64,6 +66,9 @@ GGUF_DTYPES = {
     "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0"),
 }
 ARCHITECTURES = {"llama": "LLAMA", "qwen2": "QWEN2"}  # gguf.MODEL_ARCH members
+# chat_template.CHAT_TEMPLATE for Ollama: the same pieces around each message, then <|assistant|>
+# (Ollama puts the system prompt among .Messages; <s> comes from the GGUF's add_bos).
+OLLAMA_CHAT_TEMPLATE = "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
 
 
 def import_gguf():
@@ -143,11 +148,17 @@ def encode_tensor(array: np.ndarray, dtype: str):
 
 
 def add_tokenizer(
-    writer, sp_model: Path, vocab_size: int, chat_template: Optional[str] = None
+    writer,
+    sp_model: Path,
+    vocab_size: int,
+    chat_template: Optional[str] = None,
+    end_of_turn: Optional[int] = None,
 ) -> Optional[str]:
     """The SentencePiece model as llama.cpp's "llama" vocabulary: every piece with its score and
     type (SentencePiece's type numbers are GGUF's), padded with unused pieces up to vocab_size,
-    the special ids, add-bos, and the dummy-prefix setting. Returns the eos piece (None: none)."""
+    the special ids, add-bos, and the dummy-prefix setting; a chat model's template as
+    tokenizer.chat_template and its end-of-turn id as llama.cpp's eot token (generation ends at
+    it). Returns the eos piece (None: none)."""
     proto = sentencepiece_proto(sp_model)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if len(proto.pieces) > vocab_size:
@@ -189,6 +200,8 @@ def add_tokenizer(
     writer.add_add_space_prefix(norm.add_dummy_prefix)
     if chat_template:
         writer.add_chat_template(chat_template)
+    if end_of_turn is not None:
+        writer.add_eot_token_id(end_of_turn)
     return spec.eos_piece if spec.eos_id >= 0 else None
 
 
@@ -228,7 +241,8 @@ def export_gguf(
     model: a LlamaForCausalLM or a LoadedCheckpoint. tokenizer_path: the SentencePiece .model
     (default: the checkpoint's copy; needed, since llama.cpp reads the vocabulary from the file).
     generation: sampling defaults for the Modelfile (generation_config.json's names).
-    chat_template: a Jinja chat template stored as tokenizer.chat_template.
+    chat_template: a Jinja chat template stored as tokenizer.chat_template; default: the project's
+    (tinyllama/chat_template.py) when the tokenizer has the chat pieces.
     The folder is built beside `out_dir` and renamed into place; an existing non-empty `out_dir`
     is refused unless overwrite=True. A model llama.cpp cannot run is refused with the reasons.
     """
@@ -243,6 +257,9 @@ def export_gguf(
     problems = gguf_problems(cfg)
     if problems:
         raise ConfigError("llama.cpp cannot run this model as exported:\n  - " + "\n  - ".join(problems))
+    end = chat_end_of_turn(tokenizer_path)
+    if end is not None and chat_template is None:
+        chat_template = CHAT_TEMPLATE
     gguf = import_gguf()
     logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # it logs the temporary path
     file_name = f"{name}-{GGUF_DTYPES[dtype][2]}.gguf"
@@ -254,7 +271,7 @@ def export_gguf(
         writer.add_file_type(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(writer, cfg)
-        eos_piece = add_tokenizer(writer, Path(tokenizer_path), cfg.vocab_size, chat_template)
+        eos_piece = add_tokenizer(writer, Path(tokenizer_path), cfg.vocab_size, chat_template, end)
         for tensor_name, array in gguf_tensors(cfg, state).items():
             data, kind = encode_tensor(array, dtype)
             writer.add_tensor(tensor_name, data, raw_dtype=kind)
@@ -262,7 +279,8 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        text = modelfile(file_name, cfg, generation or {}, chat_template, stop=eos_piece)
+        stop = [p for p in (eos_piece, END_OF_TURN if end is not None else None) if p]
+        text = modelfile(file_name, cfg, generation or {}, chat_template, stop=stop)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
     return out_dir / file_name
 
@@ -272,20 +290,23 @@ def modelfile(
     cfg: LlamaConfig,
     generation: Dict[str, Any],
     chat_template: Optional[str],
-    stop: Optional[str],
+    stop: Union[str, Sequence[str], None],
 ) -> str:
-    """An Ollama Modelfile for the .gguf beside it: the prompt template, the stop token (the eos
-    piece), the context length and the run's sampling settings (generation_config.json's names)."""
+    """An Ollama Modelfile for the .gguf beside it: the prompt template, the stop tokens (the eos
+    piece; a chat model's end-of-turn too), the context length and the run's sampling settings
+    (generation_config.json's names)."""
     lines = [
         '# ollama create <name> -f Modelfile  (then: ollama run <name> "Once upon a time")',
         f"FROM ./{gguf_file}",
     ]
-    if chat_template:  # Ollama derives its Go template from the GGUF's tokenizer.chat_template
+    if chat_template == CHAT_TEMPLATE:  # ours in Ollama's Go template language (it runs no Jinja)
+        lines.append(f'TEMPLATE """{OLLAMA_CHAT_TEMPLATE}"""')
+    elif chat_template:  # Ollama derives its Go template from the GGUF's tokenizer.chat_template
         lines.append("# TEMPLATE: taken from the chat template stored in the .gguf")
     else:  # a base model continues the text as given (<s> is added per the GGUF's add_bos)
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    if stop:
-        lines.append(f'PARAMETER stop "{stop}"')
+    for piece in [stop] if isinstance(stop, str) else stop or []:
+        lines.append(f'PARAMETER stop "{piece}"')
     lines.append(f"PARAMETER num_ctx {cfg.max_position_embeddings}")
     if "max_new_tokens" in generation:
         lines.append(f"PARAMETER num_predict {generation['max_new_tokens']}")
@@ -320,7 +341,6 @@ def run_export_gguf(job) -> Path:
         dtype=ex.dtype,
         name=ckpt.path.parent.parent.name,
         generation=generation_defaults(job.sample),
-        chat_template=getattr(tokenizer, "chat_template", None),
         overwrite=ex.overwrite,
     )
     print(f"exported {ckpt.path} -> {path}")
