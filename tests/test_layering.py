@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tinyllama"
 STAGES = {
     "tinyllama.evaluate",
     "tinyllama.sample",
+    "tinyllama.chat",
     "tinyllama.export",
     "tinyllama.export_gguf",
     "tinyllama.inspection",
