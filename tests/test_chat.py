@@ -5,6 +5,7 @@ refused with the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tinyllama.checkpoint import save_checkpoint
 from tinyllama.config import ChatConfig, DataConfig, JobConfig, RunConfig
 from tinyllama.errors import ConfigError
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.tokenizer import ensure_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "Who is the story about?"
@@ -158,8 +160,12 @@ def test_batched_greedy_replies_equal_one_by_one_replies(taught):
     assert batched == alone and batched[:2] == ["Mia", "in a small town"]
 
 
-def test_a_run_without_the_chat_pieces_is_refused_with_the_fix(saved_run):
-    job = saved_run[0]  # its tokenizer (bpe_512 of tiny_data) has no chat pieces
+def test_a_run_without_the_chat_pieces_is_refused_with_the_fix(tiny_data, tmp_path):
+    data, tok_cfg = tiny_data
+    plain = ensure_tokenizer(
+        dataclasses.replace(tok_cfg, name="no_chat_pieces", user_defined_symbols=[]), data
+    )
+    job = save_run(tmp_path / "plain", tiny_chat_model(plain.vocab_size), plain, data)
     job.prompt = "Hello"
     with pytest.raises(ConfigError, match="cannot chat: .*no chat pieces.*user_defined_symbols"):
         run_chat(job, out=io.StringIO())
