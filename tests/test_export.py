@@ -3,6 +3,7 @@ greedy text, equal token ids; transformers-made checkpoints import; bad folders 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -225,7 +226,8 @@ def test_a_chat_model_exports_its_template_and_stops_at_end_of_turn_in_transform
 def test_a_base_model_exports_no_chat_template(tmp_path, tiny_data):
     from tinyllama.tokenizer import ensure_tokenizer
 
-    tok = ensure_tokenizer(tiny_data[1], tiny_data[0])  # no chat pieces
+    plain = dataclasses.replace(tiny_data[1], name="no_chat_pieces", user_defined_symbols=[])
+    tok = ensure_tokenizer(plain, tiny_data[0])
     folder = export_hf(tiny_model(vocab_size=tok.vocab_size), tmp_path / "hf", tokenizer_path=tok.model_path)
     assert "chat_template" not in json.loads((folder / "tokenizer_config.json").read_text())
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == tok.eos_id

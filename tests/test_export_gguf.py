@@ -6,10 +6,13 @@ itself reproduces our token ids, logits and greedy text."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from tinyllama.chat_template import CHAT_PIECES, CHAT_TEMPLATE
 from tinyllama.errors import ConfigError
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 from tinyllama.model.rotary import RotaryEmbedding, apply_rotary_pos_emb
@@ -175,8 +178,13 @@ def test_gguf_vocabulary_is_the_sentencepiece_model(tmp_path, sp_tokenizer):
     )
     types = kv["tokenizer.ggml.token_type"]
     kinds = {2: sp.is_unknown, 3: sp.is_control, 6: sp.is_byte}  # GGUF's numbers
+    user_defined = set(CHAT_PIECES)  # the tokenizer's user_defined_symbols: GGUF's 4, like SentencePiece's
     for i in range(n):
-        expected = next((k for k, is_kind in kinds.items() if is_kind(i)), 1)
+        expected = (
+            4
+            if sp.id_to_piece(i) in user_defined
+            else next((k for k, is_kind in kinds.items() if is_kind(i)), 1)
+        )
         assert types[i] == expected, sp.id_to_piece(i)
     assert sum(t == 6 for t in types) == 256  # byte fallback pieces
     assert (
@@ -187,7 +195,7 @@ def test_gguf_vocabulary_is_the_sentencepiece_model(tmp_path, sp_tokenizer):
     assert "tokenizer.ggml.padding_token_id" not in kv  # the preset has no <pad>
     assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.ggml.add_eos_token"] is False
     assert kv["tokenizer.ggml.add_space_prefix"] is True
-    assert "tokenizer.chat_template" not in kv
+    assert kv["tokenizer.chat_template"] == CHAT_TEMPLATE  # the default tokenizer has the chat pieces
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     path = export_gguf(
         model, tmp_path / "chat", tokenizer_path=sp_tokenizer.model_path, chat_template=template
@@ -419,9 +427,10 @@ def test_llama_cpp_q8_0_mostly_agrees(tmp_path, sp_tokenizer):
     assert report["same_token_ids"] and int(report["greedy_tokens_agreeing"].split("/")[0]) >= 15, report
 
 
-def test_a_chat_model_carries_its_template_and_end_of_turn_token(tmp_path, chat_tokenizer, sp_tokenizer):
+def test_a_chat_model_carries_its_template_and_end_of_turn_token(tmp_path, chat_tokenizer, tiny_data):
     from tinyllama.chat_template import CHAT_TEMPLATE, END_OF_TURN, end_of_turn_id
     from tinyllama.export_gguf import OLLAMA_CHAT_TEMPLATE
+    from tinyllama.tokenizer import ensure_tokenizer
 
     tok = chat_tokenizer
     path = export_gguf(tiny_model(tok.vocab_size), tmp_path / "chat", tokenizer_path=tok.model_path)
@@ -432,8 +441,10 @@ def test_a_chat_model_carries_its_template_and_end_of_turn_token(tmp_path, chat_
     lines = (path.parent / "Modelfile").read_text().splitlines()
     assert f'TEMPLATE """{OLLAMA_CHAT_TEMPLATE}"""' in lines
     assert 'PARAMETER stop "</s>"' in lines and f'PARAMETER stop "{END_OF_TURN}"' in lines
-    base = export_gguf(
-        tiny_model(sp_tokenizer.vocab_size), tmp_path / "base", tokenizer_path=sp_tokenizer.model_path
+    data, tok_cfg = tiny_data
+    plain = ensure_tokenizer(
+        dataclasses.replace(tok_cfg, name="no_chat_pieces", user_defined_symbols=[]), data
     )
+    base = export_gguf(tiny_model(plain.vocab_size), tmp_path / "base", tokenizer_path=plain.model_path)
     kv = fields(gguf.GGUFReader(base))
     assert "tokenizer.chat_template" not in kv and "tokenizer.ggml.eot_token_id" not in kv
