@@ -220,3 +220,10 @@ def test_wandb_offline_keeps_one_run_id_across_a_resume(tiny_job, tmp_path, monk
     assert (run / "wandb_id.txt").read_text().strip() == run_id
     offline_runs = list((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
+
+
+def test_no_samples_asked_writes_none(tiny_job):
+    tiny_job.train.max_steps, tiny_job.sample.num_samples = 2, 0
+    loop.run_training(tiny_job)
+    run = loop.run_dir_of(tiny_job)
+    assert (run / "summary.json").is_file() and not (run / "samples.txt").exists()

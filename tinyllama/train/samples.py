@@ -26,7 +26,10 @@ def write_samples(
     device: torch.device,
     echo: Callable[[str], None],
 ) -> None:
-    """cfg.num_samples continuations of each prompt, sampled with tinyllama.generate."""
+    """cfg.num_samples continuations of each prompt, sampled with tinyllama.generate; none (and no
+    samples.txt) when num_samples is 0."""
+    if cfg.num_samples == 0:
+        return
     model.eval()
     texts = []
     for prompt in prompts_of(cfg):
