@@ -110,7 +110,7 @@ class ChatSession:
             eos_token_id=self.end_id,
             seed=self.seed + self.replies,
         ):
-            if int(token[0]) == self.end_id or not stream.put(int(token[0])):
+            if int(token[0]) in (self.end_id, self.tokenizer.eos_id) or not stream.put(int(token[0])):
                 break
         stream.finish()
         self.replies += 1
@@ -126,17 +126,16 @@ def run_chat(
     (Ctrl-D), `/reset` starting over. Replies go to `out`, cues and notes to `err`. Returns the
     replies."""
     ckpt, model, tokenizer, _ = load_for_inference(job)
+    seed = job.chat.seed if job.chat.seed is not None else job.run.seed
     try:
-        require_chat_pieces(tokenizer)
-    except ConfigError as e:
+        session = ChatSession(model, tokenizer, job.chat, seed)
+    except ConfigError as e:  # no chat pieces, or chat.max_new_tokens beyond the context
         raise ConfigError(f"{ckpt.path} cannot chat: {e}") from None
     if not is_chat(ckpt.job.data):
         err.write(
             f"note: {ckpt.path} was trained on documents (data.source={ckpt.job.data.source}), not "
             "conversations: expect story text, not answers (fine-tune it: experiment=chat_demo)\n"
         )
-    seed = job.chat.seed if job.chat.seed is not None else job.run.seed
-    session = ChatSession(model, tokenizer, job.chat, seed)
     if job.prompt is not None:
         reply = session.reply(job.prompt, out)
         out.write("\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -35,12 +36,13 @@ import torch.distributed as dist
 from torch import nn
 
 from tinyllama.chat import greedy_replies
-from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
+from tinyllama.chat_template import encode_conversation
 from tinyllama.checkpoint import load_for_inference
 from tinyllama.config import DataConfig, is_chat
 from tinyllama.data import ensure_packed, iter_documents
 from tinyllama.data.conversations import iter_conversations
 from tinyllama.data.loader import eval_batches, window_batches
+from tinyllama.data.sft_batches import PackingStats, collate, pack_windows, padding_id
 from tinyllama.data.synthetic_chat import answer_matches
 from tinyllama.errors import DataError
 from tinyllama.model import causal_lm_loss
@@ -264,33 +266,32 @@ def assistant_loss(
     max_batches: Optional[int] = None,
 ) -> Dict[str, object]:
     """Mean loss per assistant token (the tokens fine-tuning trains on: the replies and their
-    end-of-turn) over `conversations` ({"messages": [...]} records), each on its own row,
-    right-padded (causal attention: padding after a conversation never changes it).
-
-    seq_len: conversations longer than seq_len + 1 tokens are cut (as training's windows would),
-    and counted. Returns dict(assistant_loss, assistant_tokens, truncated)."""
+    end-of-turn) over `conversations` ({"messages": [...]} records), packed into windows of
+    seq_len tokens (default: the model's context) exactly as fine-tuning packs them (a
+    conversation's logits in a window equal its own). Conversations longer than a window are cut
+    (or dropped when nothing that carries loss is left), and counted.
+    Returns dict(assistant_loss, assistant_tokens, truncated, dropped)."""
     device = next(model.parameters()).device
-    rows, truncated = [], 0
-    for conversation in conversations:
-        ids, labels = encode_conversation(tokenizer, conversation["messages"], train_on="assistant")
-        if seq_len is not None and len(ids) > seq_len + 1:
-            ids, labels, truncated = ids[: seq_len + 1], labels[: seq_len + 1], truncated + 1
-        rows.append((ids, labels))
+    stats = PackingStats()
+    encoded = (encode_conversation(tokenizer, c["messages"], train_on="assistant") for c in conversations)
+    windows = pack_windows(
+        encoded, seq_len or model.config.max_position_embeddings, padding_id(tokenizer), "truncate", stats
+    )
 
-    def batches() -> Iterator[Batch]:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            T = max(len(ids) for ids, _ in chunk) - 1
-            x = torch.full((len(chunk), T), tokenizer.eos_id, dtype=torch.long)
-            y = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-            for i, (ids, labels) in enumerate(chunk):  # y[t]: the label of the token after x[t]
-                x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
-                y[i, : len(ids) - 1] = torch.tensor(labels[1:])
-            yield x, y
+    def batches() -> Iterator[Dict[str, torch.Tensor]]:
+        chunks = iter(lambda: list(itertools.islice(windows, batch_size)), [])
+        for b, chunk in enumerate(chunks):
+            if max_batches is not None and b >= max_batches:
+                return
+            yield collate(chunk).inputs().inputs
 
-    limited = (b for i, b in enumerate(batches()) if max_batches is None or i < max_batches)
-    result = evaluate_loss(model, limited, device)
-    return {"assistant_loss": result["loss"], "assistant_tokens": result["tokens"], "truncated": truncated}
+    result = evaluate_loss(model, batches(), device)
+    return {
+        "assistant_loss": result["loss"],
+        "assistant_tokens": result["tokens"],
+        "truncated": stats.truncated,
+        "dropped": stats.dropped,
+    }
 
 
 def answer_accuracy(

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from tinyllama.chat_template import IGNORE_INDEX
 from tinyllama.data.pack import read_meta
 from tinyllama.errors import DataError
 
@@ -82,7 +83,7 @@ class ModelBatch:
     @property
     def loss_tokens(self) -> int:
         """Targets that carry loss."""
-        return int((self.inputs["shift_labels"] != -100).sum())
+        return int((self.inputs["shift_labels"] != IGNORE_INDEX).sum())
 
     def to(self, device) -> Dict[str, torch.Tensor]:
         """The inputs on `device`."""

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from tinyllama.chat_template import IGNORE_INDEX
 from tinyllama.config import OVERFLOW, PACKING
+from tinyllama.data.loader import ModelBatch
 from tinyllama.errors import ConfigError
 from tinyllama.model.masks import segment_attention_mask
 
@@ -58,23 +60,48 @@ class Window:
     segment_ids: List[int]  # 1, 2, ... per conversation; 0 on padding
 
 
+WINDOW_FIELDS = ("input_ids", "labels", "position_ids", "segment_ids")
+
+
 @dataclass
 class SFTBatch:
-    """Tensors for `model(input_ids, attention_mask=..., position_ids=..., labels=...)`.
-
-    input_ids, labels, position_ids, segment_ids: (B, T) int64; attention_mask: (B, 1, T, T) bool.
-    """
+    """Windows stacked: input_ids, labels, position_ids, segment_ids (B, T) int64, for
+    `model(input_ids, attention_mask=..., position_ids=..., labels=...)`; `inputs()` gives the
+    training loop's and evaluation's form of the same batch."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
-    attention_mask: torch.Tensor
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool: block-diagonal causal, each token sees its own conversation only."""
+        return segment_attention_mask(self.segment_ids)
 
     @property
     def real_share(self) -> float:
         """Share of the batch's tokens that are conversation tokens (not padding)."""
         return (self.segment_ids != 0).float().mean().item()
+
+    def inputs(self, packed: bool = True) -> ModelBatch:
+        """The model's keyword arguments: input_ids, shift_labels (the label of token t + 1 at t:
+        the model does not shift them), and for packed windows position_ids and the mask. Padded
+        windows need neither: their one conversation starts at position 0, padding only follows."""
+        inputs = {
+            "input_ids": self.input_ids,
+            "shift_labels": F.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX),
+        }
+        if packed:
+            inputs["position_ids"] = self.position_ids
+            inputs["attention_mask"] = self.attention_mask
+        return ModelBatch(inputs, real_tokens=int((self.segment_ids != 0).sum()))
+
+
+def padding_id(tokenizer) -> int:
+    """The id that fills a window after its conversations: the tokenizer's pad, else its eos
+    (never a target: padding's labels are IGNORE_INDEX)."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
 
 
 def pack_windows(
@@ -120,18 +147,9 @@ def pack_windows(
 
 
 def collate(windows: Sequence[Window]) -> SFTBatch:
-    """Stack windows into one batch with its block-diagonal causal attention mask."""
-
-    def stack(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(w, name) for w in windows], dtype=torch.long)
-
-    segment_ids = stack("segment_ids")
+    """Stack windows into one batch."""
     return SFTBatch(
-        stack("input_ids"),
-        stack("labels"),
-        stack("position_ids"),
-        segment_ids,
-        segment_attention_mask(segment_ids),
+        *(torch.tensor([getattr(w, name) for w in windows], dtype=torch.long) for name in WINDOW_FIELDS)
     )
 
 

@@ -30,21 +30,19 @@ from typing import Dict, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tinyllama.atomic import building_folder
-from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
+from tinyllama.chat_template import encode_conversation
 from tinyllama.config import DataConfig
 from tinyllama.data.conversations import iter_conversations
 from tinyllama.data.loader import ModelBatch, ResumableLoader
 from tinyllama.data.pack import META_FILE, packed_dir
-from tinyllama.data.sft_batches import PackingStats, pack_windows
+from tinyllama.data.sft_batches import WINDOW_FIELDS, PackingStats, SFTBatch, pack_windows, padding_id
 from tinyllama.data.sources import describe_source
 from tinyllama.errors import DataError
-from tinyllama.model.masks import segment_attention_mask
 
 CHAT_FORMAT = 1
-FIELDS = ("input_ids", "labels", "position_ids", "segment_ids")
+FIELDS = WINDOW_FIELDS
 DTYPE = np.dtype("<i4")
 
 
@@ -106,7 +104,7 @@ def _pack_split(cfg: DataConfig, tokenizer, seq_len: int, folder: Path, split: s
     encoded = (
         encode_conversation(tokenizer, c["messages"], cfg.train_on) for c in iter_conversations(cfg, split)
     )
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id  # never a target
+    pad_id = padding_id(tokenizer)
     files = {name: open(folder / split / f"{name}.bin", "wb") for name in FIELDS}
     try:
         for window in pack_windows(encoded, seq_len, pad_id, cfg.overflow, stats, cfg.packing):
@@ -181,15 +179,7 @@ class ChatWindows:
     def batch(self, rows: np.ndarray) -> ModelBatch:
         """The windows `rows` as model inputs: (B, T) int64 tensors (+ the (B, 1, T, T) mask)."""
         t = {name: torch.from_numpy(a[rows].astype(np.int64)) for name, a in self.arrays.items()}
-        # The model does not shift shift_labels: target t is the label of token t + 1.
-        inputs = {
-            "input_ids": t["input_ids"],
-            "shift_labels": F.pad(t["labels"][:, 1:], (0, 1), value=IGNORE_INDEX),
-        }
-        if self.packed:
-            inputs["position_ids"] = t["position_ids"]
-            inputs["attention_mask"] = segment_attention_mask(t["segment_ids"])
-        return ModelBatch(inputs, real_tokens=int((t["segment_ids"] != 0).sum()))
+        return SFTBatch(**t).inputs(self.packed)
 
 
 def _per_rank(windows: ChatWindows, folder: Path, split: str, world_size: int) -> int:

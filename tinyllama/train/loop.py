@@ -160,7 +160,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             batch = self.loader.next_inputs()  # input_ids, shift_labels (B, T) (+ packing's)
-            self.shares.add(batch)
+            if self.chat:  # padding and loss shares: a document batch is all text, all targets
+                self.shares.add(batch)
             inputs = batch.to(device)
             last = micro == accum - 1
             no_sync = (
