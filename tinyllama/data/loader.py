@@ -97,11 +97,38 @@ def _to_xy(windows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class ResumableLoader:
-    """What the training loaders share: the tokenizer check and the resumable position (epoch,
-    items taken). Subclasses set packed_dir, meta, seed, seq_len, world_size, split, epoch, taken."""
+    """What the training loaders share: the tokenizer check, the seeded epoch order dealt to ranks,
+    and the resumable position (epoch, items taken). Subclasses set packed_dir, meta, seed,
+    seq_len, batch_size, split, call `_start(rank, world_size, windows_per_rank)` and define
+    `_epoch_order()` -> (anything the epoch's items need, this rank's item indices)."""
 
     packed_dir: Path
     meta: Dict
+
+    def _start(self, rank: int, world_size: int, windows_per_rank: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size, self.windows_per_rank = rank, world_size, windows_per_rank
+        self.epoch = 0
+        self.taken = 0  # items of this epoch already returned (same count on every rank)
+        self._order: Optional[Tuple[object, np.ndarray]] = None
+
+    def _deal(self, rng: np.random.Generator, n_items: int) -> np.ndarray:
+        """This rank's share of a permutation of n_items: dealt round-robin, so ranks read
+        disjoint items, and cut so that every rank gets windows_per_rank."""
+        order = rng.permutation(n_items)[: self.windows_per_rank * self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def _next_items(self) -> Iterator[Tuple[object, int]]:
+        """batch_size (epoch data, item index) pairs; epochs roll over without a gap."""
+        for _ in range(self.batch_size):
+            if self._order is None:
+                self._order = self._epoch_order()
+            extra, order = self._order
+            yield extra, int(order[self.taken])
+            self.taken += 1
+            if self.taken == len(order):
+                self.epoch, self.taken, self._order = self.epoch + 1, 0, None
 
     @property
     def fingerprint(self) -> str:
@@ -160,41 +187,26 @@ class BatchLoader(ResumableLoader):
         rank: int = 0,
         world_size: int = 1,
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.packed_dir = Path(packed_dir)
         self.meta = read_meta(self.packed_dir)
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
         self.stream = TokenStream(self.packed_dir, self.meta, split)
         self.window = seq_len + 1
-        self.windows_per_rank = _windows_per_rank(
-            self.stream, self.packed_dir, split, self.window, world_size
-        )
-        self.epoch = 0
-        self.taken = 0  # windows of this epoch already returned (same count on every rank)
-        self._order: Optional[Tuple[int, np.ndarray]] = None
+        per_rank = _windows_per_rank(self.stream, self.packed_dir, split, self.window, world_size)
+        self._start(rank, world_size, per_rank)
 
     def _epoch_order(self) -> Tuple[int, np.ndarray]:
         """(grid offset, this rank's window indices) for the current epoch, from (seed, epoch)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         n_windows = self.stream.tokens // self.window
         offset = int(rng.integers(0, self.stream.tokens - n_windows * self.window + 1))
-        order = rng.permutation(n_windows)[: self.windows_per_rank * self.world_size]
-        return offset, order[self.rank :: self.world_size]
+        return offset, self._deal(rng, n_windows)
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Next (x, y), both (B, T) int64 on the CPU; epochs roll over without a gap."""
-        windows = []
-        for _ in range(self.batch_size):
-            if self._order is None:
-                self._order = self._epoch_order()
-            offset, order = self._order
-            windows.append(self.stream.read(offset + int(order[self.taken]) * self.window, self.window))
-            self.taken += 1
-            if self.taken == len(order):
-                self.epoch, self.taken, self._order = self.epoch + 1, 0, None
-        return _to_xy(windows)
+        return _to_xy(
+            [self.stream.read(offset + i * self.window, self.window) for offset, i in self._next_items()]
+        )
 
     def next_inputs(self) -> ModelBatch:
         """next_batch as the training loop takes it (see ModelBatch)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -200,8 +200,6 @@ class SFTBatchLoader(ResumableLoader):
     def __init__(
         self, folder, split: str, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
     ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.packed_dir = Path(folder)
         self.meta = read_chat_meta(self.packed_dir)
         if self.meta["seq_len"] != seq_len:
@@ -209,29 +207,16 @@ class SFTBatchLoader(ResumableLoader):
                 f"{folder} holds windows of {self.meta['seq_len']} tokens, not train.seq_len={seq_len}"
             )
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
         self.windows = ChatWindows(self.packed_dir, self.meta, split)
-        self.windows_per_rank = _per_rank(self.windows, self.packed_dir, split, world_size)
-        self.epoch = 0
-        self.taken = 0  # windows of this epoch already returned (same count on every rank)
-        self._order: Optional[np.ndarray] = None
+        self._start(rank, world_size, _per_rank(self.windows, self.packed_dir, split, world_size))
 
-    def _epoch_order(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.windows.n)[: self.windows_per_rank * self.world_size]
-        return order[self.rank :: self.world_size]
+    def _epoch_order(self) -> Tuple[None, np.ndarray]:
+        """This rank's window indices for the current epoch, from (seed, epoch)."""
+        return None, self._deal(np.random.default_rng([self.seed, self.epoch]), self.windows.n)
 
     def next_batch(self) -> ModelBatch:
         """The next batch_size windows; epochs roll over without a gap."""
-        rows = []
-        for _ in range(self.batch_size):
-            if self._order is None:
-                self._order = self._epoch_order()
-            rows.append(int(self._order[self.taken]))
-            self.taken += 1
-            if self.taken == len(self._order):
-                self.epoch, self.taken, self._order = self.epoch + 1, 0, None
-        return self.windows.batch(np.array(rows))
+        return self.windows.batch(np.array([i for _, i in self._next_items()]))
 
     next_inputs = next_batch
 
