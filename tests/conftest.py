@@ -139,20 +139,13 @@ def tiny_overrides(tiny_data) -> list:
 
 
 @pytest.fixture(scope="session")
-def chat_tokenizer(tmp_path_factory):
-    """A BPE-512 tokenizer with the chat template's pieces, trained on 200 synthetic stories."""
-    from tinyllama.chat_template import CHAT_PIECES
-    from tinyllama.config import DataConfig, TokenizerConfig
+def chat_tokenizer(tiny_data):
+    """tiny_data's tokenizer (BPE 512): like every default tokenizer it has the chat template's
+    pieces, so the chat tests reuse it instead of training another."""
+    from tinyllama.chat_template import missing_pieces
     from tinyllama.tokenizer import ensure_tokenizer
 
-    data = DataConfig(
-        name="synthetic",
-        source="synthetic",
-        num_docs=200,
-        seed=7,
-        root=str(tmp_path_factory.mktemp("chat_tokenizer")),
-    )
-    tok = TokenizerConfig(
-        name="bpe_512_chat", vocab_size=512, num_threads=1, user_defined_symbols=list(CHAT_PIECES)
-    )
-    return ensure_tokenizer(tok, data)
+    data, tok = tiny_data
+    tokenizer = ensure_tokenizer(tok, data)
+    assert not missing_pieces(tokenizer)
+    return tokenizer
