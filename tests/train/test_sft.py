@@ -24,9 +24,15 @@ from tinyllama.config import (
     TokenizerConfig,
     TrainConfig,
 )
-from tinyllama.data import SFTBatchLoader, ensure_chat_packed, read_chat_meta, sft_eval_batches
+from tinyllama.data import (
+    SFTBatchLoader,
+    ensure_chat_packed,
+    read_chat_meta,
+    sft_eval_batches,
+    synthetic_chat,
+)
 from tinyllama.data.conversations import iter_conversations
-from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.errors import CheckpointError, ConfigError, DataError
 from tinyllama.evaluate import evaluate_loss
 from tinyllama.model import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 from tinyllama.train import loop
@@ -174,6 +180,20 @@ def test_packed_and_padded_windows_give_each_conversation_the_same_loss(chat_job
     assert results["padded"]["loss"] == pytest.approx(
         hand_loss(model, chat_tokenizer, val, "assistant"), rel=1e-5
     )
+
+
+def test_the_built_in_corpus_packed_with_other_settings_or_generator_is_refused(
+    chat_job, chat_tokenizer, monkeypatch
+):
+    folder = ensure_chat_packed(chat_job.data, chat_tokenizer, SEQ_LEN)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    other_size = dataclasses.replace(chat_job.data, num_docs=chat_job.data.num_docs + 1)
+    with pytest.raises(DataError, match="packed from another source"):
+        ensure_chat_packed(other_size, chat_tokenizer, SEQ_LEN)
+    monkeypatch.setattr(synthetic_chat, "VERSION", synthetic_chat.VERSION + 1)
+    with pytest.raises(DataError, match="packed from another source"):
+        ensure_chat_packed(chat_job.data, chat_tokenizer, SEQ_LEN)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 
 def test_a_resumed_chat_run_gives_the_same_losses(chat_job, tmp_path, monkeypatch):

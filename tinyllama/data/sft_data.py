@@ -34,6 +34,7 @@ import torch
 from tinyllama.atomic import building_folder
 from tinyllama.chat_template import encode_conversation
 from tinyllama.config import DataConfig
+from tinyllama.data import synthetic_chat
 from tinyllama.data.conversations import iter_conversations
 from tinyllama.data.loader import ModelBatch, ResumableLoader
 from tinyllama.data.pack import META_FILE, packed_dir
@@ -47,7 +48,16 @@ DTYPE = np.dtype("<i4")
 
 
 def describe_chat_source(cfg: DataConfig) -> Dict:
-    """describe_source plus what else decides a chat source's conversations (a dataset's name)."""
+    """What decides a chat source's conversations: for the built-in corpus its size, seed and
+    version (a corpus made by another version of the generator is refused, not reused);
+    otherwise describe_source plus, for a dataset, its name and splits."""
+    if cfg.source == "synthetic_chat":
+        return {
+            "source": cfg.source,
+            "num_docs": cfg.num_docs,
+            "seed": cfg.seed,
+            "version": synthetic_chat.VERSION,
+        }
     d = describe_source(cfg)
     if cfg.source == "chat_files" and not cfg.train_files:
         d.update(hf_path=cfg.hf_path, hf_name=cfg.hf_name, hf_train_split=cfg.hf_train_split)

@@ -24,6 +24,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from tinyllama.data.synthetic import ANIMALS, StoryFacts, generate_story_with_facts
 
+# Stored with the packed corpus: a change to what the generator yields for a (seed, index) bumps
+# it, so that windows packed by an older generator are refused instead of silently reused.
+VERSION = 1
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You answer questions about stories in a few words."]
 # Shares of the kinds, in this order: question, follow_up, write, write_follow_up.
 KINDS = ("question", "follow_up", "write", "write_follow_up")
