@@ -118,8 +118,9 @@ def test_cli_prints_one_clear_error_and_exits_2(tmp_path):
 # ---- chat runs: loss on assistant tokens and answer accuracy --------------------------------
 
 
-def _chat_run(folder: Path, tokenizer, data, teach=()):
-    """A run folder with a tiny model (random, or trained on the conversations `teach`) at step 1."""
+def _chat_run(folder: Path, tokenizer, data, teach=(), seq_len: int = 256):
+    """A run folder with a tiny model (random, or trained on the conversations `teach`) at step 1,
+    trained at seq_len."""
     from tinyllama.checkpoint import save_checkpoint
     from tinyllama.config import JobConfig, RunConfig
     from tinyllama.model import LlamaConfig, LlamaForCausalLM
@@ -127,7 +128,7 @@ def _chat_run(folder: Path, tokenizer, data, teach=()):
     torch.manual_seed(0)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=256, **shape)
+        LlamaConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=seq_len, **shape)
     )
     if teach:
         from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
@@ -144,7 +145,7 @@ def _chat_run(folder: Path, tokenizer, data, teach=()):
             model(x, labels=y).loss.backward()
             optimizer.step()
     job = JobConfig(model=model.config, data=data, run=RunConfig(dir=str(folder), seed=3, device="cpu"))
-    job.train.seq_len = 256
+    job.train.seq_len = seq_len
     meta = {"tokens": 0, "tokenizer_fingerprint": tokenizer.fingerprint}
     save_checkpoint(folder / "checkpoints", 1, model, model.config, job, tokenizer.model_path, meta, None)
     return job, model.eval()
@@ -160,7 +161,8 @@ def test_chat_run_reports_assistant_loss_and_answer_accuracy(chat_tokenizer, tmp
 
     data = DataConfig(**CHAT_DATA)
     held_out = list(iter_conversations(data, "val"))
-    job, model = _chat_run(tmp_path / "chat", chat_tokenizer, data, [c["messages"] for c in held_out])
+    teach = [c["messages"] for c in held_out]
+    job, model = _chat_run(tmp_path / "chat", chat_tokenizer, data, teach, seq_len=512)  # one window each
     job.evaluate.batch_size = 2  # two batches, the second one row: padding changes nothing
     result = run_evaluation(job)
     nats = tokens = 0.0

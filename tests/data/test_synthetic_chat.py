@@ -9,7 +9,15 @@ import pytest
 
 from tinyllama.chat_template import ROLES
 from tinyllama.data.synthetic import generate_story, generate_story_with_facts
-from tinyllama.data.synthetic_chat import KINDS, chat_example, iter_chat_examples, short_story, split_range
+from tinyllama.data.synthetic_chat import (
+    KINDS,
+    REPEAT_WORDS,
+    chat_example,
+    iter_chat_examples,
+    repeat_items,
+    short_story,
+    split_range,
+)
 
 SEED = 11
 
@@ -51,8 +59,10 @@ def test_conversations_are_well_formed_and_answers_are_written_in_them(examples)
         messages = e["messages"]
         assert all(m["role"] in ROLES and m["content"] for m in messages)
         assert messages[-1]["role"] == "assistant"
-        if e["kind"] == "write":
+        if e["kind"] in ("write", "repeat"):
             assert e["answer"] is None
+            if e["kind"] == "repeat":  # the items come back exactly, in their order
+                assert messages[-2]["content"].endswith(": " + messages[-1]["content"])
             continue
         assert e["answer"] == messages[-1]["content"]
         story = short_story(*generate_story_with_facts(SEED, e["story_index"]))
@@ -73,3 +83,17 @@ def test_answer_matching_is_exact_up_to_surrounding_whitespace():
 
     assert answer_matches(" Mia\n", "Mia")
     assert not answer_matches("mia", "Mia") and not answer_matches("Mia.", "Mia")
+
+
+def test_repeat_items_are_words_and_places_of_the_stories():
+    import random
+
+    from tinyllama.data.synthetic import PLACES
+
+    rng = random.Random(0)
+    lists = [repeat_items(rng) for _ in range(200)]
+    assert {len(items) for items in lists} == set(range(4, 17))
+    items = [item for items in lists for item in items]
+    assert set(items) <= set(REPEAT_WORDS) | set(PLACES)
+    assert 0.05 < sum(item in PLACES for item in items) / len(items) < 0.15
+    assert not any("," in item for item in items)  # no separator token between the items

@@ -9,12 +9,24 @@ to fit the demo model's context. Kinds:
   ends; the reply is a short answer copied from the story, checkable by exact match;
 - "follow_up": the same with a second question in a second user turn;
 - "write": the user asks for a story about a named hero and friend; the reply is the story;
-- "write_follow_up": a story is written, then a question about it is answered.
+- "write_follow_up": a story is written, then a question about it is answered;
+- "repeat": the user gives a list of words and phrases from the stories (names, animals, things,
+  foods, colours, places) in random order and asks for them back; the reply repeats them.
+
+"repeat" is a drill, not a skill anyone needs: it is there because answering a question about a
+story means copying a word from the context, and a small base model pretrained for a few minutes
+has not learnt to copy (its story loss is nearly that of an 8-token window). A random list can
+be predicted only by copying, so these replies give the copying circuit (induction heads) a
+strong, clean signal that the story questions alone are too sparse to give; with it the
+questions are answered (BENCHMARKS.md, chat). Items are joined by spaces: a separator such as a
+comma would follow every item, so matching on the previous token could not tell where in the
+list the copy is.
 
 Every example holds the expected `answer` of its last turn where that is a short answer (None
-for "write"), so an evaluation can prompt with all messages but the last and compare the greedy
-reply with it (`answer_matches`). The train split is examples 0..num_docs-1, the held-out split the next
-max(1, num_docs // 50): held-out stories are never trained on.
+for "write" and "repeat"), so an evaluation can prompt with all messages but the last and
+compare the greedy reply with it (`answer_matches`). The train split is examples
+0..num_docs-1, the held-out split the next max(1, num_docs // 50): held-out stories are never
+trained on.
 """
 
 from __future__ import annotations
@@ -22,15 +34,27 @@ from __future__ import annotations
 import random
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from tinyllama.data.synthetic import ANIMALS, StoryFacts, generate_story_with_facts
+from tinyllama.data.synthetic import (
+    ANIMALS,
+    BOYS,
+    COLORS,
+    FOODS,
+    GIRLS,
+    PLACES,
+    THINGS,
+    StoryFacts,
+    generate_story_with_facts,
+)
 
 # Stored with the packed corpus: a change to what the generator yields for a (seed, index) bumps
 # it, so that windows packed by an older generator are refused instead of silently reused.
-VERSION = 1
+VERSION = 2
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You answer questions about stories in a few words."]
-# Shares of the kinds, in this order: question, follow_up, write, write_follow_up.
-KINDS = ("question", "follow_up", "write", "write_follow_up")
-KIND_WEIGHTS = (0.55, 0.2, 0.15, 0.1)
+# Shares of the kinds, in this order: question, follow_up, write, write_follow_up, repeat.
+KINDS = ("question", "follow_up", "write", "write_follow_up", "repeat")
+KIND_WEIGHTS = (0.3, 0.1, 0.05, 0.05, 0.5)
+REPEAT_WORDS = GIRLS + BOYS + ANIMALS + THINGS + FOODS + COLORS
+REPEAT_REQUESTS = ["Repeat these words: {}", "Say these words back to me: {}", "Please repeat after me: {}"]
 SPLITS = ("train", "validation")
 
 Example = Dict[str, object]  # {"messages": [...], "answer": str | None, "kind": str, "story_index": int}
@@ -62,7 +86,13 @@ def chat_example(seed: int, index: int) -> Example:
     if rng.random() < 0.3:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     answer: Optional[str] = None
-    if kind in ("question", "follow_up"):
+    if kind == "repeat":
+        items = " ".join(repeat_items(rng))
+        messages += [
+            {"role": "user", "content": rng.choice(REPEAT_REQUESTS).format(items)},
+            {"role": "assistant", "content": items},
+        ]
+    elif kind in ("question", "follow_up"):
         asked = rng.sample(questions, 2 if kind == "follow_up" else 1)
         question, answer = asked[0]
         messages += [
@@ -113,6 +143,12 @@ def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
         ("What food is in the story?", facts.food, lambda: facts.food in story and facts.plot != "bake"),
     ]
     return pairs + [(q, a) for q, a, present in checks if present()]
+
+
+def repeat_items(rng: random.Random) -> List[str]:
+    """4 to 16 words of the stories' lists in random order, one in ten a place's phrase instead."""
+    count = rng.randint(4, 16)
+    return [rng.choice(PLACES) if rng.random() < 0.1 else rng.choice(REPEAT_WORDS) for _ in range(count)]
 
 
 def write_request(rng: random.Random, facts: StoryFacts) -> str:
