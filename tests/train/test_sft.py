@@ -113,6 +113,11 @@ def test_a_chat_run_trains_end_to_end_and_reports_its_packing(chat_job, capsys):
     assert all(0 < m["loss_share"] < m["real_share"] <= 1 for m in lines)
     summary = json.loads((loop.run_dir_of(chat_job) / "summary.json").read_text())
     assert summary["final_val_loss"] == final and 0 < summary["loss_share"] < summary["real_share"] <= 1
+    # The samples are replies to a held-out conversation, next to the reply it holds.
+    first = next(iter_conversations(chat_job.data, "val"))["messages"]
+    samples = (loop.run_dir_of(chat_job) / "samples.txt").read_text()
+    assert f"user: {first[-2]['content']}\nassistant (greedy): " in samples
+    assert samples.rstrip().endswith(f"expected: {first[-1]['content']}") and "samples (" in out
     ckpt = load_checkpoint(loop.run_dir_of(chat_job))
     assert (
         ckpt.step == 6

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from tinyllama.config import JobConfig, is_chat, run_dir_of
 from tinyllama.data import BatchLoader, SFTBatchLoader, packing_report, read_chat_meta
+from tinyllama.data.conversations import iter_conversations
 from tinyllama.run_record import record_launch, write_summary
 from tinyllama.train.build import build_training_model, prepare_data, tokenizer_origin
 from tinyllama.train.checkpointer import Attribute, Checkpointer, resume_checkpoint
@@ -31,7 +32,7 @@ from tinyllama.train.nan_guard import NanGuard
 from tinyllama.train.optim import build_optimizer, build_schedule
 from tinyllama.train.precision import resolve_precision
 from tinyllama.train.rng import RNGStates, seed_everything
-from tinyllama.train.samples import write_samples
+from tinyllama.train.samples import write_chat_samples, write_samples
 from tinyllama.train.signals import StopRequest
 from tinyllama.train.throughput import Throughput, peak_flops, peak_memory_bytes
 from tinyllama.train.tracker import Tracker
@@ -225,7 +226,13 @@ class Trainer:
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
             self.tracker.end_progress()
-            if self.env.is_main:
+            if self.env.is_main and self.chat:
+                held_out = iter_conversations(self.job.data, "val")
+                samples = self.run_dir / "samples.txt"
+                write_chat_samples(
+                    self.model, self.tokenizer, self.job.sample, held_out, samples, self.tracker.print
+                )
+            elif self.env.is_main:
                 write_samples(
                     self.model,
                     self.tokenizer,
