@@ -201,6 +201,17 @@ def test_the_built_in_corpus_packed_with_other_settings_or_generator_is_refused(
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
 
 
+def test_a_loader_state_from_other_data_is_refused_on_resume(chat_job, chat_tokenizer):
+    folder = ensure_chat_packed(chat_job.data, chat_tokenizer, SEQ_LEN)
+    state = SFTBatchLoader(folder, "train", 4, SEQ_LEN, seed=1).state_dict()
+    assert state["source"] == read_chat_meta(folder)["source"]
+    other = dict(state, source=dict(state["source"], version=0))  # a corpus of another generator
+    with pytest.raises(DataError, match="cannot resume: this run was trained on data packed from"):
+        SFTBatchLoader(folder, "train", 4, SEQ_LEN, seed=1).load_state_dict(other)
+    older = {k: v for k, v in state.items() if k != "source"}  # a checkpoint saved before the check
+    SFTBatchLoader(folder, "train", 4, SEQ_LEN, seed=1).load_state_dict(older)
+
+
 def test_a_resumed_chat_run_gives_the_same_losses(chat_job, tmp_path, monkeypatch):
     straight = copy.deepcopy(chat_job)
     straight.run.dir = str(tmp_path / "straight")

@@ -161,10 +161,18 @@ class ResumableLoader:
             "world_size": self.world_size,
             "split": self.split,
             "fingerprint": self.fingerprint,
+            "source": self.meta["source"],
         }
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue where `state` left off; refuse a state that would not replay the same batches."""
+        if "source" in state and state["source"] != self.meta["source"]:
+            raise DataError(
+                f"cannot resume: this run was trained on data packed from {state['source']}, and "
+                f"{self.packed_dir} now holds data packed from {self.meta['source']}. Resume with "
+                "the data it was trained on, or start another run (another run.name) from this one "
+                "with init_from="
+            )
         for key in ("seed", "seq_len", "world_size", "split", "fingerprint"):
             if state[key] != getattr(self, key):
                 raise DataError(
