@@ -128,6 +128,46 @@ def test_a_chat_run_trains_end_to_end_and_reports_its_packing(chat_job, capsys):
     )
 
 
+def test_chat_samples_prompt_up_to_the_last_reply_and_skip_what_does_not_fit(chat_tokenizer, tmp_path):
+    from tinyllama.config import SampleConfig
+    from tinyllama.train.samples import write_chat_samples
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=chat_tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    conversations = [
+        {"messages": [turn("user", "a long story " * 40), turn("assistant", "too long")]},  # no room
+        {"messages": [turn("user", "Hi"), turn("assistant", "Hello"), turn("user", "Bye")]},
+    ]
+    printed = []
+    cfg = SampleConfig(num_samples=2, max_new_tokens=200)
+    write_chat_samples(model, chat_tokenizer, cfg, conversations, 64, tmp_path / "s.txt", printed.append)
+    text = (tmp_path / "s.txt").read_text()
+    assert text.startswith("user: Hi\nassistant (greedy): ") and text.rstrip().endswith("expected: Hello")
+    assert "too long" not in text and "Bye" not in text and "---" not in text
+
+    def unreadable():
+        raise DataError("the dataset is gone")
+        yield
+
+    write_chat_samples(model, chat_tokenizer, cfg, unreadable(), 64, tmp_path / "t.txt", printed.append)
+    assert (
+        not (tmp_path / "t.txt").exists() and "could not be read again (the dataset is gone)" in printed[-1]
+    )
+
+
 def hand_loss(model, tokenizer, conversations, train_on):
     """Mean cross-entropy over the labelled tokens of each conversation run ALONE (no packing, no
     mask, positions from 0), its labels built by encode_conversation."""

@@ -229,8 +229,15 @@ class Trainer:
             if self.env.is_main and self.chat:
                 held_out = iter_conversations(self.job.data, "val")
                 samples = self.run_dir / "samples.txt"
+                context = self.job.train.seq_len
                 write_chat_samples(
-                    self.model, self.tokenizer, self.job.sample, held_out, samples, self.tracker.print
+                    self.model,
+                    self.tokenizer,
+                    self.job.sample,
+                    held_out,
+                    context,
+                    samples,
+                    self.tracker.print,
                 )
             elif self.env.is_main:
                 write_samples(

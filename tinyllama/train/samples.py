@@ -8,14 +8,15 @@ greedy replies to held-out conversations (`tinyllama.chat.greedy_replies`, the r
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Callable, Dict, Iterable
 
 import torch
 
 from tinyllama.chat import greedy_replies
+from tinyllama.chat_template import apply_chat_template
 from tinyllama.config import SampleConfig
+from tinyllama.errors import DataError
 from tinyllama.generate import generate
 from tinyllama.sample import prompts_of
 
@@ -64,24 +65,44 @@ def write_chat_samples(
     tokenizer,
     cfg: SampleConfig,
     conversations: Iterable[Dict[str, object]],
+    context: int,
     path: Path,
     echo: Callable[[str], None],
 ) -> None:
-    """The greedy replies (up to cfg.max_new_tokens) to the first cfg.num_samples of
-    `conversations` ({"messages": [...]} ending with an assistant turn), prompted with every
-    message before that turn and written with the reply expected; none when num_samples is 0.
-    Greedy, so the sampling settings do not apply: these are the replies the chat stage gives."""
+    """The greedy replies to the first cfg.num_samples of `conversations` ({"messages": [...]})
+    whose prompt fits in `context` tokens (the run's train.seq_len), each prompted with every
+    message before its last assistant turn and written with that turn as the reply expected;
+    none when num_samples is 0. A reply gets up to cfg.max_new_tokens, and no more than the
+    context leaves. Greedy, so the sampling settings do not apply: these are the replies the chat
+    stage gives. Conversations that cannot be read again (a dataset no longer at hand) are
+    reported and skipped: training is over and its checkpoint saved."""
     if cfg.num_samples == 0:
         return
     model.eval()
-    chosen = [c["messages"] for c in itertools.islice(conversations, cfg.num_samples)]
-    replies = greedy_replies(model, tokenizer, [m[:-1] for m in chosen], cfg.max_new_tokens)
+    prompts, expected, limits = [], [], []
+    try:
+        for c in conversations:
+            messages = c["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            room = context - len(apply_chat_template(tokenizer, messages[:last], add_generation_prompt=True))
+            if room < 2:  # no room for a reply and its end of turn
+                continue
+            prompts.append(messages[:last])
+            expected.append(messages[last]["content"])
+            limits.append(min(cfg.max_new_tokens, room))
+            if len(prompts) == cfg.num_samples:
+                break
+    except (DataError, OSError) as e:
+        echo(f"samples: skipped, the held-out conversations could not be read again ({e})")
+        return
+    if not prompts:
+        echo(f"samples: no held-out conversation leaves room for a reply in {context} tokens")
+        return
+    replies = greedy_replies(model, tokenizer, prompts, limits)
     texts = []
-    for messages, reply in zip(chosen, replies):
-        turns = [f"{m['role']}: {m['content']}" for m in messages[:-1]]
-        texts.append(
-            "\n".join(turns + [f"assistant (greedy): {reply}", f"expected: {messages[-1]['content']}"])
-        )
+    for messages, reply, answer in zip(prompts, replies, expected):
+        turns = [f"{m['role']}: {m['content']}" for m in messages]
+        texts.append("\n".join(turns + [f"assistant (greedy): {reply}", f"expected: {answer}"]))
     body = "\n\n---\n\n".join(texts) + "\n"
     path.write_text(body, encoding="utf-8")
     echo(f"samples ({path}):\n{body}")
