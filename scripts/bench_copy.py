@@ -4,7 +4,7 @@ its held-out accuracy per question.
     python scripts/bench_copy.py runs/demo runs/chat_demo [--stories 60] [--questions]
 
 - names: on held-out synthetic stories (indices from 500000, never in a corpus of fewer
-  documents), how often the argmax at the second and later mentions of the hero's name is the
+  documents), cut at the run's train.seq_len, how often the argmax at the second and later mentions of the hero's name is the
   name, and its mean log-probability there. The first mention cannot be known; the later ones
   can only be copied. log(1/200) = -5.3 is a uniform guess among the corpus's names.
 - context: the mean loss on the second half of those stories given the whole story before each
@@ -47,14 +47,14 @@ QUESTION_KINDS = {
 
 
 @torch.no_grad()
-def copy_probes(model, tokenizer, seed: int, stories: int, window: int = 8) -> Dict[str, float]:
+def copy_probes(model, tokenizer, seed: int, stories: int, context: int, window: int = 8) -> Dict[str, float]:
     hits = mentions = 0
     logp = full = short = 0.0
     scored = 0
     for index in range(HELD_OUT_STORIES, HELD_OUT_STORIES + stories):
         story, facts = generate_story_with_facts(seed, index)
-        ids = tokenizer.encode(story, bos=True)[: model.config.max_position_embeddings]
-        name = tokenizer.encode(facts.hero.name)[0]  # "▁Tara": a name inside a sentence
+        ids = tokenizer.encode(story, bos=True)[:context]
+        name = tokenizer.encode(facts.hero.name)[0]  # "▁Tara": one piece for every name of the corpus
         logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (T, V)
         seen = False
         for t in range(1, len(ids)):
@@ -115,7 +115,8 @@ def main() -> None:
         model, tokenizer = build_model(ckpt).eval(), Tokenizer.load(ckpt.tokenizer_path)
         data = ckpt.job.data
         story_seed = data.seed if data.source in ("synthetic", "synthetic_chat") else 1234
-        probes = copy_probes(model, tokenizer, story_seed, args.stories)
+        context = ckpt.job.train.seq_len  # the length it was trained at: no extrapolation
+        probes = copy_probes(model, tokenizer, story_seed, args.stories, context)
         print(
             f"{run}: name copies {probes['name_copies']}/{probes['name_mentions']} "
             f"(log-prob {probes['name_logp']:.2f}); story loss, whole context {probes['loss_full_context']:.3f} "

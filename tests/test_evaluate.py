@@ -151,7 +151,9 @@ def _chat_run(folder: Path, tokenizer, data, teach=(), seq_len: int = 256):
     return job, model.eval()
 
 
-CHAT_DATA = dict(name="synthetic_chat", source="synthetic_chat", num_docs=150, seed=7)  # 3 held out
+# 3 held out, all three ending with a short answer with this seed (half the corpus is drills,
+# which have none: a new corpus version may need another seed here).
+CHAT_DATA = dict(name="synthetic_chat", source="synthetic_chat", num_docs=150, seed=7)
 
 
 def test_chat_run_reports_assistant_loss_and_answer_accuracy(chat_tokenizer, tmp_path):

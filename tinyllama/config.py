@@ -117,7 +117,8 @@ class DataConfig:
     val_fraction: float = 0.01
     """Share of documents held out for validation when no validation split/files are given."""
     num_docs: int = 20_000
-    """synthetic, synthetic_zh: number of stories to generate for train (validation gets num_docs // 50)."""
+    """synthetic, synthetic_zh, synthetic_chat: number of stories (conversations) to generate for
+    train (validation gets num_docs // 50)."""
     max_docs: Optional[int] = None
     """Cap on train documents read from any source (None: all)."""
     seed: int = 1234
@@ -238,7 +239,8 @@ class SampleConfig:
     prompt_file: Optional[str] = None
     """File with one prompt per line (overrides prompt)."""
     num_samples: int = 3
-    """Samples to draw (written to samples.txt at the end of training)."""
+    """Samples to draw (written to samples.txt at the end of training). A chat run writes this
+    many greedy replies to held-out conversations instead (the sampling settings do not apply)."""
     max_new_tokens: int = 200
     """Tokens to generate per sample."""
     temperature: float = 0.8

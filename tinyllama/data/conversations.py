@@ -82,7 +82,8 @@ def check_conversation(messages: Any, where: str) -> List[Message]:
 def iter_conversations(cfg: "DataConfig", split: str) -> Iterator[Dict[str, Any]]:
     """The conversations of `split` ("train" or "val") of a chat source, each as
     `{"messages": [...], "answer": str or None}`; `answer` is the short reply that the built-in
-    corpus checks by exact match (None for your files).
+    corpus checks by exact match (None for your files, and for the built-in corpus's
+    story-writing requests and copying drills).
 
     synthetic_chat: the built-in corpus (data.num_docs, data.seed; validation = its held-out
     stories). chat_files: data.train_files / data.val_files, or the Hugging Face dataset
