@@ -128,21 +128,14 @@ def test_a_chat_run_trains_end_to_end_and_reports_its_packing(chat_job, capsys):
     )
 
 
-def test_chat_samples_prompt_up_to_the_last_reply_and_skip_what_does_not_fit(chat_tokenizer, tmp_path):
+def test_chat_samples_prompt_up_to_the_last_reply_and_skip_what_does_not_fit(
+    chat_job, chat_tokenizer, tmp_path
+):
     from tinyllama.config import SampleConfig
     from tinyllama.train.samples import write_chat_samples
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=chat_tokenizer.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    model = LlamaForCausalLM(chat_job.model)  # the context given below (64) is what counts
 
     def turn(role, text):
         return {"role": role, "content": text}
