@@ -239,7 +239,7 @@ def test_a_loader_state_from_other_data_is_refused_on_resume(chat_job, chat_toke
     state = SFTBatchLoader(folder, "train", 4, SEQ_LEN, seed=1).state_dict()
     assert state["source"] == read_chat_meta(folder)["source"]
     other = dict(state, source=dict(state["source"], version=0))  # a corpus of another generator
-    with pytest.raises(DataError, match="cannot resume: this run was trained on data packed from"):
+    with pytest.raises(DataError, match="cannot resume the data loader exactly: the saved source is"):
         SFTBatchLoader(folder, "train", 4, SEQ_LEN, seed=1).load_state_dict(other)
     older = {k: v for k, v in state.items() if k != "source"}  # a checkpoint saved before the check
     SFTBatchLoader(folder, "train", 4, SEQ_LEN, seed=1).load_state_dict(older)

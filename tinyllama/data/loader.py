@@ -135,6 +135,11 @@ class ResumableLoader:
         return self.meta["tokenizer"]["fingerprint"]
 
     @property
+    def source(self) -> Dict:
+        """What the packed data was made from (its meta's source description)."""
+        return self.meta["source"]
+
+    @property
     def vocab_size(self) -> int:
         return self.meta["tokenizer"]["vocab_size"]
 
@@ -161,19 +166,13 @@ class ResumableLoader:
             "world_size": self.world_size,
             "split": self.split,
             "fingerprint": self.fingerprint,
-            "source": self.meta["source"],
+            "source": self.source,
         }
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue where `state` left off; refuse a state that would not replay the same batches."""
-        if "source" in state and state["source"] != self.meta["source"]:
-            raise DataError(
-                f"cannot resume: this run was trained on data packed from {state['source']}, and "
-                f"{self.packed_dir} now holds data packed from {self.meta['source']}. Resume with "
-                "the data it was trained on, or start another run (another run.name) from this one "
-                "with init_from="
-            )
-        for key in ("seed", "seq_len", "world_size", "split", "fingerprint"):
+        state = {"source": self.source, **state}  # a checkpoint saved before the source was recorded
+        for key in ("seed", "seq_len", "world_size", "split", "fingerprint", "source"):
             if state[key] != getattr(self, key):
                 raise DataError(
                     f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "

@@ -9,7 +9,7 @@ greedy replies to held-out conversations (`tinyllama.chat.greedy_replies`, the r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, List
 
 import torch
 
@@ -19,6 +19,13 @@ from tinyllama.config import SampleConfig
 from tinyllama.errors import DataError
 from tinyllama.generate import generate
 from tinyllama.sample import prompts_of
+
+
+def _write(texts: List[str], path: Path, echo: Callable[[str], None]) -> None:
+    """samples.txt: the texts separated by `---` lines, also printed."""
+    body = "\n\n---\n\n".join(texts) + "\n"
+    path.write_text(body, encoding="utf-8")
+    echo(f"samples ({path}):\n{body}")
 
 
 @torch.no_grad()
@@ -54,9 +61,7 @@ def write_samples(
             if tokenizer.eos_id in row[ids.shape[1] :]:
                 row = row[: row.index(tokenizer.eos_id, ids.shape[1])]
             texts.append(tokenizer.decode(row))
-    body = "\n\n---\n\n".join(texts) + "\n"
-    path.write_text(body, encoding="utf-8")
-    echo(f"samples ({path}):\n{body}")
+    _write(texts, path, echo)
 
 
 @torch.no_grad()
@@ -103,6 +108,4 @@ def write_chat_samples(
     for messages, reply, answer in zip(prompts, replies, expected):
         turns = [f"{m['role']}: {m['content']}" for m in messages]
         texts.append("\n".join(turns + [f"assistant (greedy): {reply}", f"expected: {answer}"]))
-    body = "\n\n---\n\n".join(texts) + "\n"
-    path.write_text(body, encoding="utf-8")
-    echo(f"samples ({path}):\n{body}")
+    _write(texts, path, echo)
