@@ -44,6 +44,15 @@ PRECISIONS = ("auto", *DTYPES)
 """train.precision (tinyllama.train.precision)."""
 QUANTIZED = ("q8_0",)
 """export.dtype values that only the GGUF export writes (tinyllama.export_gguf)."""
+OBJECTIVES = ("lm", "dpo", "grpo")
+"""train.objective: next-token loss (pretraining, or SFT on chat data), preference pairs (DPO), or
+reinforcement learning on sampled replies with rewards (GRPO); tinyllama.train.objectives."""
+DPO_LOSSES = ("sigmoid", "ipo")
+"""dpo.loss_type (tinyllama.train.dpo)."""
+SCALE_REWARDS = ("group", "batch", "none")
+"""grpo.scale_rewards: divide advantages by the group's reward std, the batch's, or not at all."""
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+"""grpo.loss_type: how per-token losses become one number (tinyllama.train.grpo)."""
 
 
 def canonical_dtype(name: str) -> str:
@@ -161,6 +170,10 @@ class TrainConfig:
     """Steps between training log lines."""
     nan_policy: str = "stop"
     """On a NaN/inf loss: "stop" the run, or "skip" the step."""
+    objective: str = "lm"
+    """What a step minimises: "lm" (next-token loss: pretraining, or SFT on conversations), "dpo"
+    (preference pairs, the dpo group) or "grpo" (sampled replies scored by rewards, the grpo
+    group); dpo and grpo start from init_from, a chat run."""
 
 
 @dataclass
@@ -183,6 +196,72 @@ class OptimConfig:
     """"cosine" (warmup + cosine), "wsd" (warmup-stable-decay) or "constant"."""
     decay_fraction: float = 0.2
     """wsd: share of the steps spent in the final decay."""
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (train.objective=dpo; experiment=dpo_demo)."""
+
+    beta: float = 0.1
+    """Strength of the tie to the reference: the implicit reward is beta x the log-ratio."""
+    loss_type: str = "sigmoid"
+    """"sigmoid" (the DPO paper's loss) or "ipo" (squared loss on length-averaged log-ratios)."""
+    label_smoothing: float = 0.0
+    """sigmoid: the assumed share of flipped labels (conservative DPO), in [0, 0.5)."""
+    nll_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen replies (RPO); 0 disables it."""
+    precompute_ref: bool = False
+    """Compute the reference log-probs once before training and drop the reference model
+    (saves its memory; the same values, as the reference never changes)."""
+    train_files: List[str] = field(default_factory=list)
+    """Preference pairs (.jsonl/.json/.parquet; prompt/chosen/rejected as strings or messages);
+    empty with hf_path unset: the built-in pairs made from data's synthetic chat corpus."""
+    val_files: List[str] = field(default_factory=list)
+    """Held-out pairs; empty: data.val_fraction of the train pairs (built-in: held-out stories)."""
+    hf_path: Optional[str] = None
+    """A Hugging Face dataset of pairs (Hub name, local folder or save_to_disk folder)."""
+
+
+@dataclass
+class RewardConfig:
+    """One reward: a callable f(prompts, completions, **columns) -> list of floats, and its weight."""
+
+    _target_: str = "tinyllama.rewards.exact_answer"
+    """"module:function" or "module.function"."""
+    weight: float = 1.0
+    """Factor of this reward in the sum that advantages are computed from."""
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments bound to the function."""
+
+
+@dataclass
+class GRPOConfig:
+    """Group relative policy optimisation (train.objective=grpo; experiment=grpo_demo)."""
+
+    num_generations: int = 8
+    """G: completions sampled per prompt (a group); at least 2."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (> 0)."""
+    top_p: Optional[float] = None
+    """Nucleus threshold of the rollouts (None: the whole distribution)."""
+    max_new_tokens: int = 32
+    """Most tokens of a completion; one without <|end|> by then is cut (and may be penalised)."""
+    epsilon: float = 0.2
+    """Lower clip of the probability ratio: 1 - epsilon."""
+    epsilon_high: Optional[float] = None
+    """Upper clip: 1 + epsilon_high (DAPO's clip-higher); None: epsilon."""
+    beta: float = 0.0
+    """Weight of the KL to the reference (k3 estimator); 0 loads no reference model."""
+    scale_rewards: str = "group"
+    """Advantages (r - group mean) divided by the group's std ("group"), the batch's ("batch") or
+    not at all ("none", Dr. GRPO)."""
+    loss_type: str = "dapo"
+    """"grpo" (mean over each completion's tokens, then over completions), "dr_grpo" (sum over
+    tokens / (completions x max_new_tokens)) or "dapo" (sum over tokens / tokens in the batch)."""
+    num_iterations: int = 1
+    """Optimizer steps on each rollout batch (> 1 makes the clipped ratio matter)."""
+    rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    """The rewards, summed with their weights."""
 
 
 @dataclass
@@ -345,6 +424,8 @@ class JobConfig:
     inspect: InspectConfig = field(default_factory=InspectConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     init_from: Optional[str] = None
     """Start from these weights only (a checkpoint folder, a run folder, or hf:<local HF folder>)."""
     checkpoint_path: Optional[str] = None
@@ -511,6 +592,7 @@ def validate(job: JobConfig) -> None:
         f"sample.repetition_penalty={sa.repetition_penalty}: must be > 0 (1 disables it)",
     )
     problems += chat_problems(job.chat)
+    problems += post_training_problems(job)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -544,4 +626,62 @@ def chat_problems(c: ChatConfig) -> List[str]:
         problems.append(f"chat.top_k={c.top_k}: must be >= 1 (or null)")
     if c.top_p is not None and not 0 < c.top_p <= 1:
         problems.append(f"chat.top_p={c.top_p}: must be in (0, 1] (or null)")
+    return problems
+
+
+def post_training_problems(job: JobConfig) -> List[str]:
+    """What is wrong with train.objective and the dpo/grpo groups (validate() reports them)."""
+    t, d, g = job.train, job.dpo, job.grpo
+    if t.objective not in OBJECTIVES:
+        return [f"train.objective={t.objective!r}: choose {', '.join(OBJECTIVES)}"]
+    if t.objective == "lm":
+        return []
+    problems = []
+    if not job.init_from:
+        problems.append(
+            f"train.objective={t.objective} starts from a chat model: set init_from=<a chat run> "
+            "(python train.py experiment=chat_demo makes runs/chat_demo)"
+        )
+    if not is_chat(job.data):
+        problems.append(
+            f"train.objective={t.objective} takes its prompts from conversations: use data=synthetic_chat "
+            f"or data=chat_files, not data.source={job.data.source}"
+        )
+    if t.objective == "dpo":
+        if d.loss_type not in DPO_LOSSES:
+            problems.append(f"dpo.loss_type={d.loss_type!r}: choose {', '.join(DPO_LOSSES)}")
+        if d.beta <= 0:
+            problems.append(f"dpo.beta={d.beta}: must be > 0")
+        if not 0 <= d.label_smoothing < 0.5:
+            problems.append(f"dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5)")
+        if d.nll_weight < 0:
+            problems.append(f"dpo.nll_weight={d.nll_weight}: must be >= 0")
+        return problems
+    if g.num_generations < 2:
+        problems.append(
+            f"grpo.num_generations={g.num_generations}: a group needs at least 2 completions, "
+            "since advantages compare a completion with the others of its prompt"
+        )
+    if g.temperature <= 0:
+        problems.append(f"grpo.temperature={g.temperature}: must be > 0 (rollouts are sampled)")
+    if g.top_p is not None and not 0 < g.top_p <= 1:
+        problems.append(f"grpo.top_p={g.top_p}: must be in (0, 1] (or null)")
+    if g.max_new_tokens <= 0:
+        problems.append(f"grpo.max_new_tokens={g.max_new_tokens}: must be > 0")
+    if not 0 <= g.epsilon < 1 or (g.epsilon_high is not None and g.epsilon_high < 0):
+        problems.append(f"grpo.epsilon={g.epsilon} must be in [0, 1) and grpo.epsilon_high >= 0")
+    if g.beta < 0:
+        problems.append(f"grpo.beta={g.beta}: must be >= 0 (0: no reference model)")
+    if g.scale_rewards not in SCALE_REWARDS:
+        problems.append(f"grpo.scale_rewards={g.scale_rewards!r}: choose {', '.join(SCALE_REWARDS)}")
+    if g.loss_type not in GRPO_LOSSES:
+        problems.append(f"grpo.loss_type={g.loss_type!r}: choose {', '.join(GRPO_LOSSES)}")
+    if g.num_iterations < 1:
+        problems.append(f"grpo.num_iterations={g.num_iterations}: must be >= 1")
+    if not g.rewards:
+        problems.append("grpo.rewards is empty: give at least one reward")
+    if g.max_new_tokens >= t.seq_len:
+        problems.append(
+            f"grpo.max_new_tokens={g.max_new_tokens} leaves no room for the prompt in train.seq_len={t.seq_len}"
+        )
     return problems

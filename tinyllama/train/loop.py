@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tinyllama.config import JobConfig, is_chat, run_dir_of
-from tinyllama.data import BatchLoader, SFTBatchLoader, packing_report, read_chat_meta
+from tinyllama.data import packing_report, read_chat_meta
 from tinyllama.data.conversations import iter_conversations
 from tinyllama.run_record import record_launch, write_summary
 from tinyllama.train.build import build_training_model, prepare_data, tokenizer_origin
@@ -29,6 +29,7 @@ from tinyllama.train.checkpointer import Attribute, Checkpointer, resume_checkpo
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
 from tinyllama.train.evaluator import Evaluator
 from tinyllama.train.nan_guard import NanGuard
+from tinyllama.train.objectives import build_objective
 from tinyllama.train.optim import build_optimizer, build_schedule
 from tinyllama.train.precision import resolve_precision
 from tinyllama.train.rng import RNGStates, seed_everything
@@ -74,20 +75,10 @@ class Trainer:
         self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
         self.guard = NanGuard(t.nan_policy)
-        # Documents or conversations: both loaders give ModelBatches, the model's keyword arguments.
+        # What a step minimises (pretraining/SFT, DPO or GRPO): its data, built and checked here.
         self.chat = is_chat(job.data)
-        self.loader = (SFTBatchLoader if self.chat else BatchLoader)(
-            self.packed_dir,
-            "train",
-            t.batch_size,
-            t.seq_len,
-            seed=job.run.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-        )
-        self.loader.check_compatible(self.tokenizer.fingerprint, job.model.vocab_size)
+        self.objective = build_objective(job, env, self.model, self.tokenizer, self.packed_dir)
         self.step, self.tokens, self.resumed_from = 0, 0, None
-        self.shares = TokenShares()
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         # Refusals happen here, before anything is written.
         resume = resume_checkpoint(self.run_dir, job, self.tokenizer, env.world_size)
@@ -139,7 +130,7 @@ class Trainer:
                 "scaler": self.scaler,
                 "best_val_loss": Attribute(self.evaluator, "best_loss"),
             },
-            rank_states={"loader": self.loader, "rng": RNGStates()},
+            rank_states={"loader": self.objective, "rng": RNGStates()},
         )
         if resume:
             self.checkpointer.load(resume)  # last: restores the RNG states everything above consumed
@@ -160,20 +151,15 @@ class Trainer:
         accum, device = self.job.train.grad_accum, self.env.device
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = self.loader.next_inputs()  # input_ids, shift_labels (B, T) (+ packing's)
-            if self.chat:  # padding and loss shares: a document batch is all text, all targets
-                self.shares.add(batch)
-            inputs = batch.to(device)
+            batch = self.objective.next_batch()  # on the device; rollouts and references included
             last = micro == accum - 1
             no_sync = (
                 self.train_model.no_sync if self.env.is_distributed and not last else contextlib.nullcontext
             )
             with no_sync():
                 with self.precision.autocast():
-                    # The model applies causal_lm_loss (mean over the targets that are not -100);
-                    # under gradient checkpointing in chunks without the (B, T, V) logits.
                     # / accum: the summed grads are a mean.
-                    loss = self.train_model(**inputs).loss / accum
+                    loss = self.objective.loss(self.train_model, batch) / accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
@@ -261,8 +247,8 @@ class Trainer:
 
     def _write_step(self, lr: float, grad_norm: float) -> None:
         perf = {**self.throughput.window(), "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20}
-        shares = self.shares.window() if self.chat else {}
-        self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm, **shares)
+        figures = self.objective.window()
+        self.tracker.write_step(self.step, lr, self.tokens, perf, grad_norm=grad_norm, **figures)
 
     def _pruned(self, val_loss: float) -> bool:
         """Whether on_eval (asked on rank 0; every rank evaluates at the same steps) ends the run."""
@@ -314,36 +300,8 @@ class Trainer:
             "precision": self.precision.name,
             "precision_reason": self.precision.reason,
         }
-        if self.chat:
-            summary.update(self.shares.total())
+        summary.update(self.objective.total())
         self.tracker.print("summary:")
         self.tracker.summary(summary)
         if self.env.is_main:
             write_summary(self.run_dir, summary)
-
-
-class TokenShares:
-    """Shares of the training batches' tokens that are text (not padding) and that carry loss,
-    over the steps since the last training line (window) and over this launch (total); this
-    rank's batches (every rank's are alike: windows of the same packing)."""
-
-    def __init__(self) -> None:
-        self._window = [0, 0, 0]  # real, loss, all tokens
-        self._total = [0, 0, 0]
-
-    def add(self, batch) -> None:
-        counts = (batch.real_tokens, batch.loss_tokens, batch.inputs["input_ids"].numel())
-        for acc in (self._window, self._total):
-            for i, n in enumerate(counts):
-                acc[i] += n
-
-    @staticmethod
-    def _shares(acc) -> dict:
-        return {"real_share": acc[0] / max(1, acc[2]), "loss_share": acc[1] / max(1, acc[2])}
-
-    def window(self) -> dict:
-        shares, self._window = self._shares(self._window), [0, 0, 0]
-        return shares
-
-    def total(self) -> dict:
-        return self._shares(self._total)
