@@ -83,7 +83,8 @@ def iter_conversations(cfg: "DataConfig", split: str) -> Iterator[Dict[str, Any]
     """The conversations of `split` ("train" or "val") of a chat source, each as
     `{"messages": [...], "answer": str or None}`; `answer` is the short reply that the built-in
     corpus checks by exact match (None for your files, and for the built-in corpus's
-    story-writing requests and copying drills).
+    story-writing requests and copying drills); the built-in corpus adds "question", the kind of
+    question answered (synthetic_chat.QUESTION_KINDS, or None).
 
     synthetic_chat: the built-in corpus (data.num_docs, data.seed; validation = its held-out
     stories). chat_files: data.train_files / data.val_files, or the Hugging Face dataset
@@ -96,7 +97,7 @@ def iter_conversations(cfg: "DataConfig", split: str) -> Iterator[Dict[str, Any]
         for example in synthetic_chat.iter_chat_examples(
             "train" if split == "train" else "validation", cfg.num_docs, cfg.seed
         ):
-            yield {"messages": example["messages"], "answer": example["answer"]}
+            yield {key: example[key] for key in ("messages", "answer", "question")}
         return
     if cfg.source != "chat_files":
         raise DataError(

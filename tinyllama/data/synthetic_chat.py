@@ -23,7 +23,7 @@ comma would follow every item, so matching on the previous token could not tell 
 list the copy is.
 
 Every example holds the expected `answer` of its last turn where that is a short answer (None
-for "write" and "repeat"), so an evaluation can prompt with all messages but the last and
+for "write" and "repeat") and the kind of that `question` (QUESTION_KINDS), so an evaluation can prompt with all messages but the last and
 compare the greedy reply with it (`answer_matches`). The train split is examples
 0..num_docs-1, the held-out split the next max(1, num_docs // 50): held-out stories are never
 trained on.
@@ -57,7 +57,9 @@ REPEAT_WORDS = GIRLS + BOYS + ANIMALS + THINGS + FOODS + COLORS
 REPEAT_REQUESTS = ["Repeat these words: {}", "Say these words back to me: {}", "Please repeat after me: {}"]
 SPLITS = ("train", "validation")
 
-Example = Dict[str, object]  # {"messages": [...], "answer": str | None, "kind": str, "story_index": int}
+# {"messages": [...], "answer": str | None, "question": one of QUESTION_KINDS | None, "kind": str,
+#  "story_index": int}: "answer" and "question" belong to the last turn.
+Example = Dict[str, object]
 
 
 def split_range(split: str, num_docs: int) -> range:
@@ -86,6 +88,7 @@ def chat_example(seed: int, index: int) -> Example:
     if rng.random() < 0.3:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     answer: Optional[str] = None
+    question_kind: Optional[str] = None
     if kind == "repeat":
         items = " ".join(repeat_items(rng))
         messages += [
@@ -94,12 +97,12 @@ def chat_example(seed: int, index: int) -> Example:
         ]
     elif kind in ("question", "follow_up"):
         asked = rng.sample(questions, 2 if kind == "follow_up" else 1)
-        question, answer = asked[0]
+        question_kind, question, answer = asked[0]
         messages += [
             {"role": "user", "content": f"{story}\n\n{question}"},
             {"role": "assistant", "content": answer},
         ]
-        for question, answer in asked[1:]:
+        for question_kind, question, answer in asked[1:]:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     else:
         messages += [
@@ -107,9 +110,15 @@ def chat_example(seed: int, index: int) -> Example:
             {"role": "assistant", "content": story},
         ]
         if kind == "write_follow_up":
-            question, answer = rng.choice(questions)
+            question_kind, question, answer = rng.choice(questions)
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return {"messages": messages, "answer": answer, "kind": kind, "story_index": index}
+    return {
+        "messages": messages,
+        "answer": answer,
+        "question": question_kind,
+        "kind": kind,
+        "story_index": index,
+    }
 
 
 def short_story(story: str, facts: StoryFacts) -> str:
@@ -120,29 +129,41 @@ def short_story(story: str, facts: StoryFacts) -> str:
     return f"{opening}\n{first_half} {facts.ending}"
 
 
-def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str]]:
-    """(question, short answer) pairs whose answer is written in the story (so it can be copied)."""
+QUESTION_KINDS = ("who", "animal", "boy/girl", "ending", "friend", "where", "thing", "food")
+"""The kinds of question (an example's "question"), for accuracy per kind."""
+
+
+def story_questions(story: str, facts: StoryFacts) -> List[Tuple[str, str, str]]:
+    """(kind, question, short answer) triples whose answer is written in the story (so it can be
+    copied); kind is one of QUESTION_KINDS."""
     hero, friend = facts.hero, facts.friend
-    kind = (
-        f"What kind of animal is {hero.name}?" if hero.kind in ANIMALS else f"Is {hero.name} a boy or a girl?"
-    )
-    pairs = [
-        ("Who is the story about?", hero.name),
-        (kind, hero.kind),  # every opening names both
-        ("How does the story end?", facts.ending),
+    if hero.kind in ANIMALS:
+        kind = ("animal", f"What kind of animal is {hero.name}?", hero.kind)
+    else:
+        kind = ("boy/girl", f"Is {hero.name} a boy or a girl?", hero.kind)
+    triples = [
+        ("who", "Who is the story about?", hero.name),
+        kind,  # every opening names both
+        ("ending", "How does the story end?", facts.ending),
     ]
-    checks: List[Tuple[str, str, Callable[[], bool]]] = [
-        (f"Who is {hero.name}'s friend?", friend.name, lambda: friend.name in story),
-        (f"Where does {hero.name} live?", facts.place, lambda: facts.place in story),
+    checks: List[Tuple[str, str, str, Callable[[], bool]]] = [
+        ("friend", f"Who is {hero.name}'s friend?", friend.name, lambda: friend.name in story),
+        ("where", f"Where does {hero.name} live?", facts.place, lambda: facts.place in story),
         (
+            "thing",
             f"What {facts.color} thing is in the story?",
             facts.thing,
             lambda: f"{facts.color} {facts.thing}" in story,
         ),
         # A bake story names two foods, so "which food" has no single answer there.
-        ("What food is in the story?", facts.food, lambda: facts.food in story and facts.plot != "bake"),
+        (
+            "food",
+            "What food is in the story?",
+            facts.food,
+            lambda: facts.food in story and facts.plot != "bake",
+        ),
     ]
-    return pairs + [(q, a) for q, a, present in checks if present()]
+    return triples + [(k, q, a) for k, q, a, present in checks if present()]
 
 
 def repeat_items(rng: random.Random) -> List[str]:
