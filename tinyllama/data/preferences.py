@@ -49,6 +49,10 @@ _FIX = (
     "messages), or 'chosen' and 'rejected' conversations that share their prompt"
 )
 
+_SAME = (
+    "{}: chosen and rejected are the same reply, so there is no preference to learn: fix or remove the record"
+)
+
 
 def to_pair(record: Any, where: str) -> Pair:
     """One record of any accepted shape -> a checked Pair; `where` names it in errors ("f.jsonl:3")."""
@@ -71,10 +75,7 @@ def to_pair(record: Any, where: str) -> Pair:
                 "replies, or remove the record"
             )
     if chosen == rejected:
-        raise DataError(
-            f"{where}: chosen and rejected are the same reply, so there is no preference to learn: "
-            "fix or remove the record"
-        )
+        raise DataError(_SAME.format(where))
     extra = {k: v for k, v in record.items() if k not in ("prompt", "system", *REPLIES)}
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
 
@@ -97,6 +98,8 @@ def _split_prompt(record: Dict[str, Any], where: str) -> Tuple[List[Message], ..
         )
     chosen = _messages(record["chosen"], "assistant", f"{where}: chosen")
     rejected = _messages(record["rejected"], "assistant", f"{where}: rejected")
+    if chosen == rejected:  # else the prompt would be all of it and both replies empty
+        raise DataError(_SAME.format(where))
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
