@@ -3,6 +3,7 @@
     run_chat(job)                          one reply to `prompt=`, or an interactive chat on stdin
     ChatSession(model, tokenizer, cfg)     the history, its trimming, and `reply(text, out)`
     greedy_replies(model, tokenizer, ...)  batched greedy replies to many conversations (evaluation)
+    sampled_replies(model, tokenizer, ...) the same, sampled (pass@k)
 
 A reply is generated after the conversation's ids in the chat template (tinyllama/chat_template.py)
 ending with `<|assistant|>`, and stops at the end-of-turn token `<|end|>` (or `</s>`), which is never
@@ -193,11 +194,27 @@ def greedy_replies(
     limit, so the replies do not depend on how the conversations are batched). Conversations
     run batch_size at a time, left-padded (generate gives each row what it would get alone).
     """
+    return sampled_replies(model, tokenizer, conversations, max_new_tokens, batch_size, temperature=0.0)
+
+
+@torch.no_grad()
+def sampled_replies(
+    model: nn.Module,
+    tokenizer,
+    conversations: Sequence[Sequence[Message]],
+    max_new_tokens: Union[int, Sequence[int]],
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+) -> List[str]:
+    """One reply to each conversation as `greedy_replies` gives it, sampled at `temperature`
+    (0: greedy) and top_p; batch b samples with seed + b, so the replies are reproducible."""
     end = end_of_turn_id(tokenizer)
     limits = [max_new_tokens] * len(conversations) if isinstance(max_new_tokens, int) else max_new_tokens
     device = next(model.parameters()).device
     replies: List[str] = []
-    for start in range(0, len(conversations), batch_size):
+    for b, start in enumerate(range(0, len(conversations), batch_size)):
         prompts = [
             apply_chat_template(tokenizer, c, add_generation_prompt=True)
             for c in conversations[start : start + batch_size]
@@ -213,8 +230,10 @@ def greedy_replies(
             model,
             input_ids.to(device),
             max(batch_limits),
-            temperature=0.0,
+            temperature=temperature,
+            top_p=top_p,
             eos_token_id=end,
+            seed=seed + b,
             attention_mask=attention_mask.to(device),
         )
         for row, limit in zip(ids[:, T:].tolist(), batch_limits):

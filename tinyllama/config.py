@@ -262,6 +262,9 @@ class GRPOConfig:
     """Optimizer steps on each rollout batch (> 1 makes the clipped ratio matter)."""
     rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     """The rewards, summed with their weights."""
+    only_answered: bool = True
+    """Sample only prompts whose conversation ends with a checkable answer, where the data has any
+    (the built-in corpus's questions); files without answers are used whole."""
 
 
 @dataclass
@@ -370,6 +373,12 @@ class EvaluateConfig:
     max_answers: Optional[int] = 200
     """Chat data: held-out questions answered greedily for answer_accuracy (the built-in corpus
     only); None: all of them."""
+    pass_at: List[int] = field(default_factory=lambda: [1, 4])
+    """Chat data: the k of pass@k, from max(pass_at) replies sampled per question (the built-in
+    corpus only); [] skips sampling."""
+    temperature: Optional[float] = None
+    """Temperature of pass@k's samples; None: the run's (grpo.temperature for a GRPO run, else
+    sample.temperature)."""
 
 
 @dataclass
@@ -571,6 +580,10 @@ def validate(job: JobConfig) -> None:
     need(
         ev.batch_size > 0 and (ev.seq_len is None or ev.seq_len > 0),
         "evaluate.batch_size and evaluate.seq_len must be > 0",
+    )
+    need(
+        all(k >= 1 for k in ev.pass_at) and (ev.temperature is None or ev.temperature > 0),
+        f"evaluate.pass_at={list(ev.pass_at)} must hold k >= 1 and evaluate.temperature must be > 0",
     )
     need(
         ev.max_answers is None or ev.max_answers > 0,

@@ -12,7 +12,7 @@ import torch
 
 from tinyllama.checkpoint import build_model, load_checkpoint
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.evaluate import evaluate_loss
+from tinyllama.losses import evaluate_loss
 from tinyllama.model import heads
 from tinyllama.train import loop
 from tinyllama.train.loop import Trainer, run_training

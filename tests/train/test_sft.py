@@ -12,17 +12,9 @@ import pytest
 import torch
 
 from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
-from tinyllama.checkpoint import load_checkpoint, save_checkpoint
+from tinyllama.checkpoint import load_checkpoint
 from tinyllama.config import (
-    CheckpointConfig,
-    DataConfig,
-    EvalConfig,
-    JobConfig,
-    OptimConfig,
-    RunConfig,
     SampleConfig,
-    TokenizerConfig,
-    TrainConfig,
 )
 from tinyllama.data import (
     SFTBatchLoader,
@@ -33,64 +25,13 @@ from tinyllama.data import (
 )
 from tinyllama.data.conversations import iter_conversations
 from tinyllama.errors import CheckpointError, ConfigError, DataError
-from tinyllama.evaluate import evaluate_loss
-from tinyllama.model import LlamaConfig, LlamaForCausalLM, causal_lm_loss
+from tinyllama.losses import evaluate_loss
+from tinyllama.model import LlamaForCausalLM, causal_lm_loss
 from tinyllama.train import loop
 from tinyllama.train.distributed import setup_distributed
 from tinyllama.train.loop import Trainer, run_training
 
 SEQ_LEN = 256  # the synthetic chat conversations are 130-340 tokens with a 512-piece tokenizer
-
-
-def base_run(folder: Path, model_config: LlamaConfig, tokenizer) -> Path:
-    """A pretrained run's folder as init_from sees it: one checkpoint (random weights) and its tokenizer."""
-    torch.manual_seed(0)
-    job = JobConfig(model=model_config, run=RunConfig(dir=str(folder)))
-    save_checkpoint(
-        folder / "checkpoints",
-        5,
-        LlamaForCausalLM(model_config),
-        model_config,
-        job,
-        tokenizer.model_path,
-        {"tokens": 0, "tokenizer_fingerprint": tokenizer.fingerprint},
-        None,
-    )
-    return folder
-
-
-@pytest.fixture
-def chat_job(chat_tokenizer, tmp_path_factory, tmp_path):
-    """A 6-step fine-tuning run of a ~50k-parameter model on 60 built-in conversations, from a
-    base run that holds chat_tokenizer; packed data in a per-test folder."""
-    model = LlamaConfig(
-        vocab_size=chat_tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ_LEN,
-    )
-    base = base_run(tmp_path / "base", model, chat_tokenizer)
-    return JobConfig(
-        model=model,
-        tokenizer=TokenizerConfig(name="bpe_512_chat", vocab_size=512),
-        data=DataConfig(
-            name="synthetic_chat",
-            source="synthetic_chat",
-            num_docs=60,
-            num_workers=0,
-            root=str(tmp_path / "data"),
-        ),
-        train=TrainConfig(max_steps=6, batch_size=4, seq_len=SEQ_LEN, precision="fp32", log_every=1),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        checkpoint=CheckpointConfig(every=3, keep_last=2),
-        eval=EvalConfig(every=3, batches=2),
-        run=RunConfig(name="chat", dir=str(tmp_path / "run"), seed=1, device="cpu"),
-        sample=SampleConfig(num_samples=1, max_new_tokens=4),
-        init_from=str(base),
-    )
 
 
 def metrics(job):
@@ -131,7 +72,6 @@ def test_a_chat_run_trains_end_to_end_and_reports_its_packing(chat_job, capsys):
 def test_chat_samples_prompt_up_to_the_last_reply_and_skip_what_does_not_fit(
     chat_job, chat_tokenizer, tmp_path
 ):
-    from tinyllama.config import SampleConfig
     from tinyllama.train.samples import write_chat_samples
 
     torch.manual_seed(0)
@@ -290,13 +230,15 @@ def test_compile_takes_the_sft_batch(chat_job, tmp_path, monkeypatch):
     torch.testing.assert_close(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-5)
 
 
-def test_a_tokenizer_without_chat_pieces_is_refused_with_nothing_written(chat_job, tiny_data, tmp_path):
+def test_a_tokenizer_without_chat_pieces_is_refused_with_nothing_written(
+    chat_job, tiny_data, tmp_path, base_run_of
+):
     from tinyllama.tokenizer import ensure_tokenizer
 
     data, tok = tiny_data
     plain = ensure_tokenizer(dataclasses.replace(tok, name="no_chat_pieces", user_defined_symbols=[]), data)
     chat_job.model.vocab_size = plain.vocab_size
-    chat_job.init_from = str(base_run(tmp_path / "plain_base", chat_job.model, plain))
+    chat_job.init_from = str(base_run_of(tmp_path / "plain_base", chat_job.model, plain))
     with pytest.raises(ConfigError, match="no chat pieces"):
         run_training(chat_job)
     assert not Path(chat_job.run.dir).exists() and not (Path(chat_job.data.root) / "packed").exists()
@@ -312,13 +254,17 @@ def test_a_missing_base_run_says_to_make_it(chat_job, tmp_path):
     assert not Path(chat_job.run.dir).exists()
 
 
-def test_conversations_longer_than_the_window_are_counted_and_reported(chat_job, chat_tokenizer, capsys):
+def test_conversations_longer_than_the_window_are_counted_and_reported(
+    chat_job, chat_tokenizer, capsys, base_run_of
+):
     chat_job.model.max_position_embeddings = chat_job.train.seq_len = 200
     chat_job.train.max_steps = 1
     for overflow in ("truncate", "drop"):
         chat_job.data.overflow = overflow
         chat_job.run.dir = f"{chat_job.run.dir}_{overflow}"
-        chat_job.init_from = str(base_run(Path(chat_job.run.dir + "_base"), chat_job.model, chat_tokenizer))
+        chat_job.init_from = str(
+            base_run_of(Path(chat_job.run.dir + "_base"), chat_job.model, chat_tokenizer)
+        )
         run_training(chat_job)
         folder = loop.prepare_data(chat_job, setup_distributed("cpu"))[1]
         train = read_chat_meta(folder)["splits"]["train"]

@@ -28,8 +28,8 @@ from tinyllama.course.checks import run_check
 from tinyllama.course.grading import load_learner_module
 from tinyllama.course.lessons import CourseError, get_lesson
 from tinyllama.data import BatchLoader, ensure_packed, eval_batches
-from tinyllama.evaluate import evaluate_loss
 from tinyllama.generate import generate
+from tinyllama.losses import evaluate_loss
 from tinyllama.model import LlamaForCausalLM, ModelParts, causal_lm_loss
 from tinyllama.tokenizer import ensure_tokenizer
 from tinyllama.train.optim import build_optimizer, build_schedule

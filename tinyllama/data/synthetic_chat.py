@@ -102,7 +102,8 @@ def chat_example(seed: int, index: int) -> Example:
             {"role": "user", "content": f"{story}\n\n{question}"},
             {"role": "assistant", "content": answer},
         ]
-        for question_kind, question, answer in asked[1:]:
+        question_kind = asked[-1][0]  # the last turn's
+        for _, question, answer in asked[1:]:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     else:
         messages += [

@@ -10,7 +10,7 @@ from torch import nn
 
 from tinyllama.config import EvalConfig
 from tinyllama.data import eval_batches, sft_eval_batches
-from tinyllama.evaluate import evaluate_loss
+from tinyllama.losses import evaluate_loss
 from tinyllama.train.cadence import Cadence
 from tinyllama.train.distributed import DistEnv
 

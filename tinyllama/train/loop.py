@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, ContextManager, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from tinyllama.config import JobConfig, is_chat, run_dir_of
 from tinyllama.data import packing_report, read_chat_meta
@@ -27,9 +29,11 @@ from tinyllama.run_record import record_launch, write_summary
 from tinyllama.train.build import build_training_model, prepare_data, tokenizer_origin
 from tinyllama.train.checkpointer import Attribute, Checkpointer, resume_checkpoint
 from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
+from tinyllama.train.dpo_objective import DPOObjective
 from tinyllama.train.evaluator import Evaluator
+from tinyllama.train.grpo import GRPOObjective
 from tinyllama.train.nan_guard import NanGuard
-from tinyllama.train.objectives import build_objective
+from tinyllama.train.objectives import LMObjective, Objective
 from tinyllama.train.optim import build_optimizer, build_schedule
 from tinyllama.train.precision import resolve_precision
 from tinyllama.train.rng import RNGStates, seed_everything
@@ -77,7 +81,9 @@ class Trainer:
         self.guard = NanGuard(t.nan_policy)
         # What a step minimises (pretraining/SFT, DPO or GRPO): its data, built and checked here.
         self.chat = is_chat(job.data)
-        self.objective = build_objective(job, env, self.model, self.tokenizer, self.packed_dir)
+        self.objective = build_objective(
+            job, env, self.model, self.tokenizer, self.packed_dir, self.precision.autocast
+        )
         self.step, self.tokens, self.resumed_from = 0, 0, None
         self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
         # Refusals happen here, before anything is written.
@@ -305,3 +311,21 @@ class Trainer:
         self.tracker.summary(summary)
         if self.env.is_main:
             write_summary(self.run_dir, summary)
+
+
+def build_objective(
+    job: JobConfig,
+    env: DistEnv,
+    model: nn.Module,
+    tokenizer,
+    packed_dir: Path,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> Objective:
+    """The objective train.objective names (config.OBJECTIVES), built before any step: DPO and
+    GRPO read and check their pairs or prompts (and GRPO its rewards) here."""
+    name = job.train.objective
+    if name == "dpo":
+        return DPOObjective(job, env, model, tokenizer)
+    if name == "grpo":
+        return GRPOObjective(job, env, model, tokenizer, autocast)
+    return LMObjective(job, env, packed_dir, tokenizer)

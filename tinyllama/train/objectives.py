@@ -1,6 +1,6 @@
 """What a training step minimises: the loop's one seam for pretraining, SFT, DPO and GRPO.
 
-    objective = build_objective(job, env, model, tokenizer, packed_dir)
+    objective = build_objective(job, env, model, tokenizer, packed_dir, autocast)   # loop.py
     batch = objective.next_batch()          # outside autocast: data, rollouts, reference log-probs
     loss = objective.loss(train_model, batch)  # under autocast, for backward
 
@@ -136,18 +136,3 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
-
-
-def build_objective(job: JobConfig, env: DistEnv, model: nn.Module, tokenizer, packed_dir: Path) -> Objective:
-    """The objective train.objective names (config.OBJECTIVES), built before any step: DPO and
-    GRPO read and check their pairs or prompts (and GRPO its rewards) here."""
-    name = job.train.objective
-    if name == "dpo":
-        from tinyllama.train.dpo_objective import DPOObjective
-
-        return DPOObjective(job, env, model, tokenizer)
-    if name == "grpo":
-        from tinyllama.train.grpo import GRPOObjective
-
-        return GRPOObjective(job, env, model, tokenizer)
-    return LMObjective(job, env, packed_dir, tokenizer)

@@ -1,0 +1,299 @@
+"""GRPO, the objective: sample G completions per prompt, score them, and push the policy towards
+the ones that did better than their group (tinyllama/train/grpo_loss.py holds the arithmetic).
+
+One micro-batch (`next_batch`) is a rollout: train.batch_size prompts of this rank, each
+repeated G = grpo.num_generations times in one left-padded batch, continued by `generate` with
+the KV cache (on a CPU its decoding steps run through fast_decode's packed NumPy path) at
+grpo.temperature / grpo.top_p, each completion stopped at `<|end|>` and masked after it. The
+rewards (tinyllama/rewards.py) score the decoded completions; their weighted sum gives the
+group-relative advantages. With grpo.num_iterations > 1 the same rollouts serve that many
+optimizer steps (the clipped ratio to the sampling policy then matters); with grpo.beta > 0 a
+frozen copy of the starting model gives the reference log-probs of the KL term.
+
+Prompts are the conversations of data's train split up to their last assistant turn (with
+grpo.only_answered, on a corpus that has checkable answers, those whose last turn has one);
+ranks are dealt disjoint prompts from a seeded order per epoch. Each rollout samples with a seed
+derived from run.seed, the rank and the number of rollouts so far, so a resumed run samples what
+an uninterrupted one does; the rollouts not yet fully used are saved with the state.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable, ContextManager, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from tinyllama.chat_template import apply_chat_template, end_of_turn_id, require_chat_pieces
+from tinyllama.config import JobConfig
+from tinyllama.data.conversations import iter_conversations
+from tinyllama.errors import DataError
+from tinyllama.generate import generate
+from tinyllama.rewards import call_reward, load_rewards
+from tinyllama.train.distributed import DistEnv
+from tinyllama.train.grpo_loss import completion_mask, group_advantages, grpo_loss
+from tinyllama.train.objectives import Objective, frozen_copy
+
+
+class PromptSet:
+    """The prompts GRPO samples from: token ids ending with `<|assistant|>`, their messages and
+    their other columns; checked to leave grpo.max_new_tokens in train.seq_len."""
+
+    def __init__(self, job: JobConfig, tokenizer) -> None:
+        conversations = list(enumerate(iter_conversations(job.data, "train")))  # (row, record)
+        if job.grpo.only_answered and any(c.get("answer") is not None for _, c in conversations):
+            conversations = [(row, c) for row, c in conversations if c.get("answer") is not None]
+        budget = job.train.seq_len - job.grpo.max_new_tokens
+        self.messages, self.ids, self.columns = [], [], collections.defaultdict(list)
+        for row, c in conversations:
+            last = max(i for i, m in enumerate(c["messages"]) if m["role"] == "assistant")
+            messages = c["messages"][:last]
+            ids = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+            if len(ids) > budget:
+                raise DataError(
+                    f"data={job.data.name} train conversation {row}: its prompt is {len(ids)} tokens, "
+                    f"and with grpo.max_new_tokens={job.grpo.max_new_tokens} it exceeds "
+                    f"train.seq_len={job.train.seq_len}: shorten or remove it, lower "
+                    "grpo.max_new_tokens or raise train.seq_len"
+                )
+            self.messages.append(messages)
+            self.ids.append(ids)
+            for key, value in c.items():
+                if key != "messages":
+                    self.columns[key].append(value)
+        if not self.ids:
+            raise DataError(f"data={job.data.name} has no train conversation to take prompts from")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class PromptOrder:
+    """A seeded shuffle of the prompts per epoch, dealt round-robin to ranks; resumable."""
+
+    def __init__(self, count: int, seed: int, rank: int, world_size: int) -> None:
+        if count < world_size:
+            raise DataError(f"{count} prompts cannot be dealt to {world_size} ranks: give more prompts")
+        self.count, self.seed, self.rank, self.world_size = count, seed, rank, world_size
+        self.epoch, self.taken = 0, 0
+
+    def _order(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
+        return order[: self.count // self.world_size * self.world_size][self.rank :: self.world_size]
+
+    def take(self, n: int) -> List[int]:
+        out, order = [], self._order()
+        for _ in range(n):
+            out.append(int(order[self.taken]))
+            self.taken += 1
+            if self.taken == len(order):
+                self.epoch, self.taken = self.epoch + 1, 0
+                order = self._order()
+        return out
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "taken": self.taken, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        for key in ("seed", "world_size"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the GRPO prompts exactly: the saved {key} is {state[key]}, this run "
+                    f"has {getattr(self, key)}; use the same {key} to resume"
+                )
+        self.epoch, self.taken = state["epoch"], state["taken"]
+
+
+class GRPOObjective(Objective):
+    """train.objective=grpo (see the module docstring)."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        env: DistEnv,
+        model: nn.Module,
+        tokenizer,
+        autocast: Callable[[], ContextManager],
+    ) -> None:
+        require_chat_pieces(tokenizer)
+        self.job, self.cfg, self.env, self.model, self.tokenizer = job, job.grpo, env, model, tokenizer
+        self.autocast = autocast
+        self.end_id = end_of_turn_id(tokenizer)
+        self.pad_id = tokenizer.eos_id
+        self.rewards = load_rewards(self.cfg.rewards)
+        self.prompts = PromptSet(job, tokenizer)
+        self.order = PromptOrder(len(self.prompts), job.run.seed, env.rank, env.world_size)
+        self._probe_rewards()
+        self.reference = frozen_copy(model) if self.cfg.beta > 0 else None
+        self.rollouts = 0  # rollout batches sampled so far on this rank
+        self.cached: List[Dict[str, Any]] = []  # rollouts still to be reused (num_iterations > 1)
+        self.uses = 0  # updates made with the oldest cached rollouts
+        self._window: Dict[str, List[float]] = collections.defaultdict(list)
+        self._zero_std = collections.Counter()  # question kind -> groups whose rewards were all equal
+        self._groups = collections.Counter()
+        self._ready: Optional[float] = None  # when the last batch was handed to the loop
+
+    def _probe_rewards(self) -> None:
+        """Call every reward once on two made-up completions of the first prompt, so that one that
+        does not run, or returns the wrong shape, stops the run before any step."""
+        completions = ["", "<|end|>"]
+        columns = {k: [v[0]] * 2 for k, v in self.prompts.columns.items()}
+        columns["completion_ids"] = [[], [self.end_id]]
+        for reward in self.rewards:
+            call_reward(reward, [self.prompts.messages[0]] * 2, completions, columns)
+
+    # ---- rollouts -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _rollout(self) -> Dict[str, Any]:
+        """Sample, score and prepare one rollout batch of train.batch_size prompts x G."""
+        cfg, G, device = self.cfg, self.cfg.num_generations, self.env.device
+        rows = [i for i in self.order.take(self.job.train.batch_size) for _ in range(G)]
+        T = max(len(self.prompts.ids[i]) for i in rows)
+        prompt_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for r, i in enumerate(rows):
+            ids = self.prompts.ids[i]
+            prompt_ids[r, T - len(ids) :] = torch.tensor(ids)
+            prompt_mask[r, T - len(ids) :] = 1
+        seed = int(
+            np.random.SeedSequence([self.job.run.seed, self.env.rank, self.rollouts]).generate_state(1)[0]
+        )
+        was_training = self.model.training
+        self.model.eval()
+        start = time.perf_counter()
+        out = generate(
+            self.model,
+            prompt_ids.to(device),
+            cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=None,
+            top_p=cfg.top_p,
+            eos_token_id=self.end_id,
+            seed=seed,
+            attention_mask=prompt_mask.to(device),
+        )
+        rollout_s = time.perf_counter() - start
+        self.model.train(was_training)
+        self.rollouts += 1
+        completion = out[:, T:]
+        mask = completion_mask(completion, self.end_id).to(device)  # (N, L)
+        rewards = self._score(rows, completion.cpu(), mask.cpu())
+        batch = {
+            "input_ids": out,
+            "attention_mask": torch.cat([prompt_mask.to(device), torch.ones_like(completion)], dim=1),
+            "completion_mask": mask,
+            "advantages": group_advantages(rewards, G, cfg.scale_rewards).to(device),
+        }
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of later updates
+            batch["old_logps"] = self._logps(self.model, batch)
+        if self.reference is not None:
+            batch["ref_logps"] = self._logps(self.reference, batch)
+        self._note("completions/mean_length", mask.sum(1).mean().item())
+        self._note("completions/terminated_share", (completion == self.end_id).any(1).float().mean().item())
+        self._note("rollout_tok_per_s", mask.sum().item() / max(rollout_s, 1e-9))
+        return batch
+
+    def _score(self, rows: List[int], completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the rewards of each completion, (N,) float32; logs each reward's
+        mean and std and the groups whose rewards are all equal (per question kind, if given)."""
+        ids = [row[: int(n)] for row, n in zip(completion.tolist(), mask.sum(1).tolist())]
+        completions = [self.tokenizer.decode(x) for x in ids]
+        prompts = [self.prompts.messages[i] for i in rows]
+        columns = {k: [v[i] for i in rows] for k, v in self.prompts.columns.items()}
+        columns["completion_ids"] = ids
+        total = torch.zeros(len(rows))
+        for reward in self.rewards:
+            scores = torch.tensor(call_reward(reward, prompts, completions, columns))
+            total += reward.weight * scores
+            self._note(f"rewards/{reward.name}/mean", scores.mean().item())
+            self._note(f"rewards/{reward.name}/std", scores.std().item())
+        grouped = total.view(-1, self.cfg.num_generations)
+        zero_std = (grouped.max(1).values == grouped.min(1).values).tolist()
+        kinds = columns.get("question", [None] * len(rows))[:: self.cfg.num_generations]
+        for kind, flat in zip(kinds, zero_std):
+            self._groups[kind or "all"] += 1
+            self._zero_std[kind or "all"] += flat
+        self._note("reward", total.mean().item())
+        self._note("reward_std", total.std().item())
+        self._note("frac_reward_zero_std", float(np.mean(zero_std)))
+        return total
+
+    def _logps(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probabilities (N, L) that `model` gives the sampled completion tokens."""
+        L = batch["completion_mask"].shape[1]
+        with self.autocast():
+            logits = model(
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=L + 1,
+            ).logits[:, :-1]  # (N, L, V): position t predicts completion token t
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        return logps.gather(-1, batch["input_ids"][:, -L:, None])[..., 0]
+
+    # ---- the Objective interface -----------------------------------------------------------
+    def next_batch(self) -> Dict[str, Any]:
+        if self._ready is not None:  # the loop spent the time since on the update of the last batch
+            tokens = self._last_tokens / max(time.perf_counter() - self._ready, 1e-9)
+            self._note("update_tok_per_s", tokens)
+        accum = self.job.train.grad_accum
+        if not self.cached or self.uses == self.cfg.num_iterations * accum:
+            self.cached = [self._rollout() for _ in range(accum)]
+            self.uses = 0
+        batch = self.cached[self.uses % accum]
+        self.uses += 1
+        self._last_tokens = int(batch["attention_mask"].sum())
+        self._ready = time.perf_counter()
+        return batch
+
+    def loss(self, model: nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
+        logps = self._logps(model, batch)
+        cfg = self.cfg
+        loss, stats = grpo_loss(
+            logps,
+            batch.get("old_logps", logps.detach()),
+            batch["advantages"],
+            batch["completion_mask"],
+            cfg.epsilon,
+            cfg.epsilon_high,
+            cfg.loss_type,
+            cfg.max_new_tokens,
+            cfg.beta,
+            batch.get("ref_logps"),
+        )
+        self._note("clip_ratio", stats["clip_ratio"].item())
+        if cfg.beta > 0:
+            self._note("kl", stats["kl"].item())
+        return loss
+
+    def _note(self, key: str, value: float) -> None:
+        self._window[key].append(value)
+
+    def window(self) -> Dict[str, float]:
+        figures = {k: float(np.mean(v)) for k, v in self._window.items()}
+        self._window.clear()
+        return figures
+
+    def total(self) -> Dict[str, Any]:
+        """The share of groups whose rewards were all equal, per question kind ("all" where the
+        prompts have none): the groups that gave no signal."""
+        shares = {k: self._zero_std[k] / n for k, n in sorted(self._groups.items())}
+        return {"frac_reward_zero_std_by_question": shares}
+
+    def state_dict(self) -> Dict[str, Any]:
+        cached = [{k: v.cpu() for k, v in b.items()} for b in self.cached]
+        return {
+            "prompts": self.order.state_dict(),
+            "rollouts": self.rollouts,
+            "cached": cached,
+            "uses": self.uses,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.order.load_state_dict(state["prompts"])
+        self.rollouts, self.uses = int(state["rollouts"]), int(state["uses"])
+        self.cached = [{k: v.to(self.env.device) for k, v in b.items()} for b in state["cached"]]
