@@ -81,6 +81,38 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert not torch.equal(a, generate(model, prompt, seed=8, **kwargs))
 
 
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_num_return_sequences_continues_each_prompt_as_its_repeated_rows_would(model, repetition_penalty):
+    """One prefill per prompt, its cache copied to G rows: the same logits as G copies of the
+    prompt, so greedy rows equal theirs and a seed samples what it samples for the copies
+    (a sample flips only where float32 rounding of the prefill would cross a boundary of the
+    multinomial draw)."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (6, 3)]
+    batch = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, p in enumerate(prompts):
+        batch[i, 6 - len(p) :], mask[i, 6 - len(p) :] = p, 1
+    for temperature, seed in ((0.0, None), (1.2, 5)):
+        kwargs = dict(
+            max_new_tokens=9,
+            temperature=temperature,
+            top_p=None,
+            seed=seed,
+            repetition_penalty=repetition_penalty,
+        )
+        shared = generate(model, batch, attention_mask=mask, num_return_sequences=3, **kwargs)
+        copies = generate(
+            model,
+            batch.repeat_interleave(3, dim=0),
+            attention_mask=mask.repeat_interleave(3, dim=0),
+            **kwargs,
+        )
+        assert shared.shape == (6, 15)
+        assert torch.equal(shared, copies), f"temperature {temperature}"
+    assert not torch.equal(shared[0], shared[1])  # sampled rows of one prompt differ
+
+
 def test_eos_stops_generation_and_fills_finished_rows(model):
     prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
     free = generate(model, prompt, max_new_tokens=12, temperature=0.0)[:, 5:].tolist()
@@ -151,4 +183,6 @@ def test_bad_arguments_raise_one_clear_error(model):
     prompt = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(ConfigError, match="temperature=-1.*top_p=1.5"):
         generate(model, prompt, temperature=-1, top_p=1.5)
+    with pytest.raises(ConfigError, match="num_return_sequences=0"):
+        generate(model, prompt, num_return_sequences=0)
     assert torch.equal(generate(model, prompt, max_new_tokens=0), prompt)

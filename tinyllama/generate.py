@@ -46,6 +46,7 @@ def generate(
     seed: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
     fast: bool = True,
+    num_return_sequences: int = 1,
 ) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (B, T) by up to `max_new_tokens` tokens.
 
@@ -58,11 +59,15 @@ def generate(
     attention_mask (B, T): 1 for real tokens, 0 for left padding.
     fast: after the prompt, run each step through fast_decode.py (the same math in NumPy, weights
     packed for decoding; float32 CPU models); False runs the model's own forward at every step.
-    Returns (B, T + n) int64, n <= max_new_tokens: the prompts followed by the new tokens.
+    num_return_sequences: continuations sampled per prompt. The prompts are prefilled once and
+    their cache copied to each continuation's row, so G samples of one prompt cost one prefill
+    (GRPO's rollouts); the rows come out grouped, prompt 0's G first.
+    Returns (B x num_return_sequences, T + n) int64, n <= max_new_tokens: the prompts followed
+    by the new tokens.
     """
     B, T = input_ids.shape
-    out = input_ids.new_empty(B, T + max_new_tokens)
-    out[:, :T] = input_ids
+    out = input_ids.new_empty(B * num_return_sequences, T + max_new_tokens)
+    out[:, :T] = input_ids.repeat_interleave(num_return_sequences, dim=0)
     n = 0
     for n, tokens in enumerate(
         stream_tokens(
@@ -77,6 +82,7 @@ def generate(
             seed,
             attention_mask,
             fast,
+            num_return_sequences,
         ),
         1,
     ):
@@ -97,9 +103,13 @@ def stream_tokens(
     seed: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
     fast: bool = True,
+    num_return_sequences: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) int64, one step at a time (arguments as `generate`)."""
-    _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    """Yield the next token of every row, (B x num_return_sequences,) int64, one step at a time
+    (arguments as `generate`)."""
+    _check_args(
+        input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_return_sequences
+    )
     if max_new_tokens == 0:
         return
     B, T = input_ids.shape
@@ -128,11 +138,18 @@ def stream_tokens(
         real = attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
         counts = torch.zeros(B, config.vocab_size, dtype=torch.long, device=device)
         seen = counts.scatter_add_(1, input_ids, real) > 0
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-
     cache = KVCache(config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=dtype)
     # The prompt goes through the model (a prefill is compute-bound: GEMMs and attention kernels).
     logits = _model_logits(model, input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    if num_return_sequences > 1:  # from here on each prompt's row is G rows
+        G = num_return_sequences
+        B, logits = B * G, logits.repeat_interleave(G, dim=0)
+        cache.repeat_interleave(G)
+        if padded:
+            mask, next_position = mask.repeat_interleave(G, dim=0), next_position.repeat_interleave(G, dim=0)
+        if seen is not None:
+            seen = seen.repeat_interleave(G, dim=0)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     step_logits = None  # chosen at the first step: a single new token needs no decoding step
     for step in range(max_new_tokens):
         tokens = _next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
@@ -230,9 +247,12 @@ def _check_args(
     top_k: Optional[int],
     top_p: Optional[float],
     repetition_penalty: float,
+    num_return_sequences: int = 1,
 ) -> None:
     """Reject values that would fail deep inside torch (or silently do something else)."""
     problems: List[str] = []
+    if num_return_sequences < 1:
+        problems.append(f"num_return_sequences={num_return_sequences}: must be >= 1")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         problems.append(f"input_ids of shape {tuple(input_ids.shape)}: need (B, T) with T >= 1")
     if max_new_tokens < 0:

@@ -89,6 +89,15 @@ class KVCache:
         self.lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :end]
 
+    def repeat_interleave(self, repeats: int) -> None:
+        """Make each row `repeats` adjacent rows (B -> B x repeats), cached positions and all: one
+        prefilled prompt then continues as several samples."""
+        for buffers in (self.keys, self.values):
+            for i, buffer in enumerate(buffers):
+                if buffer is not None:
+                    buffers[i] = buffer.repeat_interleave(repeats, dim=0)
+        self.shape = (self.shape[0] * repeats,) + self.shape[1:]
+
     def _reserve(self, layer_idx: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make one layer's buffers hold `end` positions: allocated on first use, reallocated
         (capacity at least doubling) when full."""

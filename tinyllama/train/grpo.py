@@ -1,10 +1,10 @@
 """GRPO, the objective: sample G completions per prompt, score them, and push the policy towards
 the ones that did better than their group (tinyllama/train/grpo_loss.py holds the arithmetic).
 
-One micro-batch (`next_batch`) is a rollout: train.batch_size prompts of this rank, each
-repeated G = grpo.num_generations times in one left-padded batch, continued by `generate` with
-the KV cache (on a CPU its decoding steps run through fast_decode's packed NumPy path) at
-grpo.temperature / grpo.top_p, each completion stopped at `<|end|>` and masked after it. The
+One micro-batch (`next_batch`) is a rollout: train.batch_size prompts of this rank in one
+left-padded batch, each prefilled once and continued G = grpo.num_generations times by
+`generate` with the KV cache (on a CPU its decoding steps run through fast_decode's packed
+NumPy path) at grpo.temperature / grpo.top_p, each completion stopped at `<|end|>` and masked after it. The
 rewards (tinyllama/rewards.py) score the decoded completions; their weighted sum gives the
 group-relative advantages. With grpo.num_iterations > 1 the same rollouts serve that many
 optimizer steps (the clipped ratio to the sampling policy then matters); with grpo.beta > 0 a
@@ -150,11 +150,12 @@ class GRPOObjective(Objective):
     def _rollout(self) -> Dict[str, Any]:
         """Sample, score and prepare one rollout batch of train.batch_size prompts x G."""
         cfg, G, device = self.cfg, self.cfg.num_generations, self.env.device
-        rows = [i for i in self.order.take(self.job.train.batch_size) for _ in range(G)]
-        T = max(len(self.prompts.ids[i]) for i in rows)
-        prompt_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        prompts = self.order.take(self.job.train.batch_size)
+        rows = [i for i in prompts for _ in range(G)]  # each prompt's G completions adjacent
+        T = max(len(self.prompts.ids[i]) for i in prompts)
+        prompt_ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
         prompt_mask = torch.zeros_like(prompt_ids)
-        for r, i in enumerate(rows):
+        for r, i in enumerate(prompts):
             ids = self.prompts.ids[i]
             prompt_ids[r, T - len(ids) :] = torch.tensor(ids)
             prompt_mask[r, T - len(ids) :] = 1
@@ -174,11 +175,13 @@ class GRPOObjective(Objective):
             eos_token_id=self.end_id,
             seed=seed,
             attention_mask=prompt_mask.to(device),
+            num_return_sequences=G,  # one prefill per prompt
         )
         rollout_s = time.perf_counter() - start
         self.model.train(was_training)
         self.rollouts += 1
         completion = out[:, T:]
+        prompt_mask = prompt_mask.repeat_interleave(G, dim=0)
         mask = completion_mask(completion, self.end_id).to(device)  # (N, L)
         rewards = self._score(rows, completion.cpu(), mask.cpu())
         batch = {
