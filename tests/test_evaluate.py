@@ -179,10 +179,48 @@ def test_chat_run_reports_assistant_loss_and_answer_accuracy(chat_tokenizer, tmp
     # The model learnt these very conversations: every greedy reply is the expected answer.
     assert result["answer_count"] == 3 and result["answer_accuracy"] == 1.0
     assert [e["reply"] for e in result["answer_examples"]] == [c["answer"] for c in held_out]
+    kinds = sorted({c["question"] for c in held_out})
+    assert list(result["answer_accuracy_by_question"]) == kinds
+    assert set(result["answer_accuracy_by_question"].values()) == {1.0}
+    assert sum(result["answer_count_by_question"].values()) == 3
+    # pass@k from max(k) = 4 samples per question at the run's temperature (sample.temperature).
+    assert result["pass_samples"] == 4 and 0 <= result["pass@1"] <= result["pass@4"] <= 1
     saved = json.loads((Path(job.run.dir) / "eval" / "step_1-synthetic_chat_val-chat.json").read_text())
     assert saved == result
+    job.evaluate.temperature = 1e-4  # every sample is the greedy reply, which is right
+    sharp = run_evaluation(job)
+    assert sharp["pass@1"] == sharp["pass@4"] == 1.0
     job.evaluate.max_answers = 1
     assert run_evaluation(job)["answer_count"] == 1
+
+
+def test_pass_at_k_is_the_unbiased_estimate_from_the_samples_per_question(monkeypatch):
+    """Two questions, n = 4 samples each, 1 and 3 of them right: pass@1 = mean(c / n), pass@2 =
+    mean(1 - C(n - c, 2) / C(n, 2)) = mean(1 - 3/6, 1 - 0/6), pass@4 = 1 for both."""
+    from tinyllama import chat_eval
+
+    asked = [
+        {
+            "messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+            "answer": "a",
+        },
+        {
+            "messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}],
+            "answer": "b",
+        },
+    ]
+    replies = ["a", "x", "y", "z", "b", "b", "w", "b"]  # each question's samples adjacent
+
+    def fake_samples(model, tokenizer, prompts, limits, batch_size, temperature, seed=0):
+        assert [p[0]["content"] for p in prompts] == ["q1"] * 4 + ["q2"] * 4 and temperature == 0.7
+        return replies
+
+    monkeypatch.setattr(chat_eval, "sampled_replies", fake_samples)
+    monkeypatch.setattr(chat_eval, "_limits", lambda tokenizer, asked: [4] * len(asked))
+    out = chat_eval.pass_at_k(None, None, asked, ks=(1, 2, 4), temperature=0.7)
+    assert out["pass@1"] == pytest.approx((1 / 4 + 3 / 4) / 2)
+    assert out["pass@2"] == pytest.approx((1 - 3 / 6 + 1) / 2)
+    assert out["pass@4"] == 1.0 and out["pass_samples"] == 4
 
 
 def test_a_base_run_is_measured_on_the_built_in_questions_when_asked(chat_tokenizer, tmp_path):
