@@ -194,6 +194,19 @@ def test_chat_run_reports_assistant_loss_and_answer_accuracy(chat_tokenizer, tmp
     assert run_evaluation(job)["answer_count"] == 1
 
 
+def test_a_held_out_split_without_short_answers_gets_its_loss_and_no_accuracy(chat_tokenizer, tmp_path):
+    from tinyllama.config import DataConfig
+    from tinyllama.data.conversations import iter_conversations
+
+    data = DataConfig(name="synthetic_chat", source="synthetic_chat", num_docs=60)  # 1 held out
+    held_out = list(iter_conversations(data, "val"))
+    assert [c["answer"] for c in held_out] == [None]  # a drill or a written story
+    job, _ = _chat_run(tmp_path / "chat", chat_tokenizer, data, seq_len=512)
+    result = run_evaluation(job)
+    assert result["conversations"] == 1 and result["assistant_tokens"] > 0
+    assert "answer_accuracy" not in result and "pass@1" not in result
+
+
 def test_pass_at_k_is_the_unbiased_estimate_from_the_samples_per_question(monkeypatch):
     """Two questions, n = 4 samples each, 1 and 3 of them right: pass@1 = mean(c / n), pass@2 =
     mean(1 - C(n - c, 2) / C(n, 2)) = mean(1 - 3/6, 1 - 0/6), pass@4 = 1 for both."""

@@ -52,11 +52,11 @@ def run_chat_evaluation(job, ckpt, model, tokenizer, data: DataConfig, seq_len: 
     }
     lines = []
     answered = any(c.get("answer") is not None for c in conversations)
-    if data.source == "synthetic_chat" and not answered:  # a tiny corpus's few held-out ones
+    if data.source == "synthetic_chat" and not answered:  # a tiny corpus's held-out split can be drills only
         lines.append(
             f"answer_accuracy: none of the {len(conversations)} conversations ends with a short answer"
         )
-    if data.source == "synthetic_chat" and answered:  # only the built-in corpus has checkable short answers
+    elif data.source == "synthetic_chat":  # only the built-in corpus has checkable short answers
         result.update(answer_accuracy(model, tokenizer, conversations, ev.max_answers, ev.batch_size))
         lines.append(f"answer_accuracy {result['answer_accuracy']:.3f} ({result['answer_count']} questions)")
         by_kind = result["answer_accuracy_by_question"]
