@@ -260,6 +260,13 @@ class GRPOConfig:
     tokens / (completions x max_new_tokens)) or "dapo" (sum over tokens / tokens in the batch)."""
     num_iterations: int = 1
     """Optimizer steps on each rollout batch (> 1 makes the clipped ratio matter)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: keep only the groups whose rewards differ (a group of equal rewards
+    has zero advantages, so it costs an update's compute and gives no policy gradient) and sample
+    further prompts until train.batch_size such groups are found or max_sampling_rounds rounds of
+    train.batch_size prompts have been drawn (the batch is then smaller)."""
+    max_sampling_rounds: int = 3
+    """With dynamic_sampling: the most rounds of train.batch_size prompts sampled per batch."""
     rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     """The rewards, summed with their weights."""
     only_answered: bool = True
@@ -691,6 +698,8 @@ def post_training_problems(job: JobConfig) -> List[str]:
         problems.append(f"grpo.loss_type={g.loss_type!r}: choose {', '.join(GRPO_LOSSES)}")
     if g.num_iterations < 1:
         problems.append(f"grpo.num_iterations={g.num_iterations}: must be >= 1")
+    if g.max_sampling_rounds < 1:
+        problems.append(f"grpo.max_sampling_rounds={g.max_sampling_rounds}: must be >= 1")
     if not g.rewards:
         problems.append("grpo.rewards is empty: give at least one reward")
     if g.max_new_tokens >= t.seq_len:

@@ -207,6 +207,46 @@ def test_a_grpo_run_logs_rewards_kl_clipping_and_speeds(grpo_job):
     }
 
 
+HALF_REWARD = (
+    "def half(prompts, completions, completion_ids, answer, **kw):\n"
+    "    return [1.0 if len(a) % 2 == 0 else sum(i) % 5 / 4 for a, i in zip(answer, completion_ids)]\n"
+    "def same(prompts, completions, **kw):\n"
+    "    return [1.0] * len(completions)\n"
+)
+
+
+def test_dynamic_sampling_updates_only_on_groups_whose_rewards_differ(grpo_job, tmp_path, monkeypatch):
+    # Prompts whose answer has an even length get one reward for all their completions: no signal, dropped.
+    rewards_module(tmp_path, monkeypatch, HALF_REWARD)
+    grpo_job.grpo.rewards = [RewardConfig("my_rewards:half")]
+    grpo_job.grpo.dynamic_sampling, grpo_job.grpo.max_sampling_rounds = True, 4
+    from tinyllama.train import grpo
+
+    seen = []  # the rewards of each batch the update sees, as groups of G
+    real = grpo.group_advantages
+
+    def spy(rewards, G, scale="group"):
+        seen.append(rewards.view(-1, G))
+        return real(rewards, G, scale)
+
+    monkeypatch.setattr(grpo, "group_advantages", spy)
+    run_training(grpo_job)
+    assert len(seen) == 4
+    assert all((groups.max(1).values > groups.min(1).values).all() for groups in seen)
+    lines = [m for m in metrics(grpo_job) if "loss" in m]
+    assert [m["groups_per_batch"] for m in lines] == [len(g) for g in seen]
+    assert max(m["groups_per_batch"] for m in lines) == grpo_job.train.batch_size
+    assert max(m["frac_reward_zero_std"] for m in lines) > 0  # the dropped groups are still counted
+
+    # Rewards that never differ: each batch is one round's groups, a step that changes nothing.
+    seen.clear()
+    grpo_job.grpo.rewards = [RewardConfig("my_rewards:same")]
+    grpo_job.run.dir = str(tmp_path / "same")
+    run_training(grpo_job)
+    assert [len(g) for g in seen] == [grpo_job.train.batch_size] * 4
+    assert all(m["grad_norm"] == 0 for m in metrics(grpo_job) if "loss" in m)
+
+
 def test_a_resumed_grpo_run_samples_and_steps_as_an_uninterrupted_one(grpo_job, tmp_path, monkeypatch):
     grpo_job.grpo.num_iterations = 2  # the stop falls between two updates of the same rollouts
     grpo_job.checkpoint.every = 1

@@ -6,7 +6,9 @@ left-padded batch, each prefilled once and continued G = grpo.num_generations ti
 `generate` with the KV cache (on a CPU its decoding steps run through fast_decode's packed
 NumPy path) at grpo.temperature / grpo.top_p, each completion stopped at `<|end|>` and masked
 after it. The rewards (tinyllama/rewards.py) score the decoded completions; their weighted sum
-gives the group-relative advantages. With grpo.num_iterations > 1 the same rollouts serve that many
+gives the group-relative advantages. With grpo.dynamic_sampling (DAPO) the groups whose rewards
+are all equal are dropped and more prompts are sampled to fill the batch with groups that carry
+a signal. With grpo.num_iterations > 1 the same rollouts serve that many
 optimizer steps (the clipped ratio to the sampling policy then matters); with grpo.beta > 0 a
 frozen copy of the starting model gives the reference log-probs of the KL term.
 
@@ -148,10 +150,51 @@ class GRPOObjective(Objective):
     # ---- rollouts -------------------------------------------------------------------------
     @torch.no_grad()
     def _rollout(self) -> Dict[str, Any]:
-        """Sample, score and prepare one rollout batch of train.batch_size prompts x G."""
-        cfg, G, device = self.cfg, self.cfg.num_generations, self.env.device
-        prompts = self.order.take(self.job.train.batch_size)
-        rows = [i for i in prompts for _ in range(G)]  # each prompt's G completions adjacent
+        """Sample, score and prepare one rollout batch of train.batch_size prompts x G (with
+        grpo.dynamic_sampling, up to that many groups whose rewards differ)."""
+        cfg, G, device, want = self.cfg, self.cfg.num_generations, self.env.device, self.job.train.batch_size
+        groups: List[Dict[str, Any]] = []  # prompt index, completions (G, L), their mask, rewards (G,)
+        for _ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            round_groups = self._sample(self.order.take(want))
+            if cfg.dynamic_sampling:
+                round_groups = [g for g in round_groups if g["rewards"].max() > g["rewards"].min()]
+            groups += round_groups
+            if len(groups) >= want:
+                break
+        if not groups:  # no group disagreed in any round: an update that changes nothing
+            groups = round_groups if round_groups else self._sample(self.order.take(want))
+        groups = groups[:want]
+        self._note("groups_per_batch", len(groups))
+
+        # One left-padded batch of prompts, each followed by its completions (right-padded).
+        T = max(len(self.prompts.ids[g["prompt"]]) for g in groups)
+        L = max(g["completion"].shape[1] for g in groups)
+        input_ids = torch.full((len(groups) * G, T + L), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        mask = torch.zeros(len(groups) * G, L, dtype=groups[0]["mask"].dtype)
+        for n, g in enumerate(groups):
+            rows, ids, width = slice(n * G, (n + 1) * G), self.prompts.ids[g["prompt"]], g["completion"].shape[1]
+            input_ids[rows, T - len(ids) : T] = torch.tensor(ids)
+            input_ids[rows, T : T + width] = g["completion"]
+            attention_mask[rows, T - len(ids) :] = 1
+            mask[rows, :width] = g["mask"]
+        rewards = torch.cat([g["rewards"] for g in groups])
+        batch = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "completion_mask": mask.to(device),
+            "advantages": group_advantages(rewards, G, cfg.scale_rewards).to(device),
+        }
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of later updates
+            batch["old_logps"] = self._logps(self.model, batch)
+        if self.reference is not None:
+            batch["ref_logps"] = self._logps(self.reference, batch)
+        return batch
+
+    def _sample(self, prompts: List[int]) -> List[Dict[str, Any]]:
+        """G completions of each prompt in one left-padded batch, scored: one dict per prompt."""
+        cfg, G = self.cfg, self.cfg.num_generations
         T = max(len(self.prompts.ids[i]) for i in prompts)
         prompt_ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
         prompt_mask = torch.zeros_like(prompt_ids)
@@ -167,38 +210,34 @@ class GRPOObjective(Objective):
         start = time.perf_counter()
         out = generate(
             self.model,
-            prompt_ids.to(device),
+            prompt_ids.to(self.env.device),
             cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=None,
             top_p=cfg.top_p,
             eos_token_id=self.end_id,
             seed=seed,
-            attention_mask=prompt_mask.to(device),
+            attention_mask=prompt_mask.to(self.env.device),
             num_return_sequences=G,  # one prefill per prompt
         )
         rollout_s = time.perf_counter() - start
         self.model.train(was_training)
         self.rollouts += 1
-        completion = out[:, T:]
-        prompt_mask = prompt_mask.repeat_interleave(G, dim=0)
-        mask = completion_mask(completion, self.end_id).to(device)  # (N, L)
-        rewards = self._score(rows, completion.cpu(), mask.cpu())
-        batch = {
-            "input_ids": out,
-            "attention_mask": torch.cat([prompt_mask.to(device), torch.ones_like(completion)], dim=1),
-            "completion_mask": mask,
-            "advantages": group_advantages(rewards, G, cfg.scale_rewards).to(device),
-        }
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        if cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of later updates
-            batch["old_logps"] = self._logps(self.model, batch)
-        if self.reference is not None:
-            batch["ref_logps"] = self._logps(self.reference, batch)
-        self._note("completions/mean_length", mask.sum(1).mean().item())
+        completion = out[:, T:].cpu()
+        mask = completion_mask(completion, self.end_id)  # (N, L)
+        rewards = self._score([i for i in prompts for _ in range(G)], completion, mask)
+        self._note("completions/mean_length", mask.sum(1).float().mean().item())
         self._note("completions/terminated_share", (completion == self.end_id).any(1).float().mean().item())
         self._note("rollout_tok_per_s", mask.sum().item() / max(rollout_s, 1e-9))
-        return batch
+        return [
+            {
+                "prompt": i,
+                "completion": completion[r * G : (r + 1) * G],
+                "mask": mask[r * G : (r + 1) * G],
+                "rewards": rewards[r * G : (r + 1) * G],
+            }
+            for r, i in enumerate(prompts)
+        ]
 
     def _score(self, rows: List[int], completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the rewards of each completion, (N,) float32; logs each reward's
