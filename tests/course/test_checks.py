@@ -108,6 +108,42 @@ PLANTED_BUGS = [
     (9, "same & causal & real", "causal & real", "attend to the conversations packed before them"),
     (9, "same & causal & real", "same & real", "the mask must stay causal"),
     (9, " | torch.eye(t, dtype=torch.bool))", ")", "let a padding token see itself"),
+    (10, "F.logsigmoid(z) - label", "torch.log(torch.sigmoid(z)) - label", "use F.logsigmoid"),
+    (10, "z = beta * (chosen - rejected)", "z = chosen - rejected", "beta is missing"),
+    (
+        10,
+        "z = beta * (chosen - rejected)",
+        "z = beta * (policy_chosen_logps - policy_rejected_logps)",
+        "the reference is left out",
+    ),
+    (10, "-(1 - label_smoothing) * F.logsigmoid(z)", "-F.logsigmoid(-z)", "chosen and rejected are swapped"),
+    (10, "beta * chosen.detach()", "beta * chosen", "detach it"),
+    (10, "h = chosen / chosen_tokens - rejected / rejected_tokens", "h = chosen - rejected", "per token"),
+    (10, "grouped.std(dim=1)", "grouped.std(dim=1, unbiased=False)", "the std is the biased one"),
+    (10, "advantages / (std + 1e-4)", "advantages / std", "add 1e-4 to the std"),
+    (10, "grouped.mean(dim=1, keepdim=True)", "rewards.mean()", "its own group's mean"),
+    (10, "is_end.cumsum(dim=1) - is_end == 0", "is_end.cumsum(dim=1) == 0", "is left out"),
+    (10, "per_token = -torch.min(", "per_token = -torch.max(", "max instead of min"),
+    (10, "torch.clamp(ratio, 1 - epsilon, 1 + high) * A", "ratio * A", "the ratio is not clipped"),
+    (
+        10,
+        "high = epsilon if epsilon_high is None else epsilon_high",
+        "high = epsilon",
+        "epsilon_high is ignored",
+    ),
+    (10, "per_token = per_token + beta * ", "per_token = per_token + 0 * ", "the KL term is missing"),
+    (
+        10,
+        "((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()",
+        "per_token.mean()",
+        "multiply by the mask",
+    ),
+    (
+        10,
+        "(per_token * mask).sum() / mask.sum().clamp(min=1)",
+        "((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()",
+        "that is the 'grpo' aggregation, not 'dapo'",
+    ),
 ]
 
 

@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         for lesson in LESSONS:
             mark = "started" if (workspace / lesson.stub_name).exists() else "       "
-            print(f"{lesson.number}. [{mark}] {lesson.title:45s} {lesson.page(args.lang)}")
+            print(f"{lesson.number:>2}. [{mark}] {lesson.title:45s} {lesson.page(args.lang)}")
         return 0
     if args.command == "start":
         lesson = get_lesson(args.lesson)

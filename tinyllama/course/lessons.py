@@ -55,6 +55,7 @@ LESSONS: Tuple[Lesson, ...] = (
     Lesson(7, "generation", "KV cache and sampling"),
     Lesson(8, "training", "Training a tiny model end to end"),
     Lesson(9, "chat", "Fine-tuning for chat (SFT)"),
+    Lesson(10, "post_training", "Preference and reward training (DPO, GRPO)"),
 )
 
 

@@ -173,7 +173,11 @@ class GRPOObjective(Objective):
         attention_mask = torch.zeros_like(input_ids)
         mask = torch.zeros(len(groups) * G, L, dtype=groups[0]["mask"].dtype)
         for n, g in enumerate(groups):
-            rows, ids, width = slice(n * G, (n + 1) * G), self.prompts.ids[g["prompt"]], g["completion"].shape[1]
+            rows, ids, width = (
+                slice(n * G, (n + 1) * G),
+                self.prompts.ids[g["prompt"]],
+                g["completion"].shape[1],
+            )
             input_ids[rows, T - len(ids) : T] = torch.tensor(ids)
             input_ids[rows, T : T + width] = g["completion"]
             attention_mask[rows, T - len(ids) :] = 1
