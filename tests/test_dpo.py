@@ -254,6 +254,10 @@ def test_preference_accuracy_is_zero_at_the_start_and_one_once_the_pairs_are_lea
     after = preference_accuracy(policy.eval(), reference, chat_tokenizer, PAIRS)
     assert after["preference_accuracy"] == 1 and after["preference_margin"] > 0
     assert after["logratio_chosen"] > after["logratio_rejected"]
+    assert "preference_accuracy_by_question" not in after  # these pairs name no question kind
+    kinds = [dict(p, question=q) for p, q in zip(PAIRS, ("who", "where", "who"))]
+    by_kind = preference_accuracy(policy.eval(), reference, chat_tokenizer, kinds)
+    assert by_kind["preference_accuracy_by_question"] == {"where": 1.0, "who": 1.0}
 
 
 def test_load_reference_reads_a_run_and_a_hugging_face_folder(chat_tokenizer, tmp_path):

@@ -74,6 +74,9 @@ def run_chat_evaluation(job, ckpt, model, tokenizer, data: DataConfig, seq_len: 
     if ckpt.job.train.objective == "dpo":
         result.update(held_out_preferences(ckpt, model, tokenizer, ev.batch_size))
         lines.append(f"preference_accuracy {result['preference_accuracy']:.3f}")
+        if "preference_accuracy_by_question" in result:
+            by_kind = result["preference_accuracy_by_question"]
+            lines.append("  by question: " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
     name = f"step_{ckpt.step}-{data.name}_{ev.split}-chat"
     out = ckpt.path.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)

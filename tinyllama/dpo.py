@@ -24,6 +24,7 @@ The evaluate stage uses this module too, so it imports nothing of tinyllama.trai
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -181,14 +182,15 @@ def preference_accuracy(
     0 at the start, where both ratios are 0); preference_margin: the mean of that difference
     (nats); logratio_chosen / logratio_rejected: the means of each ratio (how far the policy moved
     each way); likelihood_accuracy: the share where the policy alone gives the chosen reply the
-    higher log-prob (the reference's own share: reference_likelihood_accuracy); preference_count.
-    Both models are used as they are (put them in eval mode)."""
+    higher log-prob (the reference's own share: reference_likelihood_accuracy); preference_count;
+    and where pairs name their question kind ("question", as the built-in pairs do),
+    preference_accuracy_by_question. Both models are used as they are (put them in eval mode)."""
     if not pairs:
         raise DataError("preference_accuracy: no pairs to measure")
     policy, ref = pair_logratios(model, reference, tokenizer, pairs, batch_size)
     ratios = policy - ref  # (N, 2)
     margins = ratios[:, 0] - ratios[:, 1]
-    return {
+    result = {
         "preference_accuracy": (margins > 0).float().mean().item(),
         "preference_count": len(pairs),
         "preference_margin": margins.mean().item(),
@@ -197,6 +199,13 @@ def preference_accuracy(
         "likelihood_accuracy": (policy[:, 0] > policy[:, 1]).float().mean().item(),
         "reference_likelihood_accuracy": (ref[:, 0] > ref[:, 1]).float().mean().item(),
     }
+    kinds = [p.get("question") for p in pairs]
+    if any(kinds):
+        right = collections.defaultdict(list)
+        for kind, margin in zip(kinds, margins.tolist()):
+            right[kind or "other"].append(margin > 0)
+        result["preference_accuracy_by_question"] = {k: sum(v) / len(v) for k, v in sorted(right.items())}
+    return result
 
 
 def load_reference(init_from: str, device: torch.device | str = "cpu") -> nn.Module:
