@@ -90,10 +90,8 @@ class LoRALinear(nn.Module):
         return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """(out, in): B @ A * scaling, the update to the base weight, in float32 at least (a
-        bf16 product would round away small updates before they reach the weight)."""
-        dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
-        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        """(out, in): B @ A * scaling, the update to the base weight (see delta_weight())."""
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
@@ -103,13 +101,27 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("this LoRALinear was already merged")
         weight = self.base_layer.weight
-        delta = self.delta_weight()
-        weight.copy_(weight.to(delta.dtype) + delta)  # summed in float32, rounded to W's dtype once
+        weight.copy_(merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
         self.merged = True
         return self.base_layer
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(out, in): B (out, r) @ A (r, in) * scaling, in float32 at least (a bf16 product would
+    round away small updates before they reach the weight)."""
+    dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    return (lora_B.detach().to(dtype) @ lora_A.detach().to(dtype)) * scaling
+
+
+def merged_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """W + B A * scaling, summed in float32 and rounded to W's dtype once: the merged weight."""
+    delta = delta_weight(lora_A, lora_B, scaling).to(weight.device)
+    return (weight.detach().to(delta.dtype) + delta).to(weight.dtype)
 
 
 def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
