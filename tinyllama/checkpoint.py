@@ -13,6 +13,19 @@ A checkpoint folder describes itself:
         tokenizer.model      a copy of the SentencePiece model
         train_state.pt       optimizer, scaler, schedule, step, tokens, loader and RNG states per rank
         meta.json            step, tokens, validation loss, tokenizer fingerprint (written last)
+
+A LoRA run's folder holds the adapter instead of model.safetensors, so that the folder is itself
+a PEFT adapter folder (`PeftModel.from_pretrained(<the base's HF export>, step_<N>)`):
+
+        adapter_config.json        PEFT's LoraConfig (r, lora_alpha, target_modules, ...)
+        adapter_model.safetensors  lora_A / lora_B of each wrapped layer, PEFT's key names
+        base.json                  the base: init_from as given, its resolved folder, and the
+                                   fingerprint of its weights
+
+`load_checkpoint` reads the base again, refuses one whose fingerprint differs (naming both), and
+gives the merged weights as model_state, so every stage loads a LoRA run as a plain model;
+`adapter` keeps the parts (a resume loads the adapter into the training model, an export may
+write base and adapter apart).
     runs/<name>/checkpoints/latest   text file naming the newest complete folder (written last)
     runs/<name>/checkpoints/best     text file naming the folder with the lowest validation loss
 
@@ -24,12 +37,13 @@ complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -39,6 +53,17 @@ from tinyllama.atomic import building_folder, write_text_atomic
 from tinyllama.config import JobConfig, run_dir_of, split_unknown
 from tinyllama.device import pick_device
 from tinyllama.errors import CheckpointError
+from tinyllama.hf_import import import_hf
+from tinyllama.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    lora_modules,
+    lora_state_dict,
+    merged_state,
+    model_peft_config,
+    read_peft_adapter,
+    write_peft_files,
+)
 from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
 from tinyllama.model.heads import drop_tied_head, restore_tied_head
@@ -48,7 +73,26 @@ CHECKPOINTS = "checkpoints"
 LATEST, BEST = "latest", "best"
 WEIGHTS, MODEL_CONFIG, RUN_CONFIG = "model.safetensors", "model_config.json", "config.yaml"
 TOKENIZER, TRAIN_STATE, META = "tokenizer.model", "train_state.pt", "meta.json"
-REQUIRED = (WEIGHTS, MODEL_CONFIG, RUN_CONFIG, TOKENIZER, META)
+BASE = "base.json"
+REQUIRED = (MODEL_CONFIG, RUN_CONFIG, TOKENIZER, META)  # and WEIGHTS, or the ADAPTER files
+ADAPTER = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE)
+
+
+@dataclass
+class AdapterState:
+    """The parts of a LoRA checkpoint (LoadedCheckpoint.adapter).
+
+    config: its adapter_config.json; names: the wrapped module names; tensors: lora_A / lora_B
+    under PEFT's keys; base: base.json (init_from, path, fingerprint); base_source: where the base
+    weights were read this time; base_state: those weights (every key of the model, unmerged).
+    """
+
+    config: Dict[str, Any]
+    names: List[str]
+    tensors: Dict[str, torch.Tensor]
+    base: Dict[str, str]
+    base_source: str
+    base_state: Dict[str, torch.Tensor]
 
 
 @dataclass
@@ -69,6 +113,7 @@ class LoadedCheckpoint:
     tokenizer_path: Path
     tokenizer_fingerprint: Optional[str]
     train_state: Optional[Dict[str, Any]]
+    adapter: Optional[AdapterState] = None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -107,14 +152,21 @@ def _known_keys(data: Dict[str, Any], schema: type, folder: Path) -> Dict[str, A
     return known
 
 
-def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, train_state: bool = True, base: Optional[str] = None
+) -> LoadedCheckpoint:
     """Load a checkpoint (see `resolve_checkpoint` for what `path` may be).
 
     train_state=False skips the optimizer/loader/RNG file (evaluation, sampling, export).
+    base: for a LoRA checkpoint, where to read its base (a run or checkpoint folder, or
+    hf:<folder>) instead of the folder base.json names; its weights must be the same.
     Raises CheckpointError naming the file when anything is missing, truncated or corrupt.
     """
     folder = resolve_checkpoint(path)
-    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    adapter = (folder / BASE).is_file()
+    missing = [
+        name for name in REQUIRED + (ADAPTER if adapter else (WEIGHTS,)) if not (folder / name).is_file()
+    ]
     if missing:
         raise CheckpointError(
             f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
@@ -127,10 +179,15 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
             OmegaConf.to_container(OmegaConf.load(folder / RUN_CONFIG)), JobConfig, folder
         )
         job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), run_config))
-        state = load_file(folder / WEIGHTS)
+        state = None if adapter else load_file(folder / WEIGHTS)
     except Exception as e:  # truncated safetensors, bad YAML, wrong field types
         raise CheckpointError(f"checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e
-    state = restore_tied_head(state, model_config)
+    parts = None
+    if adapter:
+        parts = _load_adapter(folder, model_config, base)
+        state = merged_state(parts.base_state, parts.config, parts.names, parts.tensors)
+    else:
+        state = restore_tied_head(state, model_config)
     trainer_state = None
     if train_state:
         if not (folder / TRAIN_STATE).is_file():
@@ -153,7 +210,73 @@ def load_checkpoint(path: str | Path, train_state: bool = True) -> LoadedCheckpo
         tokenizer_path=folder / TOKENIZER,
         tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
         train_state=trainer_state,
+        adapter=parts,
     )
+
+
+def weights_fingerprint(state: Dict[str, torch.Tensor]) -> str:
+    """ "sha256:<16 hex digits>" over every tensor's name, dtype, shape and bytes: what names the
+    exact weights a LoRA adapter was trained on."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def load_weights(source: str) -> Tuple[LlamaConfig, Dict[str, torch.Tensor]]:
+    """(config, state_dict) of a run or checkpoint folder (a LoRA one merged), or of
+    "hf:<local Hugging Face folder>": the weights init_from= and a LoRA base name."""
+    if source.startswith("hf:"):
+        return import_hf(source[3:])
+    ckpt = load_checkpoint(source, train_state=False)
+    return ckpt.model_config, ckpt.model_state
+
+
+def base_record(init_from: str, state: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """base.json of a LoRA run started from `init_from` whose weights are `state`: init_from as
+    given, the folder it resolves to now (absolute: a `latest` pointer moves on), the fingerprint."""
+    if init_from.startswith("hf:"):
+        path = "hf:" + str(Path(init_from[3:]).resolve())
+    else:
+        path = str(resolve_checkpoint(init_from).resolve())
+    return {"init_from": init_from, "path": path, "fingerprint": weights_fingerprint(state)}
+
+
+def _exists(source: str) -> bool:
+    return Path(source[3:] if source.startswith("hf:") else source).exists()
+
+
+def _load_adapter(folder: Path, model_config: LlamaConfig, base: Optional[str]) -> AdapterState:
+    """The adapter of a LoRA checkpoint with its base's weights, read from `base` if given, else
+    from the folder base.json names (or its init_from, relative to here, if that is gone)."""
+    record = _read_json(folder / BASE)
+    if not {"init_from", "path", "fingerprint"} <= set(record):
+        raise CheckpointError(f"{folder / BASE} is corrupt: it needs init_from, path and fingerprint")
+    named = f"{record['path']} (init_from={record['init_from']}, weights fingerprint {record['fingerprint']})"
+    source = base or next((s for s in (record["path"], record["init_from"]) if _exists(s)), None)
+    if source is None:
+        raise CheckpointError(
+            f"checkpoint {folder} holds a LoRA adapter whose base is gone: {named}. Give the base "
+            "model with init_from=<its run folder, checkpoint or hf:<folder>>"
+        )
+    try:
+        _, base_state = load_weights(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"the base of the LoRA checkpoint {folder} cannot be read: {e}") from e
+    given = base_record(source, base_state)
+    if given["fingerprint"] != record["fingerprint"]:
+        where = source if given["path"] in (source, "hf:" + source) else f"{source} -> {given['path']}"
+        raise CheckpointError(
+            f"wrong base for the LoRA checkpoint {folder}: it was trained on {named}, but the base "
+            f"given, {where}, has weights fingerprint {given['fingerprint']}. Give "
+            "init_from=<the base it was trained on>"
+        )
+    with torch.device("meta"):  # only the layers' names and shapes are needed to check the adapter
+        skeleton = LlamaForCausalLM(model_config)
+    config, names, tensors = read_peft_adapter(folder, skeleton)
+    return AdapterState(config, names, tensors, record, source, base_state)
 
 
 def build_model(ckpt: LoadedCheckpoint, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -193,12 +316,21 @@ def save_checkpoint(
     tokenizer_path: Path,
     meta: Dict[str, Any],
     train_state: Optional[Dict[str, Any]],
+    base: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Write checkpoints/step_<step>/ atomically under `root` (a run's checkpoints/ folder) and
-    point `latest` at it. `model` must be the unwrapped module (no DDP/compile wrapper)."""
+    point `latest` at it. `model` must be the unwrapped module (no DDP/compile wrapper). A model
+    with LoRA adapters saves them alone, with `base` (base_record) naming the weights they adapt."""
     final = root / f"step_{step}"
+    adapted = bool(lora_modules(model))
+    if adapted and base is None:
+        raise ValueError("a model with LoRA adapters is saved with base=base_record(...) naming its base")
     with building_folder(final, overwrite=True) as tmp:
-        save_weights(tmp / WEIGHTS, model.state_dict(), model_config)
+        if adapted:
+            write_peft_files(tmp, model_peft_config(model, base["path"]), lora_state_dict(model))
+            (tmp / BASE).write_text(json.dumps(base, indent=2))
+        else:
+            save_weights(tmp / WEIGHTS, model.state_dict(), model_config)
         (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
         (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(job)))
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
@@ -238,7 +370,8 @@ def load_for_inference(job: JobConfig, rope_type: Optional[str] = None, rope_fac
     job.checkpoint_path (default run.dir) without its training state, its model in eval mode on
     run.device, and its tokenizer. rope_type/rope_factor replace the trained RoPE scaling (e.g.
     a model trained at 256 tokens evaluated at 1024). Returns (ckpt, model, tokenizer, device)."""
-    ckpt = load_checkpoint(job.checkpoint_path or run_dir_of(job), train_state=False)
+    # init_from, when given, names the base of a LoRA checkpoint (checked against its fingerprint).
+    ckpt = load_checkpoint(job.checkpoint_path or run_dir_of(job), train_state=False, base=job.init_from)
     if rope_type is not None:
         rope = {"rope_type": rope_type, "factor": float(rope_factor)}
         if rope_type == "llama3":

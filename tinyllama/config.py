@@ -52,6 +52,11 @@ DPO_LOSSES = ("sigmoid", "ipo")
 SCALE_REWARDS = ("group", "batch", "none")
 """grpo.scale_rewards: divide advantages by the group's reward std, the batch's, or not at all."""
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+# finetune.lora.target_modules: the decoder's linear layers by their Hugging Face names, or
+# "all-linear" for all of them (the lm_head is never a target: PEFT's all-linear leaves the
+# output layer out too, and a tied head is the embedding matrix).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
 """grpo.loss_type: how per-token losses become one number (tinyllama.train.grpo)."""
 
 
@@ -275,6 +280,28 @@ class GRPOConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters on the fine-tuned model (tinyllama/lora.py): only they train, the base stays
+    frozen, and checkpoints hold the adapter alone (a PEFT adapter folder) plus its base's name."""
+
+    rank: Optional[int] = None
+    """Rank r of each adapter; None: full fine-tuning (every weight trains)."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    target_modules: List[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """Layers that get an adapter: names among LORA_TARGETS, or ["all-linear"] for all of them."""
+
+
+@dataclass
+class FinetuneConfig:
+    """How a run started from init_from trains its weights (any train.objective)."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100
     """Steps between checkpoints (one is always written at the end)."""
@@ -403,6 +430,9 @@ class ExportConfig:
     verify: bool = True
     """Reload the export with transformers (GGUF: llama-cpp-python), when installed, and compare
     token ids, logits and greedy text."""
+    merge_lora: bool = True
+    """A LoRA run: write the weights with the adapter merged in (a plain model); false
+    (export_hf only): the base model in out_dir and the PEFT adapter folder in out_dir/adapter."""
 
 
 @dataclass
@@ -442,6 +472,7 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     init_from: Optional[str] = None
     """Start from these weights only (a checkpoint folder, a run folder, or hf:<local HF folder>)."""
     checkpoint_path: Optional[str] = None
@@ -613,6 +644,7 @@ def validate(job: JobConfig) -> None:
     )
     problems += chat_problems(job.chat)
     problems += post_training_problems(job)
+    problems += lora_problems(job)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -706,4 +738,57 @@ def post_training_problems(job: JobConfig) -> List[str]:
         problems.append(
             f"grpo.max_new_tokens={g.max_new_tokens} leaves no room for the prompt in train.seq_len={t.seq_len}"
         )
+    return problems
+
+
+def lora_widths(model: LlamaConfig) -> Dict[str, int]:
+    """{target: min(in, out)} of each of LORA_TARGETS in `model`: the largest LoRA rank that
+    stays low rank there."""
+    hidden, inner = model.hidden_size, model.intermediate_size
+    q = model.num_attention_heads * model.resolved_head_dim
+    kv = model.resolved_num_key_value_heads * model.resolved_head_dim
+    shapes = dict(q_proj=q, k_proj=kv, v_proj=kv, o_proj=q, gate_proj=inner, up_proj=inner, down_proj=inner)
+    return {name: min(hidden, width) for name, width in shapes.items()}
+
+
+def lora_problems(job: JobConfig) -> List[str]:
+    """What is wrong with finetune.lora (validate() reports them); nothing when rank is None."""
+    lora = job.finetune.lora
+    if lora.rank is None:
+        return []
+    problems = []
+    if not job.init_from:
+        problems.append(
+            "finetune.lora.rank is set but the run starts from scratch: LoRA adapts a trained model, "
+            "so set init_from=<a run, a checkpoint or hf:<folder>> (or finetune.lora.rank=null)"
+        )
+    unknown = [t for t in lora.target_modules if t != ALL_LINEAR and t not in LORA_TARGETS]
+    if unknown or not lora.target_modules:
+        problems.append(
+            f"finetune.lora.target_modules={list(lora.target_modules)}: "
+            f"{'no module' if not unknown else f'{unknown} match no module'}; choose among "
+            f"{', '.join(LORA_TARGETS)}, or [{ALL_LINEAR}] for all of them"
+        )
+    if lora.rank <= 0:
+        problems.append(f"finetune.lora.rank={lora.rank}: must be > 0 (or null: full fine-tuning)")
+    else:
+        widths = lora_widths(job.model)
+        chosen = (
+            LORA_TARGETS
+            if ALL_LINEAR in lora.target_modules
+            else [t for t in lora.target_modules if t in widths]
+        )
+        over = {t: widths[t] for t in chosen if lora.rank > widths[t]}
+        if over:
+            problems.append(
+                f"finetune.lora.rank={lora.rank} is above the width min(in, out) of "
+                + ", ".join(f"{t} ({w})" for t, w in over.items())
+                + f": choose rank <= {min(over.values())}"
+            )
+    if not lora.alpha > 0:
+        problems.append(
+            f"finetune.lora.alpha={lora.alpha}: must be > 0 (the update is scaled by alpha / rank)"
+        )
+    if not 0 <= lora.dropout < 1:
+        problems.append(f"finetune.lora.dropout={lora.dropout}: must be in [0, 1)")
     return problems

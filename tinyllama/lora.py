@@ -34,15 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinyllama.atomic import building_folder
+from tinyllama.config import ALL_LINEAR, LORA_TARGETS
 from tinyllama.errors import CheckpointError, ConfigError
 
-# The decoder's linear layers, by their Hugging Face names. "all-linear" means all of them; the
-# lm_head is never a target (PEFT's all-linear leaves out the output layer too, and a tied head
-# is the embedding matrix).
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+# The decoder's linear layers LoRA may wrap, by their Hugging Face names (config.LORA_TARGETS).
+TARGETS = LORA_TARGETS
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the wrapped model)
 TargetModules = Union[str, Sequence[str]]
 
@@ -167,8 +165,8 @@ def resolve_targets(model: nn.Module, target_modules: TargetModules, regex: bool
     valid = f"choose among {', '.join(TARGETS)}, or {ALL_LINEAR!r} for all of them (the lm_head is never a target)"
     if not candidates:
         raise ConfigError(f"the model has no linear layer named {', '.join(TARGETS)} to put LoRA on")
-    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        return candidates
+    if target_modules == ALL_LINEAR or (not isinstance(target_modules, str) and ALL_LINEAR in target_modules):
+        return candidates  # "all-linear", or a list holding it (finetune.lora.target_modules)
     if isinstance(target_modules, str) and regex:
         chosen = [n for n in candidates if re.fullmatch(target_modules, n)]
         if not chosen:
@@ -312,17 +310,34 @@ def save_peft_adapter(
         )
     if wrong:
         raise ConfigError("save_peft_adapter: " + "; ".join(wrong))
-    config = {
+    config = model_peft_config(model, base_model_name_or_path)
+    folder = Path(folder)
+    with building_folder(folder, overwrite, "choose another adapter folder, or allow overwriting it") as tmp:
+        write_peft_files(tmp, config, lora_state_dict(model))
+    return folder
+
+
+def model_peft_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> Dict:
+    """adapter_config.json describing the adapters of `model` (one rank, alpha and dropout)."""
+    modules, r, a, p = _settings(model)
+    return peft_config(r, a, p, _saved_targets(model, list(modules)), base_model_name_or_path)
+
+
+def peft_config(
+    rank: int, alpha: float, dropout: float, target_modules: List[str], base_model_name_or_path: Optional[str]
+) -> Dict:
+    """adapter_config.json of a plain LoRA adapter, as PEFT's LoraConfig reads it."""
+    return {
         # The keys PEFT's LoraConfig reads (peft 0.13 on); every other key takes PEFT's default.
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": r,
-        "lora_alpha": a,
-        "lora_dropout": p,
-        "target_modules": _saved_targets(model, names),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
         "bias": "none",  # only A and B are saved: base biases are the base's
         "fan_in_fan_out": False,  # weights are (out, in), as nn.Linear stores them (GPT-2's Conv1D is not)
         "use_rslora": False,  # scaling = alpha / r, not alpha / sqrt(r)
@@ -334,12 +349,18 @@ def save_peft_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    tensors = {PEFT_PREFIX + k: v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    folder = Path(folder)
-    with building_folder(folder, overwrite, "choose another adapter folder, or allow overwriting it") as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return folder
+
+
+def write_peft_files(folder: Path, config: Dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """adapter_config.json and adapter_model.safetensors into the existing `folder` (one being
+    built: a checkpoint's or an export's). tensors: our names ("<module>.lora_A.weight") or
+    PEFT's (with base_model.model.); written under PEFT's."""
+    peft = {
+        (k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v.cpu().contiguous()
+        for k, v in tensors.items()
+    }
+    save_file(peft, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 # adapter_config.json options of PEFT's LoraConfig that change LoRA's arithmetic or what the
@@ -359,10 +380,10 @@ _EXTRAS = (
 
 def read_peft_config(folder: Union[str, Path]) -> Dict:
     """adapter_config.json of `folder`, checked to be a plain LoRA adapter (CheckpointError)."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file() or not (Path(folder) / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(
-            f"{folder} is not a PEFT adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+            f"{folder} is not a PEFT adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
         )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -382,14 +403,12 @@ def read_peft_config(folder: Union[str, Path]) -> Dict:
     return config
 
 
-def load_peft_adapter(model: nn.Module, folder: Union[str, Path]) -> List[str]:
-    """Put the PEFT adapter in `folder` on `model` (a plain base model): apply_lora with the
-    config's r, lora_alpha, lora_dropout and target_modules, then load the tensors. Returns the
-    wrapped module names. The adapters stay trainable (call .eval() for inference: dropout).
-
-    Everything is checked before the model changes: a config, a key or a shape that does not
-    fit the model raises one CheckpointError naming it (and both shapes), the model untouched.
-    """
+def read_peft_adapter(
+    folder: Union[str, Path], model: nn.Module
+) -> Tuple[Dict, List[str], Dict[str, torch.Tensor]]:
+    """(config, wrapped module names, tensors under PEFT's keys) of the PEFT adapter in `folder`,
+    checked against `model` (a plain base model; on the meta device is enough): a config, a key
+    or a shape that does not fit raises one CheckpointError naming it (and both shapes)."""
     folder = Path(folder)
     config = read_peft_config(folder)
     if lora_modules(model):
@@ -402,14 +421,52 @@ def load_peft_adapter(model: nn.Module, folder: Union[str, Path]) -> List[str]:
         layers = _candidates(model)
         _check_settings({n: layers[n] for n in names}, rank, alpha, dropout)
     except ConfigError as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE} does not fit this model: {e}") from e
-    tensors = _read_adapter_tensors(folder / WEIGHTS_FILE, layers, names, rank)
-    apply_lora(model, rank, alpha, dropout, names)
-    with torch.no_grad():  # copy_ casts to the model's dtype and device
-        for name, m in lora_modules(model).items():
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} does not fit this model: {e}") from e
+    return config, names, _read_adapter_tensors(folder / ADAPTER_WEIGHTS, layers, names, rank)
+
+
+def load_peft_adapter(model: nn.Module, folder: Union[str, Path]) -> List[str]:
+    """Put the PEFT adapter in `folder` on `model` (a plain base model): apply_lora with the
+    config's r, lora_alpha, lora_dropout and target_modules, then load the tensors. Returns the
+    wrapped module names. The adapters stay trainable (call .eval() for inference: dropout).
+
+    Everything is checked before the model changes (read_peft_adapter): on a CheckpointError
+    the model is untouched.
+    """
+    config, names, tensors = read_peft_adapter(folder, model)
+    apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0, names)
+    set_adapter_weights(model, tensors)
+    return names
+
+
+def set_adapter_weights(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    """Copy A and B of every adapter of `model` from `tensors` (PEFT's keys, as read_peft_adapter
+    gives them; cast to the model's dtype and device). The keys must be exactly the model's."""
+    modules = lora_modules(model)
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
+    if expected != set(tensors):
+        raise CheckpointError(
+            f"the adapter tensors do not match the model's adapters: missing "
+            f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}"
+        )
+    with torch.no_grad():
+        for name, m in modules.items():
             m.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
-    return names
+
+
+def merged_state(
+    state: Dict[str, torch.Tensor], config: Dict, names: List[str], tensors: Dict[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """A copy of the base `state` (a plain model's state_dict) with the adapter merged into each
+    wrapped layer's weight (merged_weight); what merge_lora gives, without building the modules.
+    config, names, tensors: as read_peft_adapter returns them."""
+    scaling = config["lora_alpha"] / config["r"]
+    merged = dict(state)
+    for name in names:
+        A, B = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+        merged[f"{name}.weight"] = merged_weight(state[f"{name}.weight"], A, B, scaling)
+    return merged
 
 
 def _read_adapter_tensors(
@@ -428,7 +485,7 @@ def _read_adapter_tensors(
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not match the model and its {CONFIG_FILE}: missing {missing[:3]} "
+            f"{path} does not match the model and its {ADAPTER_CONFIG}: missing {missing[:3]} "
             f"({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all)"
         )
     for key, shape in expected.items():

@@ -8,16 +8,16 @@ init_from checkpoint unless tokenizer.model_file names another; it must hold the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from tinyllama.chat_template import require_chat_pieces
-from tinyllama.checkpoint import TOKENIZER, config_differences, load_checkpoint, resolve_checkpoint
+from tinyllama.checkpoint import TOKENIZER, base_record, config_differences, load_weights, resolve_checkpoint
 from tinyllama.config import JobConfig, is_chat
 from tinyllama.data import ensure_chat_packed, ensure_packed
 from tinyllama.errors import CheckpointError, ConfigError
-from tinyllama.export import import_hf
+from tinyllama.lora import apply_lora
 from tinyllama.model import LlamaForCausalLM
 from tinyllama.model.config import LlamaConfig
 from tinyllama.tokenizer import Tokenizer, ensure_tokenizer
@@ -98,11 +98,7 @@ def weight_differences(source: LlamaConfig, target: LlamaConfig) -> list:
 def initial_weights(init_from: str, model_config: LlamaConfig) -> Dict[str, torch.Tensor]:
     """State dict from a checkpoint/run folder or from "hf:<local Hugging Face folder>"; refused
     with the differing fields named when its architecture differs from model_config."""
-    if init_from.startswith("hf:"):
-        source_config, state = import_hf(init_from[3:])
-    else:
-        ckpt = load_checkpoint(init_from, train_state=False)
-        source_config, state = ckpt.model_config, ckpt.model_state
+    source_config, state = load_weights(init_from)
     diffs = weight_differences(source_config, model_config)
     if diffs:
         raise CheckpointError(
@@ -112,14 +108,27 @@ def initial_weights(init_from: str, model_config: LlamaConfig) -> Dict[str, torc
     return state
 
 
-def build_training_model(job: JobConfig, tokenizer, device: torch.device) -> torch.nn.Module:
+def build_training_model(
+    job: JobConfig, tokenizer, device: torch.device
+) -> Tuple[torch.nn.Module, Optional[Dict[str, str]]]:
     """LlamaForCausalLM(job.model) initialised from run.seed (identical on every rank), or
-    loaded from job.init_from; gradient checkpointing set as configured; on `device`."""
+    loaded from job.init_from; with finetune.lora.rank, LoRA adapters on the layers it targets
+    (the rest frozen); gradient checkpointing set as configured; on `device`.
+
+    Returns (model, base): base is the base record a LoRA run's checkpoints carry
+    (checkpoint.base_record: init_from, its folder, its weights' fingerprint), else None."""
     check_vocab(job.model, tokenizer)
     torch.manual_seed(job.run.seed)
     model = LlamaForCausalLM(job.model)
+    base = None
     if job.init_from:
-        model.load_state_dict(initial_weights(job.init_from, job.model))
+        state = initial_weights(job.init_from, job.model)
+        model.load_state_dict(state)
+        lora = job.finetune.lora
+        if lora.rank is not None:
+            base = base_record(job.init_from, state)
+            # After the seed, so that every rank draws the same A matrices.
+            apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
     model.model.gradient_checkpointing = job.train.grad_checkpointing
     model.chunked_loss = job.train.grad_checkpointing  # else the (B, T, V) logits outweigh the saving
-    return model.to(device)
+    return model.to(device), base

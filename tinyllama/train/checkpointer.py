@@ -30,6 +30,7 @@ from tinyllama.checkpoint import (
 )
 from tinyllama.config import JobConfig
 from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.lora import set_adapter_weights
 from tinyllama.tokenizer import Tokenizer
 from tinyllama.train.build import weight_differences
 from tinyllama.train.cadence import Cadence
@@ -74,8 +75,10 @@ def resume_checkpoint(
         return None
     if mode == "auto" and latest is None:
         return None  # a fresh run
-    ckpt = load_checkpoint(latest if mode == "auto" else mode)
+    # A LoRA checkpoint is checked against the base this run starts from (its init_from).
+    ckpt = load_checkpoint(latest if mode == "auto" else mode, base=job.init_from)
     diffs = weight_differences(ckpt.model_config, job.model)  # sdpa/eager may change
+    diffs += lora_differences(ckpt, job)
     if ckpt.tokenizer_fingerprint != tokenizer.fingerprint:
         diffs.append(
             f"tokenizer fingerprint: checkpoint {ckpt.tokenizer_fingerprint}, config {tokenizer.fingerprint}"
@@ -95,11 +98,29 @@ def resume_checkpoint(
     return ckpt
 
 
+def lora_differences(ckpt: LoadedCheckpoint, job: JobConfig) -> list:
+    """'finetune.lora.<key>: checkpoint X, config Y' where the checkpoint's adapter (or its
+    absence) differs from what job.finetune.lora asks for."""
+    lora = job.finetune.lora
+    saved = ckpt.job.finetune.lora
+    if ckpt.adapter is None and lora.rank is None:
+        return []
+    keys = ("rank", "alpha", "dropout", "target_modules")
+    if ckpt.adapter is None or lora.rank is None:
+        keys = ("rank",)
+    return [
+        f"finetune.lora.{k}: checkpoint {getattr(saved, k)!r}, config {getattr(lora, k)!r}"
+        for k in keys
+        if getattr(saved, k) != getattr(lora, k)
+    ]
+
+
 class Checkpointer:
     """Saves the run every `checkpoint.every` steps, at the end and when forced (a stop signal),
     keeping the last `checkpoint.keep_last` and the best by validation loss.
 
-    model: the unwrapped module (its weights go to model.safetensors); states / rank_states: see
+    model: the unwrapped module (its weights go to model.safetensors; a LoRA model's adapters go
+    to the PEFT files, with `base` naming its base: checkpoint.base_record); states / rank_states: see
     the module docstring (`states` must hold "step" and "tokens"); evaluator: gives each
     checkpoint its validation loss, and takes it back on resume. Every rank calls maybe_save
     (gathering the per-rank states is collective); only rank 0 writes.
@@ -115,10 +136,12 @@ class Checkpointer:
         evaluator: Evaluator,
         states: Mapping[str, Stateful],
         rank_states: Mapping[str, Stateful],
+        base: Optional[dict] = None,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
         self.job, self.env, self.model, self.tokenizer = job, env, model, tokenizer
         self.evaluator, self.states, self.rank_states = evaluator, states, rank_states
+        self.base = base
         self.cadence = Cadence(job.checkpoint.every, job.train.max_steps)
 
     def maybe_save(self, step: int, force: bool = False) -> Optional[Path]:
@@ -156,6 +179,7 @@ class Checkpointer:
                 self.tokenizer.model_path,
                 meta,
                 train_state,
+                base=self.base,
             )
         self.env.barrier()
         return self.root / f"step_{step}"
@@ -163,7 +187,10 @@ class Checkpointer:
     def load(self, ckpt: LoadedCheckpoint) -> None:
         """Continue from `ckpt` (see resume_checkpoint): the weights, every state, this rank's
         per-rank states, and the validation loss measured at its step."""
-        self.model.load_state_dict(ckpt.model_state)
+        if ckpt.adapter is not None:  # the base is init_from's, loaded already: the adapters alone
+            set_adapter_weights(self.model, ckpt.adapter.tensors)
+        else:
+            self.model.load_state_dict(ckpt.model_state)
         for key, stateful in self.states.items():
             stateful.load_state_dict(ckpt.train_state[key])
         mine = ckpt.train_state["ranks"][self.env.rank]

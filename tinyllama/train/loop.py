@@ -74,7 +74,8 @@ class Trainer:
         seed_everything(job.run.seed)
         self.tokenizer, self.packed_dir = prepare_data(job, env)
         self.precision = resolve_precision(t.precision, env.device)
-        self.model = build_training_model(job, self.tokenizer, env.device)
+        # base: what a LoRA run's checkpoints name as the weights their adapter adapts (else None)
+        self.model, self.base = build_training_model(job, self.tokenizer, env.device)
         self.optimizer = build_optimizer(self.model, job.optim, env.device)
         self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
@@ -128,6 +129,7 @@ class Trainer:
             self.model,
             self.tokenizer,
             self.evaluator,
+            base=self.base,
             states={
                 "step": Attribute(self, "step"),
                 "tokens": Attribute(self, "tokens"),
@@ -277,11 +279,22 @@ class Trainer:
         )
         return self.evaluator.last_loss if self.evaluator.last_loss is not None else float("nan")
 
+    def trainable_parameters(self) -> int:
+        """Parameters that get gradients (all of them, or a LoRA run's adapters alone)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
     def _announce(self) -> None:
         t, n = self.job.train, self.model.num_parameters()
+        trained, lora = self.trainable_parameters(), self.job.finetune.lora
+        adapters = (
+            f" | LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}: "
+            f"{trained / 1e6:.3f}M trainable ({100 * trained / n:.2f}%), the base frozen"
+            if self.base is not None
+            else ""
+        )
         self.tracker.print(
             f"precision: {self.precision.name} ({self.precision.reason})\n"
-            f"model: {n / 1e6:.2f}M parameters | device {self.env.device} x {self.env.world_size}\n"
+            f"model: {n / 1e6:.2f}M parameters{adapters} | device {self.env.device} x {self.env.world_size}\n"
             f"global batch: {t.batch_size} sequences x "
             f"{t.grad_accum} accumulation x {self.env.world_size} ranks = "
             f"{t.batch_size * t.grad_accum * self.env.world_size} sequences of {t.seq_len} tokens "
@@ -290,6 +303,8 @@ class Trainer:
         if self.chat:  # what packing made of the conversations, cut and dropped ones included
             self.tracker.print(tokenizer_origin(self.job, self.tokenizer))
             self.tracker.print(packing_report(read_chat_meta(self.packed_dir)))
+        if self.base is not None:
+            self.tracker.print(f"LoRA base: {self.base['path']} (weights {self.base['fingerprint']})")
         if self.resumed_from is not None:
             self.tracker.print(f"resumed from {self.resumed_from} at step {self.step}")
 
@@ -300,6 +315,7 @@ class Trainer:
             "tokens_seen": self.tokens,
             "wall_time_s": wall_s,
             "tok_per_s": steps * self.tokens_per_step / max(wall_s, 1e-9),
+            "trainable_params": self.trainable_parameters(),
             "peak_mem_mb": peak_memory_bytes(self.env.device) / 2**20,
             "skipped_steps": self.guard.skipped,
             "pruned": pruned,
