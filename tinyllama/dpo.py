@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
-from tinyllama.checkpoint import build_model, load_checkpoint
+from tinyllama.checkpoint import load_weights
 from tinyllama.data.preferences import Pair
 from tinyllama.data.sft_batches import padding_id
 from tinyllama.errors import DataError
-from tinyllama.export import import_hf
 from tinyllama.model import LlamaForCausalLM, causal_lm_loss
 
 Encoded = Tuple[List[int], List[int]]  # (input_ids, labels) of one row, labels not shifted
@@ -211,9 +210,7 @@ def preference_accuracy(
 def load_reference(init_from: str, device: torch.device | str = "cpu") -> nn.Module:
     """The weights a DPO run started from (its init_from: a run or checkpoint folder, or
     hf:<folder>), as a model in eval mode on `device`: the reference of preference_accuracy."""
-    if init_from.startswith("hf:"):
-        config, state = import_hf(init_from[3:])
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(state)
-        return model.to(device).eval()
-    return build_model(load_checkpoint(init_from, train_state=False), device)
+    config, state = load_weights(init_from)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -4,8 +4,9 @@ Built before any step (tinyllama.train.objectives.build_objective), it reads eve
 (tinyllama.data.preferences), encodes it and checks that it fits train.seq_len, so a bad file is
 refused before anything is written. The reference is the policy as it is at construction, the
 init_from weights (the loop builds the objective before it restores a checkpoint, so a resumed
-run keeps the same reference): a frozen copy, or with dpo.precompute_ref the reference
-log-probs of every train pair computed here once, and no second model kept.
+run keeps the same reference): a frozen copy (for a LoRA policy, its own base with the adapters
+switched off, no copy), or with dpo.precompute_ref the reference log-probs of every train pair
+computed here once, and no second model kept.
 
 Each micro-batch is train.batch_size pairs (2 x batch_size rows) in a seeded order per epoch,
 dealt to ranks so that they read disjoint pairs (tinyllama.data.loader.ResumableLoader); the
@@ -33,7 +34,7 @@ from tinyllama.data.sft_batches import padding_id
 from tinyllama.dpo import EncodedPair, PairBatch, collate_pairs, dpo_loss, encode_pairs, sequence_logps
 from tinyllama.errors import DataError
 from tinyllama.train.distributed import DistEnv
-from tinyllama.train.objectives import Objective, frozen_copy
+from tinyllama.train.objectives import Objective, reference_model
 from tinyllama.train.precision import resolve_precision
 
 # What window() logs, in TRL's names; each is a mean over pairs (nll_loss: over chosen tokens).
@@ -135,7 +136,7 @@ class DPOObjective(Objective):
         if self.cfg.precompute_ref:
             self.ref_logps = self._precompute(model, t.batch_size)  # (N, 2) chosen, rejected
         else:
-            self.reference = frozen_copy(model)
+            self.reference = reference_model(model)
         names = FIGURES + (("nll_loss",) if self.cfg.nll_weight else ())
         self.names = names
         self._sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=env.device)  # + pairs

@@ -9,8 +9,9 @@ after it. The rewards (tinyllama/rewards.py) score the decoded completions; thei
 gives the group-relative advantages. With grpo.dynamic_sampling (DAPO) the groups whose rewards
 are all equal are dropped and more prompts are sampled to fill the batch with groups that carry
 a signal. With grpo.num_iterations > 1 the same rollouts serve that many
-optimizer steps (the clipped ratio to the sampling policy then matters); with grpo.beta > 0 a
-frozen copy of the starting model gives the reference log-probs of the KL term.
+optimizer steps (the clipped ratio to the sampling policy then matters); with grpo.beta > 0 the
+starting model gives the reference log-probs of the KL term (a frozen copy, or a LoRA policy's
+base with its adapters switched off).
 
 Prompts are the conversations of data's train split up to their last assistant turn (with
 grpo.only_answered, on a corpus that has checkable answers, those whose last turn has one);
@@ -37,7 +38,7 @@ from tinyllama.generate import generate
 from tinyllama.rewards import call_reward, load_rewards
 from tinyllama.train.distributed import DistEnv
 from tinyllama.train.grpo_loss import completion_mask, group_advantages, grpo_loss
-from tinyllama.train.objectives import Objective, frozen_copy
+from tinyllama.train.objectives import Objective, reference_model
 
 
 class PromptSet:
@@ -129,7 +130,7 @@ class GRPOObjective(Objective):
         self.prompts = PromptSet(job, tokenizer)
         self.order = PromptOrder(len(self.prompts), job.run.seed, env.rank, env.world_size)
         self._probe_rewards()
-        self.reference = frozen_copy(model) if self.cfg.beta > 0 else None
+        self.reference = reference_model(model) if self.cfg.beta > 0 else None
         self.rollouts = 0  # rollout batches sampled so far on this rank
         self.cached: List[Dict[str, Any]] = []  # rollouts still to be reused (num_iterations > 1)
         self.uses = 0  # updates made with the oldest cached rollouts

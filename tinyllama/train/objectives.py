@@ -10,6 +10,8 @@ the objective; what differs lives here and in the modules each objective names:
 - "lm": next-token cross-entropy over packed documents (pretraining) or packed conversations
   (supervised fine-tuning, loss on the assistant's tokens): `LMObjective`;
 - "dpo": preference pairs against a frozen reference (tinyllama/train/dpo_objective.py);
+  the reference of both post-training objectives is `reference_model` (a frozen copy, or a
+  LoRA policy's own base with its adapters off);
 - "grpo": completions sampled from the policy, scored by rewards (tinyllama/train/grpo.py).
 
 An objective is stateful like everything else that resumes (`state_dict` / `load_state_dict`,
@@ -28,6 +30,7 @@ from torch import nn
 from tinyllama.config import JobConfig, is_chat
 from tinyllama.data import BatchLoader, SFTBatchLoader
 from tinyllama.data.loader import ModelBatch
+from tinyllama.lora import adapters_disabled, lora_modules
 from tinyllama.train.distributed import DistEnv
 
 
@@ -136,3 +139,30 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
+
+
+class AdaptersOff(nn.Module):
+    """The reference of a LoRA policy without a second copy in memory: calling it runs the policy
+    itself with every adapter switched off (its frozen base) in eval mode, then puts the policy
+    back as it was. The policy is held outside the module tree, so this wrapper has no parameters
+    of its own and nothing of it is saved or optimised."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "policy", policy)  # not a submodule: see the class docstring
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad(), adapters_disabled(self.policy):
+                return self.policy(*args, **kwargs)
+        finally:
+            self.policy.train(was_training)
+
+
+def reference_model(model: nn.Module) -> nn.Module:
+    """What DPO and GRPO score against: the starting model. For a LoRA policy that is its base,
+    the policy with the adapters off (AdaptersOff); else a frozen copy of the policy as it is now
+    (built before a resume restores the checkpoint, so it stays init_from's weights)."""
+    return AdaptersOff(model) if lora_modules(model) else frozen_copy(model)
