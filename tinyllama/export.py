@@ -11,8 +11,9 @@ is in the configs and the tokenizer. An exported folder holds:
                              model's also holds `chat_template` (tinyllama/chat_template.py)
     tokenizer.model          the original SentencePiece model
 
-`import_hf(folder)` reads a local Llama or Qwen2 safetensors folder (transformers 4.x or 5.x
-config.json) into our LlamaConfig and a float32 state_dict; `init_from=hf:<folder>` uses it.
+`import_hf(folder)` (tinyllama/hf_import.py, re-exported here) reads a local Llama or Qwen2
+safetensors folder (transformers 4.x or 5.x config.json) into our LlamaConfig and a float32
+state_dict; `init_from=hf:<folder>` uses it.
 
 The stage `run_export` and the GGUF stage (tinyllama/export_gguf.py) start alike, through
 `export_inputs`: the checkpoint from `tinyllama.checkpoint.load_for_inference`, its model on the
@@ -22,6 +23,7 @@ are imported where an export or a verification needs them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from tinyllama.atomic import building_folder
@@ -38,13 +39,12 @@ from tinyllama.checkpoint import LoadedCheckpoint, load_for_inference, save_weig
 from tinyllama.config import DTYPES, canonical_dtype, dtype_choices
 from tinyllama.errors import CheckpointError, ConfigError
 from tinyllama.generate import generate
-from tinyllama.model import LlamaForCausalLM
+from tinyllama.hf_import import ARCHITECTURES, import_hf  # noqa: F401 (import_hf: re-exported)
+from tinyllama.lora import write_peft_files
 from tinyllama.model.config import LlamaConfig
-from tinyllama.model.heads import restore_tied_head
-from tinyllama.model.rotary import ROPE_TYPES  # transformers' yarn, longrope, ... have no counterpart here
 from tinyllama.tokenizer import Tokenizer
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ADAPTER_DIR = "adapter"  # export.merge_lora=false: the PEFT adapter's folder inside the export
 # How both exports tell the user to replace an existing folder (tinyllama.atomic refuses it).
 OVERWRITE_HINT = "choose another export.out_dir, or set export.overwrite=true to replace it"
 
@@ -88,58 +88,6 @@ def hf_config(cfg: LlamaConfig, dtype: str = "fp32") -> Dict[str, Any]:
     return out
 
 
-def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
-    """LlamaConfig from a transformers config.json dict (Llama or Qwen2; 4.x or 5.x keys)."""
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
-        raise CheckpointError(
-            f"model_type={model_type!r} ({arch}) is not supported: only Llama "
-            f"(model_type=llama) and Qwen2 (model_type=qwen2) checkpoints import"
-        )
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise CheckpointError(
-            f"RoPE type {rope_type!r} is not supported (choose among {', '.join(ROPE_TYPES)})"
-        )
-    rope.pop("type", None)
-    rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    eos = hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    bos = hf.get("bos_token_id")
-    sliding = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=None if head_dim in (None, hf["hidden_size"] // heads) else head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        hidden_act=hf.get("hidden_act", "silu"),
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        attention_bias=hf.get("attention_bias", False) if model_type == "llama" else False,
-        attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        mlp_bias=hf.get("mlp_bias", False),
-        model_type=model_type,
-        sliding_window=sliding,
-        max_window_layers=hf.get("max_window_layers", 0) if sliding else 0,
-        # transformers' default is untied: a config.json without the key means separate weights.
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        initializer_range=hf.get("initializer_range", 0.02),
-        pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=bos if bos is not None else (eos if eos is not None else 1),
-        eos_token_id=eos if eos is not None else 2,
-    )
-
-
 def exported_parts(
     model: Union[nn.Module, LoadedCheckpoint], tokenizer_path: Optional[Union[str, Path]] = None
 ):
@@ -157,6 +105,7 @@ def export_hf(
     dtype: str = "fp32",
     generation: Optional[Dict[str, Any]] = None,
     overwrite: bool = False,
+    adapter: Optional[Tuple[Dict[str, Any], Dict[str, torch.Tensor]]] = None,
 ) -> Path:
     """Write a Hugging Face folder for `model` (a LlamaForCausalLM or a LoadedCheckpoint).
 
@@ -164,6 +113,8 @@ def export_hf(
     model writes no tokenizer. A tokenizer with the chat pieces also gets the chat template
     (`chat_template` in tokenizer_config.json), and generation stops at `<|end|>` as well as </s>. generation: sampling defaults for generation_config.json
     (do_sample, temperature, top_k, top_p, repetition_penalty, max_new_tokens).
+    adapter: (adapter_config.json dict, tensors) of a PEFT LoRA adapter of this model, written
+    in out_dir/adapter/ with out_dir as its base_model_name_or_path.
     The folder is built beside `out_dir` and renamed into place; an existing non-empty `out_dir`
     is refused unless overwrite=True (then replaced only once the new folder is complete).
     """
@@ -185,6 +136,10 @@ def export_hf(
             write_hf_tokenizer(Path(tokenizer_path), tmp, cfg.max_position_embeddings)
             if end is not None:
                 add_chat_template(tmp)
+        if adapter is not None:
+            config, tensors = adapter
+            (tmp / ADAPTER_DIR).mkdir()
+            write_peft_files(tmp / ADAPTER_DIR, {**config, "base_model_name_or_path": str(out_dir)}, tensors)
     return out_dir
 
 
@@ -193,52 +148,6 @@ def chat_end_of_turn(sp_model: Union[str, Path]) -> Optional[int]:
     (a base model's tokenizer: nothing of the chat template is exported)."""
     tokenizer = Tokenizer.load(sp_model)
     return None if missing_pieces(tokenizer) else end_of_turn_id(tokenizer)
-
-
-def import_hf(folder: Union[str, Path]) -> Tuple[LlamaConfig, Dict[str, torch.Tensor]]:
-    """Read a local Hugging Face Llama/Qwen2 folder: (LlamaConfig, float32 state_dict with our keys).
-
-    Weights must be safetensors (model.safetensors, or shards listed in model.safetensors.index.json).
-    Raises CheckpointError naming the problem (missing files, another architecture, missing tensors).
-    """
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        cfg = config_from_hf(hf)
-    except (ValueError, KeyError) as e:  # ConfigError is a ValueError: a config we cannot build
-        raise CheckpointError(f"{folder / 'config.json'} cannot be imported: {e}") from e
-    state = restore_tied_head(_read_safetensors(folder), cfg)
-    with torch.device("meta"):  # only the key names are needed, not the memory
-        expected = set(LlamaForCausalLM(cfg).state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder}: the weights do not match a {cfg.model_type} model of this "
-            f"config (missing {missing[:4]}, unexpected {unexpected[:4]})"
-        )
-    return cfg, {k: v.float() for k, v in state.items()}
-
-
-def _read_safetensors(folder: Path) -> Dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(
-            f"{folder} holds no model.safetensors: only safetensors weights import "
-            "(load the model in transformers and save_pretrained it to convert)"
-        )
-    state: Dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            state.update(load_file(str(folder / name)))
-        except Exception as e:  # truncated or corrupt file
-            raise CheckpointError(f"{folder / name} is corrupt: {type(e).__name__}: {e}") from e
-    return state
 
 
 def _write_json(path: Path, obj: Dict[str, Any]) -> None:
@@ -368,8 +277,20 @@ def run_export(job) -> Path:
     export.verify and transformers installed, reload the folder and compare. Returns the folder."""
     ckpt, model, tokenizer, out = export_inputs(job, "hf")
     ex = job.export
-    export_hf(ckpt, out, dtype=ex.dtype, generation=generation_defaults(job.sample), overwrite=ex.overwrite)
-    print(f"exported {ckpt.path} -> {out}")
+    generation = generation_defaults(job.sample)
+    if ckpt.adapter is not None and not ex.merge_lora:  # the base, and the adapter beside it
+        base = dataclasses.replace(ckpt, model_state=ckpt.adapter.base_state)
+        parts = (ckpt.adapter.config, ckpt.adapter.tensors)
+        export_hf(base, out, dtype=ex.dtype, generation=generation, overwrite=ex.overwrite, adapter=parts)
+        print(f"exported the base of {ckpt.path} -> {out}, its LoRA adapter -> {out / ADAPTER_DIR}")
+        if ex.verify:
+            check_export(
+                out, "peft", "peft", "peft", ex.dtype, 1e-5, lambda: verify_with_peft(out, model, tokenizer)
+            )
+        return out
+    export_hf(ckpt, out, dtype=ex.dtype, generation=generation, overwrite=ex.overwrite)
+    merged = " (its LoRA adapter merged into the weights)" if ckpt.adapter is not None else ""
+    print(f"exported {ckpt.path} -> {out}{merged}")
     if ex.verify:
         check_export(
             out,
@@ -420,18 +341,34 @@ def generation_defaults(s) -> Dict[str, Any]:
     return generation
 
 
-def verify_with_transformers(
+def verify_with_peft(
     folder: Path, model: nn.Module, tokenizer, text: str = "Once upon a time, there was a little robot."
 ) -> Dict[str, Any]:
-    """Load `folder` with transformers (float32) and compare it with our model on `text`: the
-    largest logit difference relative to the largest logit, the greedy continuation (20 tokens)
-    and the tokenizer's ids."""
+    """verify_with_transformers for a base export with its adapter in folder/adapter: PEFT puts
+    the adapter on the transformers model, and the pair is compared with our (merged) model."""
+    return verify_with_transformers(folder, model, tokenizer, text, adapter=folder / ADAPTER_DIR)
+
+
+def verify_with_transformers(
+    folder: Path,
+    model: nn.Module,
+    tokenizer,
+    text: str = "Once upon a time, there was a little robot.",
+    adapter: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Load `folder` with transformers (float32; with `adapter`, a PEFT adapter folder put on it)
+    and compare it with our model on `text`: the largest logit difference relative to the largest
+    logit, the greedy continuation (20 tokens) and the tokenizer's ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        theirs = PeftModel.from_pretrained(theirs, adapter).eval()
     hf_ids = AutoTokenizer.from_pretrained(folder)(text).input_ids
     ids = torch.tensor([tokenizer.encode(text, bos=True)])
     with torch.no_grad():

@@ -333,8 +333,14 @@ def run_export_gguf(job) -> Path:
     """The GGUF stage: the checkpoint (job.checkpoint_path or run.dir) -> export.out_dir (default
     <run>/gguf) as <run name>-<type>.gguf + Modelfile; then, with export.verify and llama-cpp-python
     installed, load it in llama.cpp and compare. Returns the .gguf path."""
-    ckpt, model, tokenizer, out_dir = export_inputs(job, "gguf")
     ex = job.export
+    ckpt, model, tokenizer, out_dir = export_inputs(job, "gguf")
+    if ckpt.adapter is not None and not ex.merge_lora:
+        raise ConfigError(
+            f"{ckpt.path} is a LoRA run and a GGUF file holds merged weights: drop "
+            "export.merge_lora=false (the default merges the adapter in), or use "
+            "scripts/export_hf.py export.merge_lora=false for the base and the PEFT adapter apart"
+        )
     path = export_gguf(
         ckpt,
         out_dir,

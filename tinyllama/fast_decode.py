@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinyllama.config import LORA_TARGETS
 from tinyllama.model import KVCache
 from tinyllama.model.attention import Attention
 from tinyllama.model.mlp import MLP
@@ -169,6 +170,14 @@ class FastDecoder:
             and all(type(layer.self_attn) is Attention and type(layer.mlp) is MLP for layer in layers)
         ):
             return "custom attention, MLP or rotary parts"
+        if any(
+            type(getattr(part, name, None)) is not nn.Linear
+            for layer in layers
+            for part in (layer.self_attn, layer.mlp)
+            for name in LORA_TARGETS  # the decoder's linear layers
+            if hasattr(part, name)
+        ):
+            return "projections that are not plain nn.Linear (LoRA adapters: merge them first)"
         if any(config.uses_sliding_window(i) for i in range(config.num_hidden_layers)):
             return "sliding-window layers"
         return None
