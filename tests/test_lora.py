@@ -29,6 +29,7 @@ from tinyllama.lora import (
     lora_state_dict,
     merge_lora,
     save_peft_adapter,
+    saved_modules,
 )
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
@@ -143,6 +144,69 @@ def test_an_adapter_made_by_peft_loads_here_with_its_logits(tmp_path, targets):
     assert rel_err(logits(model.eval(), X), logits(theirs.eval(), X)) < 1e-5
 
 
+def perturb_saved(model: nn.Module, seed: int = 4) -> None:
+    """Move the weights trained whole away from the base's, as training would, by about their
+    own scale (tiny_model's weights are 10 x 0.02 init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in saved_modules(model).values():
+            m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize(
+    "overrides,saved,written",
+    [
+        ({}, ["embed_tokens"], ["embed_tokens"]),
+        ({}, ["lm_head"], ["embed_tokens"]),  # tied: the head is the embedding
+        (QWEN2, ["embed_tokens", "lm_head"], ["embed_tokens", "lm_head"]),
+        (QWEN2, ["lm_head"], ["lm_head"]),
+    ],
+    ids=["tied_embed", "tied_head", "untied_both", "untied_head"],
+)
+def test_modules_trained_whole_load_in_peft_with_our_logits(tmp_path, overrides, saved, written):
+    model = tiny_model(**overrides)
+    base_folder = export_hf(model, tmp_path / "base")
+    base = logits(model, X)
+    apply_lora(model, rank=4, alpha=16, target_modules="all-linear", modules_to_save=saved)
+    tied = not overrides
+    whole = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # a tied matrix once
+    assert trainable == {k for k in lora_state_dict(model) if ".lora_" in k} | {whole[w] for w in written}
+    perturb(model)
+    perturb_saved(model)
+    ours = logits(model, X)
+    folder = save_peft_adapter(model, tmp_path / "adapter", str(base_folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == written and config["ensure_weight_tying"] is tied
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base_folder), folder
+    ).eval()
+    assert rel_err(ours, logits(theirs, X)) < 1e-5
+    with adapters_disabled(model):  # the base's weights swapped back in: the reference model
+        assert torch.equal(logits(model, X), base)
+    assert torch.equal(logits(model, X), ours)
+    fresh = tiny_model(**overrides)
+    load_peft_adapter(fresh, folder)
+    assert torch.equal(logits(fresh.eval(), X), ours)
+    trained = {k: v.clone() for k, v in model.state_dict().items() if k in whole.values()}
+    merge_lora(model)  # the merged logits: test_merging_keeps_the_logits_and_leaves_plain_linears
+    assert not saved_modules(model) and not lora_modules(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_a_tied_embedding_saved_twice_must_agree(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    folder = save_peft_adapter(model, tmp_path / "adapter")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    head = PEFT_PREFIX + "lm_head.weight"
+    save_file({**tensors, head: tensors[head] + 1}, folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from .*embed_tokens.weight"):
+        load_peft_adapter(tiny_model(), folder)
+
+
 def test_merging_keeps_the_logits_and_leaves_plain_linears(tmp_path):
     model = tiny_model()
     plain_keys = set(model.state_dict())
@@ -198,8 +262,9 @@ def test_save_then_load_on_a_fresh_base_gives_the_same_logits(tmp_path):
         ),
         (dict(alpha=0), "alpha=0 must be > 0"),
         (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+        (dict(modules_to_save=["norm"]), r"\['norm'\] cannot be trained whole: choose among embed_tokens"),
     ],
-    ids=["unknown_target", "lm_head", "rank_0", "rank_too_large", "alpha_0", "dropout_1"],
+    ids=["unknown_target", "lm_head", "rank_0", "rank_too_large", "alpha_0", "dropout_1", "save_norm"],
 )
 def test_bad_settings_are_refused_and_the_model_is_untouched(kwargs, message):
     model = tiny_model()

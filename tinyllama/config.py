@@ -57,6 +57,9 @@ GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 # output layer out too, and a tied head is the embedding matrix).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"
+# Modules a LoRA run may train whole beside its adapters (PEFT's modules_to_save). With a tied
+# head both name the one matrix shared by the input embedding and the output layer.
+LORA_MODULES_TO_SAVE = ("embed_tokens", "lm_head")
 """grpo.loss_type: how per-token losses become one number (tinyllama.train.grpo)."""
 
 
@@ -292,6 +295,10 @@ class LoRAConfig:
     """Dropout on the adapters' input during training."""
     target_modules: List[str] = field(default_factory=lambda: [ALL_LINEAR])
     """Layers that get an adapter: names among LORA_TARGETS, or ["all-linear"] for all of them."""
+    modules_to_save: List[str] = field(default_factory=list)
+    """Modules trained whole beside the adapters and saved in the adapter folder (PEFT's
+    modules_to_save): names among LORA_MODULES_TO_SAVE. ["embed_tokens"] lets the chat pieces,
+    new to a pretrained base, get embeddings of their own."""
 
 
 @dataclass
@@ -768,6 +775,12 @@ def lora_problems(job: JobConfig) -> List[str]:
             f"finetune.lora.target_modules={list(lora.target_modules)}: "
             f"{'no module' if not unknown else f'{unknown} match no module'}; choose among "
             f"{', '.join(LORA_TARGETS)}, or [{ALL_LINEAR}] for all of them"
+        )
+    unsavable = [m for m in lora.modules_to_save if m not in LORA_MODULES_TO_SAVE]
+    if unsavable:
+        problems.append(
+            f"finetune.lora.modules_to_save={list(lora.modules_to_save)}: {unsavable} cannot be "
+            f"trained whole; choose among {', '.join(LORA_MODULES_TO_SAVE)} (or [])"
         )
     if lora.rank <= 0:
         problems.append(f"finetune.lora.rank={lora.rank}: must be > 0 (or null: full fine-tuning)")

@@ -14,6 +14,13 @@ Module names are Hugging Face's (`model.layers.0.self_attn.q_proj`), and so are 
     ours   model.layers.0.self_attn.q_proj.lora_A.weight                   (lora_state_dict)
     PEFT   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (adapter_model.safetensors)
 
+Beside the adapters a run may train whole modules (PEFT's `modules_to_save`): the embedding, so
+that tokens the base never saw in use (the chat pieces) get vectors of their own. The module's
+weight trains in place and a frozen copy of the base's weight rides along as the buffer
+`lora_original_weight` (not saved), which `adapters_disabled` swaps in. With a tied head, the
+embedding and the head are one matrix: it is saved under both names, as PEFT does with
+`ensure_weight_tying`, and `PeftModel.from_pretrained` ties them again.
+
 PEFT keeps each adapter under a name ("default": `lora_A.default.weight` in memory) and drops
 that name from the saved keys; its `base_model.model.` prefix is the PeftModel wrapper and its
 LoraModel. An adapter folder holds adapter_config.json and adapter_model.safetensors, which
@@ -34,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinyllama.atomic import building_folder
-from tinyllama.config import ALL_LINEAR, LORA_TARGETS
+from tinyllama.config import ALL_LINEAR, LORA_MODULES_TO_SAVE, LORA_TARGETS
 from tinyllama.errors import CheckpointError, ConfigError
 
 # The decoder's linear layers LoRA may wrap, by their Hugging Face names (config.LORA_TARGETS).
@@ -42,6 +49,10 @@ TARGETS = LORA_TARGETS
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the wrapped model)
+# modules_to_save: Hugging Face's short name -> the module's full name in LlamaForCausalLM
+SAVED_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
+assert tuple(SAVED_MODULES) == LORA_MODULES_TO_SAVE
+ORIGINAL = "lora_original_weight"  # the buffer holding a saved module's base weight
 TargetModules = Union[str, Sequence[str]]
 
 
@@ -133,13 +144,61 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     reference log-probabilities of DPO and GRPO; the previous switches are restored after it."""
     modules = list(lora_modules(model).values())
     before = [m.disabled for m in modules]
+    saved = list(saved_modules(model).values())
+    trained = [m.weight.data for m in saved]
     for m in modules:
         m.disabled = True
+    for m in saved:  # the base's weight in place of the trained one (the same Parameter object)
+        m.weight.data = getattr(m, ORIGINAL)
     try:
         yield model
     finally:
         for m, was in zip(modules, before):
             m.disabled = was
+        for m, weight in zip(saved, trained):
+            m.weight.data = weight
+
+
+def saved_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """{module name: module} of the modules `model` trains whole beside its adapters
+    (apply_lora's modules_to_save), in module order."""
+    return {name: m for name, m in model.named_modules() if ORIGINAL in m._buffers}
+
+
+def _tied_head(model: nn.Module) -> bool:
+    head, embed = (
+        getattr(model, "lm_head", None),
+        getattr(getattr(model, "model", None), "embed_tokens", None),
+    )
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def resolve_modules_to_save(model: nn.Module, modules_to_save: Sequence[str]) -> List[str]:
+    """Full names of the modules `modules_to_save` names (short, "embed_tokens", or full,
+    "model.embed_tokens"), in module order. With a tied head either name is the one shared
+    matrix, held by "model.embed_tokens". Raises ConfigError naming the entries that are not
+    among LORA_MODULES_TO_SAVE."""
+    entries = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    full = {v: v for v in SAVED_MODULES.values()}
+    unknown = [e for e in entries if e not in SAVED_MODULES and e not in full]
+    if unknown:
+        raise ConfigError(
+            f"modules_to_save {unknown} cannot be trained whole: choose among "
+            f"{', '.join(SAVED_MODULES)} (the embedding and the output layer)"
+        )
+    chosen = {SAVED_MODULES.get(e, e) for e in entries}
+    if chosen and _tied_head(model):
+        return [SAVED_MODULES["embed_tokens"]]
+    return [n for n in SAVED_MODULES.values() if n in chosen]
+
+
+def _saved_keys(model: nn.Module, names: List[str]) -> Dict[str, str]:
+    """{our state-dict key: the module it is saved from} of the modules trained whole; a tied
+    head adds "lm_head.weight", the embedding under the head's name (as PEFT saves it)."""
+    keys = {f"{n}.weight": n for n in names}
+    if names and _tied_head(model):
+        keys[f"{SAVED_MODULES['lm_head']}.weight"] = SAVED_MODULES["embed_tokens"]
+    return keys
 
 
 def _candidates(model: nn.Module) -> Dict[str, nn.Module]:
@@ -213,20 +272,28 @@ def apply_lora(
     alpha: float,
     dropout: float = 0.0,
     target_modules: TargetModules = ALL_LINEAR,
+    modules_to_save: Sequence[str] = (),
 ) -> List[str]:
     """Wrap the targeted nn.Linear layers of `model` in LoRALinear, in place, and freeze every
     other parameter, so that only lora_A and lora_B get gradients (and optimizer state: build the
-    optimizer after this call). Returns the wrapped module names.
+    optimizer after this call), and the weights of `modules_to_save` (see
+    resolve_modules_to_save), which train whole. Returns the wrapped module names.
 
     Every setting is checked first (ConfigError): on a refusal the model is untouched.
     """
     if lora_modules(model):
         raise ConfigError("the model already has LoRA adapters: apply LoRA once, to a plain base model")
     names = resolve_targets(model, target_modules)
+    saved = resolve_modules_to_save(model, modules_to_save)
     layers = _candidates(model)
     _check_settings({n: layers[n] for n in names}, rank, alpha, dropout)
     for p in model.parameters():  # the base, embeddings and norms included: only adapters train
         p.requires_grad_(False)
+    for name in saved:
+        module = model.get_submodule(name)
+        # Not persistent: checkpoints save the trained weight; the base's comes from the base.
+        module.register_buffer(ORIGINAL, module.weight.detach().clone(), persistent=False)
+        module.weight.requires_grad_(True)
     for name in names:
         # A new module starts in training mode: take the layer's, or an eval() model would drop out.
         lora = LoRALinear(layers[name], rank, alpha, dropout).train(layers[name].training)
@@ -241,20 +308,27 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The adapter tensors alone, with our module names: {"<module>.lora_A.weight": (r, in),
-    "<module>.lora_B.weight": (out, r)}, detached (they share memory with the model)."""
+    "<module>.lora_B.weight": (out, r)}, and the weights of the modules trained whole
+    ("model.embed_tokens.weight", and "lm_head.weight" for a tied head), detached (they share
+    memory with the model)."""
     out: Dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model).items():
         out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    for key, name in _saved_keys(model, list(saved_modules(model))).items():
+        out[key] = model.get_submodule(name).weight.detach()
     return out
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight (W += B A * scaling) and put the plain nn.Linear
     back in its place, in place; returns `model`, whose state_dict is a plain Llama's again.
-    The merged layers stay frozen as the base was (requires_grad False)."""
+    The merged layers stay frozen as the base was (requires_grad False); modules trained whole
+    keep their trained weights."""
     for name, m in lora_modules(model).items():
         _replace(model, name, m.merge())
+    for m in saved_modules(model).values():  # their trained weights are the merged model's
+        del m._buffers[ORIGINAL]
     return model
 
 
@@ -320,13 +394,24 @@ def save_peft_adapter(
 def model_peft_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> Dict:
     """adapter_config.json describing the adapters of `model` (one rank, alpha and dropout)."""
     modules, r, a, p = _settings(model)
-    return peft_config(r, a, p, _saved_targets(model, list(modules)), base_model_name_or_path)
+    saved = [short for short, full in SAVED_MODULES.items() if full in saved_modules(model)]
+    return peft_config(
+        r, a, p, _saved_targets(model, list(modules)), base_model_name_or_path, saved, _tied_head(model)
+    )
 
 
 def peft_config(
-    rank: int, alpha: float, dropout: float, target_modules: List[str], base_model_name_or_path: Optional[str]
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: List[str],
+    base_model_name_or_path: Optional[str],
+    modules_to_save: Sequence[str] = (),
+    tied_head: bool = False,
 ) -> Dict:
-    """adapter_config.json of a plain LoRA adapter, as PEFT's LoraConfig reads it."""
+    """adapter_config.json of a LoRA adapter, as PEFT's LoraConfig reads it. modules_to_save:
+    short names of the modules saved whole; tied_head: the model ties its head to its embedding
+    (then PEFT is told to keep the saved embedding tied: ensure_weight_tying)."""
     return {
         # The keys PEFT's LoraConfig reads (peft 0.13 on); every other key takes PEFT's default.
         "peft_type": "LORA",
@@ -343,7 +428,8 @@ def peft_config(
         "use_rslora": False,  # scaling = alpha / r, not alpha / sqrt(r)
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) or None,
+        "ensure_weight_tying": bool(tied_head and modules_to_save),
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -355,8 +441,8 @@ def write_peft_files(folder: Path, config: Dict, tensors: Dict[str, torch.Tensor
     """adapter_config.json and adapter_model.safetensors into the existing `folder` (one being
     built: a checkpoint's or an export's). tensors: our names ("<module>.lora_A.weight") or
     PEFT's (with base_model.model.); written under PEFT's."""
-    peft = {
-        (k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v.cpu().contiguous()
+    peft = {  # cloned: a tied head's two names share one tensor, which safetensors refuses
+        (k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v.detach().cpu().clone()
         for k, v in tensors.items()
     }
     save_file(peft, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -364,14 +450,13 @@ def write_peft_files(folder: Path, config: Dict, tensors: Dict[str, torch.Tensor
 
 
 # adapter_config.json options of PEFT's LoraConfig that change LoRA's arithmetic or what the
-# folder holds (a bias, DoRA's magnitudes, other modules' full weights, per-layer ranks). Plain
-# LoRA leaves each one empty or false (bias: "none"); a folder that sets one is refused, not
-# loaded wrongly.
+# folder holds (a bias, DoRA's magnitudes, per-layer ranks). Plain LoRA leaves each one empty or
+# false (bias: "none"); a folder that sets one is refused, not loaded wrongly. modules_to_save
+# may name the modules of SAVED_MODULES.
 _EXTRAS = (
     "fan_in_fan_out",
     "use_rslora",
     "use_dora",
-    "modules_to_save",
     "layers_to_transform",
     "rank_pattern",
     "alpha_pattern",
@@ -390,6 +475,9 @@ def read_peft_config(folder: Union[str, Path]) -> Dict:
     except ValueError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     problems = [f"{k}={config[k]!r}" for k in _EXTRAS if config.get(k)]
+    saved = config.get("modules_to_save") or []
+    if any(m not in SAVED_MODULES and m not in SAVED_MODULES.values() for m in saved):
+        problems.append(f"modules_to_save={saved!r} (only {', '.join(SAVED_MODULES)} load)")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r}")
     if config.get("peft_type") != "LORA":
@@ -397,7 +485,8 @@ def read_peft_config(folder: Union[str, Path]) -> Dict:
     problems += [f"no {k!r}" for k in ("r", "lora_alpha", "target_modules") if k not in config]
     if problems:
         raise CheckpointError(
-            f"{path}: only plain LoRA adapters load here (bias 'none', no {', '.join(_EXTRAS)}); "
+            f"{path}: only plain LoRA adapters load here (bias 'none', no {', '.join(_EXTRAS)}, "
+            f"modules_to_save among {', '.join(SAVED_MODULES)}); "
             f"found {', '.join(problems)}"
         )
     return config
@@ -420,9 +509,14 @@ def read_peft_adapter(
         names = resolve_targets(model, config["target_modules"], regex=True)
         layers = _candidates(model)
         _check_settings({n: layers[n] for n in names}, rank, alpha, dropout)
+        saved = resolve_modules_to_save(model, config.get("modules_to_save") or [])
     except ConfigError as e:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG} does not fit this model: {e}") from e
-    return config, names, _read_adapter_tensors(folder / ADAPTER_WEIGHTS, layers, names, rank)
+    whole = {
+        key: tuple(model.get_submodule(name).weight.shape) for key, name in _saved_keys(model, saved).items()
+    }
+    tensors = _read_adapter_tensors(folder / ADAPTER_WEIGHTS, layers, names, rank, whole, _tied_head(model))
+    return config, names, tensors
 
 
 def load_peft_adapter(model: nn.Module, folder: Union[str, Path]) -> List[str]:
@@ -434,16 +528,20 @@ def load_peft_adapter(model: nn.Module, folder: Union[str, Path]) -> List[str]:
     the model is untouched.
     """
     config, names, tensors = read_peft_adapter(folder, model)
-    apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0, names)
+    dropout = config.get("lora_dropout") or 0.0
+    apply_lora(model, config["r"], config["lora_alpha"], dropout, names, config.get("modules_to_save") or [])
     set_adapter_weights(model, tensors)
     return names
 
 
 def set_adapter_weights(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
-    """Copy A and B of every adapter of `model` from `tensors` (PEFT's keys, as read_peft_adapter
-    gives them; cast to the model's dtype and device). The keys must be exactly the model's."""
+    """Copy A and B of every adapter of `model`, and the weights of the modules it trains whole,
+    from `tensors` (PEFT's keys, as read_peft_adapter gives them; cast to the model's dtype and
+    device). The keys must be exactly the model's."""
     modules = lora_modules(model)
+    whole = _saved_keys(model, list(saved_modules(model)))
     expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in modules for ab in "AB"}
+    expected |= {PEFT_PREFIX + key for key in whole}
     if expected != set(tensors):
         raise CheckpointError(
             f"the adapter tensors do not match the model's adapters: missing "
@@ -453,6 +551,8 @@ def set_adapter_weights(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> N
         for name, m in modules.items():
             m.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+        for key, name in whole.items():
+            model.get_submodule(name).weight.copy_(tensors[PEFT_PREFIX + key])
 
 
 def merged_state(
@@ -466,18 +566,31 @@ def merged_state(
     for name in names:
         A, B = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
         merged[f"{name}.weight"] = merged_weight(state[f"{name}.weight"], A, B, scaling)
+    for key, tensor in tensors.items():  # the modules trained whole replace the base's weights
+        if ".lora_" not in key:
+            ours = key[len(PEFT_PREFIX) :]
+            merged[ours] = tensor.to(state[ours].dtype) if ours in state else tensor
     return merged
 
 
 def _read_adapter_tensors(
-    path: Path, layers: Dict[str, nn.Module], names: List[str], rank: int
+    path: Path,
+    layers: Dict[str, nn.Module],
+    names: List[str],
+    rank: int,
+    whole: Optional[Dict[str, Tuple[int, ...]]] = None,
+    tied_head: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """adapter_model.safetensors, checked to hold exactly A (r, in) and B (out, r) of each layer
-    in `names` under PEFT's keys (CheckpointError naming the key and both shapes)."""
-    expected: Dict[str, Tuple[int, int]] = {}
+    in `names` under PEFT's keys, and the weights `whole` lists ({our key: shape}) of the modules
+    trained whole (CheckpointError naming the key and both shapes). With tied_head (the model
+    ties its head to its embedding) the two saved copies of that matrix must be equal."""
+    expected: Dict[str, Tuple[int, ...]] = {}
     for name in names:
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (rank, layers[name].in_features)
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (layers[name].out_features, rank)
+    for key, shape in (whole or {}).items():
+        expected[PEFT_PREFIX + key] = shape
     try:
         tensors = load_file(str(path))
     except Exception as e:  # truncated or corrupt file
@@ -494,4 +607,9 @@ def _read_adapter_tensors(
                 f"{path}: {key} has shape {tuple(tensors[key].shape)} but this model needs {shape} "
                 f"(r={rank}): the adapter was made for another base model"
             )
+    head, embed = (f"{PEFT_PREFIX}{SAVED_MODULES[k]}.weight" for k in ("lm_head", "embed_tokens"))
+    if tied_head and head in expected and not torch.equal(tensors[head], tensors[embed]):
+        raise CheckpointError(
+            f"{path}: {head} differs from {embed}, but this model ties its head to its embedding"
+        )
     return tensors

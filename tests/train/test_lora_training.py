@@ -109,7 +109,9 @@ def test_a_lora_run_trains_the_adapters_alone_and_saves_them_as_a_peft_folder(lo
     assert "LoRA rank 4, alpha 8 on all-linear" in out and "trainable" in out
     folder = load_checkpoint(loop.run_dir_of(lora_job)).path
     assert not (folder / WEIGHTS).exists()  # the adapter alone, not the model
-    assert {"adapter_config.json", "adapter_model.safetensors", "base.json"} <= {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "base.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     base = json.loads((folder / "base.json").read_text())
     assert base["init_from"] == lora_job.init_from
     assert base["fingerprint"] == weights_fingerprint(base_state)
@@ -142,7 +144,9 @@ def test_the_merged_checkpoint_computes_what_the_adapted_model_did(lora_job, cha
         m.setattr(Trainer, "fit", keep)
         run_training(lora_job)
     adapted = seen["model"]
-    assert lora_modules(adapted) and all(not p.requires_grad for n, p in adapted.named_parameters() if "lora_" not in n)
+    assert lora_modules(adapted) and all(
+        not p.requires_grad for n, p in adapted.named_parameters() if "lora_" not in n
+    )
     ids = torch.tensor([chat_tokenizer.encode("<|user|>Who is Tom?<|end|><|assistant|>", bos=True)])
     merged = build_model(load_checkpoint(loop.run_dir_of(lora_job), train_state=False))
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
@@ -178,7 +182,9 @@ def test_a_resume_or_a_stage_given_another_base_refuses_naming_both(lora_job, ch
     torch.manual_seed(7)
     other = LlamaForCausalLM(lora_job.model)
     meta = {"tokens": 0, "tokenizer_fingerprint": chat_tokenizer.fingerprint}
-    save_checkpoint(base / "checkpoints", 9, other, lora_job.model, lora_job, chat_tokenizer.model_path, meta, None)
+    save_checkpoint(
+        base / "checkpoints", 9, other, lora_job.model, lora_job, chat_tokenizer.model_path, meta, None
+    )
     before = snapshot(run)
     with pytest.raises(CheckpointError) as e:
         run_training(lora_job)
@@ -277,8 +283,46 @@ def test_ddp_two_processes_train_the_adapters_as_one_process_with_twice_the_accu
 # ---- stages and exports -------------------------------------------------------------------
 
 
-@pytest.fixture
-def lora_run(lora_job):
+def test_a_lora_run_with_the_embedding_trained_whole_saves_it_and_resumes_exactly(
+    lora_job, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    lora_job.finetune.lora.modules_to_save = ["embed_tokens"]
+    base_state = load_weights(lora_job.init_from)[1]
+    straight = copy.deepcopy(lora_job)
+    straight.run.dir = str(tmp_path / "straight")
+    run_training(straight)
+    real = Trainer.optimizer_step
+
+    def stop_at_3(self, loss, grad_norm):
+        real(self, loss, grad_norm)
+        if self.step + 1 == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "optimizer_step", stop_at_3)
+        run_training(lora_job)
+    run_training(lora_job)
+    assert train_losses(lora_job) == train_losses(straight)  # exact, the embedding's AdamW state too
+    ckpt = load_checkpoint(loop.run_dir_of(lora_job), train_state=False)
+    config = json.loads((ckpt.path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens"] and config["ensure_weight_tying"] is True
+    saved = load_file(ckpt.path / "adapter_model.safetensors")
+    embed, head = "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"
+    assert torch.equal(saved[embed], saved[head])  # the tied matrix under both names, as PEFT saves it
+    merged = ckpt.model_state
+    assert torch.equal(merged["model.embed_tokens.weight"], saved[embed])
+    assert not torch.equal(merged["model.embed_tokens.weight"], base_state["model.embed_tokens.weight"])
+    assert torch.equal(merged["model.norm.weight"], base_state["model.norm.weight"])  # the rest frozen
+    summary = json.loads((loop.run_dir_of(lora_job) / "summary.json").read_text())
+    per_layer = 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 3 * (32 + 64))
+    assert summary["trainable_params"] == 2 * per_layer + base_state["model.embed_tokens.weight"].numel()
+
+
+@pytest.fixture(params=[[], ["embed_tokens"]], ids=["adapters", "adapters_and_embedding"])
+def lora_run(lora_job, request):
+    lora_job.finetune.lora.modules_to_save = request.param
     lora_job.train.max_steps = 3
     run_training(lora_job)
     stage = copy.deepcopy(lora_job)
@@ -310,7 +354,10 @@ def test_the_merged_hf_export_gives_the_adapted_models_logits(lora_run, chat_tok
     adapted.load_state_dict(ckpt.adapter.base_state)
     from tinyllama.lora import apply_lora, set_adapter_weights
 
-    apply_lora(adapted, ckpt.adapter.config["r"], ckpt.adapter.config["lora_alpha"], 0.0, ckpt.adapter.names)
+    saved = ckpt.adapter.config["modules_to_save"] or []
+    apply_lora(
+        adapted, ckpt.adapter.config["r"], ckpt.adapter.config["lora_alpha"], 0.0, ckpt.adapter.names, saved
+    )
     set_adapter_weights(adapted, ckpt.adapter.tensors)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([chat_tokenizer.encode("<|user|>Where does Mia live?<|end|><|assistant|>", bos=True)])
@@ -348,7 +395,9 @@ def test_peft_loads_the_checkpoint_folder_itself_on_the_bases_hf_export(lora_run
     theirs = peft.PeftModel.from_pretrained(base, ckpt.path).eval()
     ids = torch.tensor([chat_tokenizer.encode("<|user|>Who is Tom?<|end|><|assistant|>", bos=True)])
     with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits, logits_of(build_model(ckpt), ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs(ids).logits, logits_of(build_model(ckpt), ids), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_gguf_export_merges_and_refuses_merge_lora_false(lora_run, tmp_path):
@@ -367,7 +416,9 @@ def test_gguf_export_merges_and_refuses_merge_lora_false(lora_run, tmp_path):
 # ---- DPO and GRPO -------------------------------------------------------------------------
 
 
-def test_dpo_with_lora_scores_against_the_base_without_a_copy(chat_job, chat_tokenizer, base_run_of, tmp_path):
+def test_dpo_with_lora_scores_against_the_base_without_a_copy(
+    chat_job, chat_tokenizer, base_run_of, tmp_path
+):
     from tests.train.test_dpo_objective import DPO_LEN
 
     job = copy.deepcopy(chat_job)
@@ -398,7 +449,9 @@ def test_dpo_with_lora_scores_against_the_base_without_a_copy(chat_job, chat_tok
     from tinyllama.dpo import sequence_logps
 
     with torch.no_grad():
-        torch.testing.assert_close(batch.ref_logps, sequence_logps(base.eval(), batch)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            batch.ref_logps, sequence_logps(base.eval(), batch)[0], rtol=1e-5, atol=1e-5
+        )
     assert reference.policy is not None and lora_modules(reference.policy)
 
 
@@ -421,7 +474,9 @@ def test_adapters_off_runs_the_base_in_eval_mode_and_gives_the_policy_back_as_it
     assert not torch.allclose(logits_of(policy, ids), logits_of(base, ids), atol=1e-3)
 
 
-def test_grpo_with_lora_and_a_kl_term_runs_on_the_base_as_reference(chat_job, chat_tokenizer, tmp_path, base_run_of):
+def test_grpo_with_lora_and_a_kl_term_runs_on_the_base_as_reference(
+    chat_job, chat_tokenizer, tmp_path, base_run_of
+):
     from tinyllama.config import RewardConfig
 
     job = copy.deepcopy(chat_job)

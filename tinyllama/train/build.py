@@ -128,7 +128,14 @@ def build_training_model(
         if lora.rank is not None:
             base = base_record(job.init_from, state)
             # After the seed, so that every rank draws the same A matrices.
-            apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
+            apply_lora(
+                model,
+                lora.rank,
+                lora.alpha,
+                lora.dropout,
+                list(lora.target_modules),
+                list(lora.modules_to_save),
+            )
     model.model.gradient_checkpointing = job.train.grad_checkpointing
     model.chunked_loss = job.train.grad_checkpointing  # else the (B, T, V) logits outweigh the saving
     return model.to(device), base

@@ -105,7 +105,7 @@ def lora_differences(ckpt: LoadedCheckpoint, job: JobConfig) -> list:
     saved = ckpt.job.finetune.lora
     if ckpt.adapter is None and lora.rank is None:
         return []
-    keys = ("rank", "alpha", "dropout", "target_modules")
+    keys = ("rank", "alpha", "dropout", "target_modules", "modules_to_save")
     if ckpt.adapter is None or lora.rank is None:
         keys = ("rank",)
     return [

@@ -287,8 +287,10 @@ class Trainer:
         t, n = self.job.train, self.model.num_parameters()
         trained, lora = self.trainable_parameters(), self.job.finetune.lora
         adapters = (
-            f" | LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}: "
-            f"{trained / 1e6:.3f}M trainable ({100 * trained / n:.2f}%), the base frozen"
+            f" | LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)}"
+            + (f", {', '.join(lora.modules_to_save)} trained whole" if lora.modules_to_save else "")
+            + ": "
+            f"{trained / 1e6:.3f}M trainable ({100 * trained / n:.2f}%), the rest frozen"
             if self.base is not None
             else ""
         )

@@ -143,7 +143,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 class AdaptersOff(nn.Module):
     """The reference of a LoRA policy without a second copy in memory: calling it runs the policy
-    itself with every adapter switched off (its frozen base) in eval mode, then puts the policy
+    itself with every adapter switched off (its frozen base; a module trained whole gets its base
+    weight back from the copy apply_lora kept) in eval mode, then puts the policy
     back as it was. The policy is held outside the module tree, so this wrapper has no parameters
     of its own and nothing of it is saved or optimised."""
 
