@@ -149,3 +149,95 @@ def chat_tokenizer(tiny_data):
     tokenizer = ensure_tokenizer(tok, data)
     assert not missing_pieces(tokenizer)
     return tokenizer
+
+
+# A tiny chat model taught two replies (the chat and serve tests share it: trained once a session).
+TAUGHT_QUESTION = "Who is the story about?"
+TAUGHT = [
+    [{"role": "user", "content": TAUGHT_QUESTION}, {"role": "assistant", "content": "Mia"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Where does Tom live?"},
+        {"role": "assistant", "content": "in a small town"},
+    ],
+]
+
+
+def _tiny_chat_model(vocab_size: int, context: int = 128):
+    from tinyllama.model import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+        )
+    )
+
+
+def _memorize(model, tokenizer, conversations, steps: int = 120):
+    """Train `model` on the assistant tokens of `conversations` until it replies with them."""
+    from tinyllama.chat_template import IGNORE_INDEX, encode_conversation
+
+    rows = [encode_conversation(tokenizer, c) for c in conversations]
+    T = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), T), tokenizer.eos_id)
+    y = torch.full((len(rows), T), IGNORE_INDEX)
+    for i, (ids, labels) in enumerate(rows):
+        x[i, : len(ids)], y[i, : len(ids)] = torch.tensor(ids), torch.tensor(labels)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x, labels=y).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _save_chat_run(folder: Path, model, tokenizer, data):
+    """A run folder with `model` at step 1, its data `data`; returns the job that names it."""
+    from tinyllama.checkpoint import save_checkpoint
+    from tinyllama.config import JobConfig, RunConfig
+
+    job = JobConfig(model=model.config, data=data, run=RunConfig(dir=str(folder), seed=3, device="cpu"))
+    save_checkpoint(
+        folder / "checkpoints",
+        1,
+        model,
+        model.config,
+        job,
+        tokenizer.model_path,
+        {"tokens": 0, "tokenizer_fingerprint": tokenizer.fingerprint},
+        None,
+    )
+    return job
+
+
+@pytest.fixture(scope="session")
+def taught_conversations() -> list:
+    """The conversations `taught` replies to; the first asks TAUGHT_QUESTION, answered "Mia"."""
+    return TAUGHT
+
+
+@pytest.fixture(scope="session")
+def taught(chat_tokenizer):
+    """(model, tokenizer): a tiny model (context 128) that replies "Mia<|end|>" to "Who is the
+    story about?" and "in a small town<|end|>" to the second taught conversation."""
+    return _memorize(_tiny_chat_model(chat_tokenizer.vocab_size), chat_tokenizer, TAUGHT), chat_tokenizer
+
+
+@pytest.fixture
+def tiny_chat_model():
+    """tiny_chat_model(vocab_size, context=128): an untrained 2-layer chat-sized model."""
+    return _tiny_chat_model
+
+
+@pytest.fixture
+def save_chat_run():
+    """save_chat_run(folder, model, tokenizer, data) -> JobConfig: a run folder holding `model`."""
+    return _save_chat_run

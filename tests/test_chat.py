@@ -15,83 +15,21 @@ import pytest
 import torch
 
 from tinyllama.chat import ChatSession, chat_loop, greedy_replies, run_chat
-from tinyllama.chat_template import END_OF_TURN, IGNORE_INDEX, encode_conversation, end_of_turn_id
-from tinyllama.checkpoint import save_checkpoint
-from tinyllama.config import ChatConfig, DataConfig, JobConfig, RunConfig
+from tinyllama.chat_template import END_OF_TURN, end_of_turn_id
+from tinyllama.config import ChatConfig, DataConfig
 from tinyllama.errors import ConfigError
-from tinyllama.model import LlamaConfig, LlamaForCausalLM
 from tinyllama.tokenizer import ensure_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-QUESTION = "Who is the story about?"
-TAUGHT = [
-    [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Mia"}],
-    [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Where does Tom live?"},
-        {"role": "assistant", "content": "in a small town"},
-    ],
-]
-
-
-def memorize(model: LlamaForCausalLM, tokenizer, conversations, steps: int = 120) -> LlamaForCausalLM:
-    """Train `model` on the assistant tokens of `conversations` until it replies with them."""
-    rows = [encode_conversation(tokenizer, c) for c in conversations]
-    T = max(len(ids) for ids, _ in rows)
-    x = torch.full((len(rows), T), tokenizer.eos_id)
-    y = torch.full((len(rows), T), IGNORE_INDEX)
-    for i, (ids, labels) in enumerate(rows):
-        x[i, : len(ids)], y[i, : len(ids)] = torch.tensor(ids), torch.tensor(labels)
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(x, labels=y).loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-def tiny_chat_model(vocab_size: int, context: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=context,
-        )
-    )
-
-
-def save_run(folder: Path, model: LlamaForCausalLM, tokenizer, data: DataConfig) -> JobConfig:
-    """A run folder with `model` at step 1, its data `data`; returns the job that names it."""
-    job = JobConfig(model=model.config, data=data, run=RunConfig(dir=str(folder), seed=3, device="cpu"))
-    save_checkpoint(
-        folder / "checkpoints",
-        1,
-        model,
-        model.config,
-        job,
-        tokenizer.model_path,
-        {"tokens": 0, "tokenizer_fingerprint": tokenizer.fingerprint},
-        None,
-    )
-    return job
-
-
-@pytest.fixture(scope="module")
-def taught(chat_tokenizer):
-    """(model, tokenizer): a tiny model that replies "Mia<|end|>" to QUESTION."""
-    return memorize(tiny_chat_model(chat_tokenizer.vocab_size), chat_tokenizer, TAUGHT), chat_tokenizer
+QUESTION = "Who is the story about?"  # the first taught conversation (conftest.py: taught)
 
 
 @pytest.fixture
-def chat_run(taught, tmp_path):
+def chat_run(taught, save_chat_run, tmp_path):
     model, tok = taught
-    return save_run(tmp_path / "chat", model, tok, DataConfig(name="synthetic_chat", source="synthetic_chat"))
+    return save_chat_run(
+        tmp_path / "chat", model, tok, DataConfig(name="synthetic_chat", source="synthetic_chat")
+    )
 
 
 def test_prompt_mode_streams_one_reply_that_stops_at_end_of_turn(chat_run, taught):
@@ -152,20 +90,24 @@ def test_history_drops_the_oldest_turns_when_the_context_is_full(taught):
         ChatSession(model, tok, ChatConfig(max_new_tokens=48), context=48)
 
 
-def test_batched_greedy_replies_equal_one_by_one_replies(taught):
+def test_batched_greedy_replies_equal_one_by_one_replies(taught, taught_conversations):
     model, tok = taught
-    conversations = [c[:-1] for c in TAUGHT] + [[{"role": "user", "content": "Tell me a story."}]]
+    conversations = [c[:-1] for c in taught_conversations] + [
+        [{"role": "user", "content": "Tell me a story."}]
+    ]
     batched = greedy_replies(model, tok, conversations, [4, 10, 6], batch_size=3)
     alone = [greedy_replies(model, tok, [c], n)[0] for c, n in zip(conversations, [4, 10, 6])]
     assert batched == alone and batched[:2] == ["Mia", "in a small town"]
 
 
-def test_a_run_without_the_chat_pieces_is_refused_with_the_fix(tiny_data, tmp_path):
+def test_a_run_without_the_chat_pieces_is_refused_with_the_fix(
+    tiny_data, tmp_path, save_chat_run, tiny_chat_model
+):
     data, tok_cfg = tiny_data
     plain = ensure_tokenizer(
         dataclasses.replace(tok_cfg, name="no_chat_pieces", user_defined_symbols=[]), data
     )
-    job = save_run(tmp_path / "plain", tiny_chat_model(plain.vocab_size), plain, data)
+    job = save_chat_run(tmp_path / "plain", tiny_chat_model(plain.vocab_size), plain, data)
     job.prompt = "Hello"
     with pytest.raises(ConfigError, match="cannot chat: .*no chat pieces.*user_defined_symbols"):
         run_chat(job, out=io.StringIO())

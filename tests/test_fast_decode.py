@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tinyllama.fast_decode import FastDecoder
-from tinyllama.generate import _model_logits, generate
+from tinyllama.generate import generate, model_logits
 from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM, ModelParts
 from tinyllama.model.mlp import MLP
 from tinyllama.model.norm import RMSNorm
@@ -63,7 +63,7 @@ def step_logits(model, step, prompt: torch.Tensor, new_tokens: torch.Tensor, mas
     token of `new_tokens` (B, n) fed one at a time to `step`: a list of (B, V)."""
     B, T = prompt.shape
     cache = KVCache(model.config, B, T + new_tokens.shape[1], dtype=torch.float32)
-    out = [_model_logits(model, prompt, None if mask is None else mask[:, :T], positions, cache)]
+    out = [model_logits(model, prompt, None if mask is None else mask[:, :T], positions, cache)]
     for i in range(new_tokens.shape[1]):
         step_mask = None if mask is None else mask[:, : T + i + 1]
         pos = None if positions is None else positions[:, -1:] + i + 1
@@ -72,7 +72,7 @@ def step_logits(model, step, prompt: torch.Tensor, new_tokens: torch.Tensor, mas
 
 
 def model_step(model):
-    return lambda *a: _model_logits(model, *a)
+    return lambda *a: model_logits(model, *a)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -218,7 +218,7 @@ def test_a_full_cache_grows_and_prompts_are_refused():
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(10))
     with torch.inference_mode():
         cache = KVCache(model.config, 1, 6, dtype=torch.float32)  # no room for a new token
-        _model_logits(model, prompt, None, None, cache)
+        model_logits(model, prompt, None, None, cache)
         got = decoder(prompt[:, -1:], None, None, cache)
         assert cache.get_seq_length() == 7 and cache.keys[0].shape[2] >= 7
         expected = model(torch.cat([prompt, prompt[:, -1:]], dim=1)).logits[:, -1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinyllama.errors import ConfigError
-from tinyllama.generate import _next_token, generate, stream_tokens
+from tinyllama.generate import generate, next_token, stream_tokens
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
@@ -142,7 +142,7 @@ def test_repetition_penalty_discourages_seen_tokens(model):
 
 
 def _draw(logits: torch.Tensor, n: int, **kw) -> set:
-    tokens = _next_token(
+    tokens = next_token(
         logits.expand(n, -1).clone(),
         kw.pop("temperature", 1.0),
         kw.pop("top_k", None),
@@ -172,7 +172,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_temperature_sampling_follows_the_softmax():
     logits = torch.tensor([[1.0, 0.0, -1.0]])
     n = 40000
-    tokens = _next_token(
+    tokens = next_token(
         logits.expand(n, -1).clone(), 2.0, None, None, 1.0, None, torch.Generator().manual_seed(0)
     )
     freq = torch.bincount(tokens, minlength=3).float() / n

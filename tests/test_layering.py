@@ -27,6 +27,8 @@ STAGES = {
     "tinyllama.export_gguf",
     "tinyllama.inspection",
     "tinyllama.compare",
+    "tinyllama.serve.server",
+    "tinyllama.serve.api",
     "tinyllama.cli",
 }
 

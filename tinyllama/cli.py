@@ -16,6 +16,7 @@ run never loads the training loop, the exports or the course tooling).
     python scripts/evaluate.py run.dir=runs/demo
     python scripts/sample.py run.dir=runs/demo sample.prompt="Once upon a time"
     python scripts/chat.py run.dir=runs/chat_demo prompt="Who is the story about?"
+    python scripts/serve.py run.dir=runs/chat_demo serve.port=8000
     python scripts/export_hf.py run.dir=runs/demo
     python scripts/export_gguf.py run.dir=runs/demo export.dtype=q8_0
     python scripts/inspect_model.py model=llama2_7b
@@ -173,6 +174,21 @@ def chat_main(job: JobConfig) -> None:
     from tinyllama.chat import run_chat
 
     run_chat(job)
+
+
+@_stage("serve")
+def serve_main(job: JobConfig) -> None:
+    """Serve a checkpoint (checkpoint_path or run.dir) over OpenAI's API, with a chat page at /."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"serving needs {' and '.join(missing)}: pip install -e '.[serve]' (or make install)"
+        )
+    from tinyllama.serve.server import run_serve
+
+    run_serve(job)
 
 
 @_stage("export")

@@ -490,6 +490,8 @@ class JobConfig:
     scripts/chat.py: the one user message to reply to (without it the chat is interactive)."""
     chat: "ChatConfig" = field(default_factory=lambda: ChatConfig())
     """scripts/chat.py options (ChatConfig, defined at the end of this module)."""
+    serve: "ServeConfig" = field(default_factory=lambda: ServeConfig())
+    """scripts/serve.py options (ServeConfig, defined after ChatConfig)."""
 
 
 def is_chat(data: DataConfig) -> bool:
@@ -650,6 +652,7 @@ def validate(job: JobConfig) -> None:
         f"sample.repetition_penalty={sa.repetition_penalty}: must be > 0 (1 disables it)",
     )
     problems += chat_problems(job.chat)
+    problems += serve_problems(job.serve)
     problems += post_training_problems(job)
     problems += lora_problems(job)
     if problems:
@@ -685,6 +688,36 @@ def chat_problems(c: ChatConfig) -> List[str]:
         problems.append(f"chat.top_k={c.top_k}: must be >= 1 (or null)")
     if c.top_p is not None and not 0 < c.top_p <= 1:
         problems.append(f"chat.top_p={c.top_p}: must be in (0, 1] (or null)")
+    return problems
+
+
+@dataclass
+class ServeConfig:
+    """Options of scripts/serve.py: the OpenAI-compatible server and its chat page."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every network it is on."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (the address is printed when the server is up)."""
+    max_batch: int = 16
+    """Most sequences decoded together (each choice of each request is one); more requests wait."""
+    max_new_tokens: int = 256
+    """Tokens a reply may have when the request names no max_tokens (cut to what the context leaves)."""
+    model_id: Optional[str] = None
+    """The model's id in /v1/models and the `model` field requests must name; None: the run folder's name."""
+
+
+def serve_problems(s: ServeConfig) -> List[str]:
+    """What is wrong with the serve options (validate() reports them with the rest)."""
+    problems = []
+    if not 0 <= s.port <= 65535:
+        problems.append(f"serve.port={s.port}: must be in [0, 65535] (0 picks a free port)")
+    if s.max_batch < 1:
+        problems.append(f"serve.max_batch={s.max_batch}: must be >= 1")
+    if s.max_new_tokens < 1:
+        problems.append(f"serve.max_new_tokens={s.max_new_tokens}: must be >= 1")
+    if s.model_id is not None and not s.model_id.strip():
+        problems.append("serve.model_id is empty: give a name, or null for the run folder's name")
     return problems
 
 

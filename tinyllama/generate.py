@@ -140,7 +140,7 @@ def stream_tokens(
         seen = counts.scatter_add_(1, input_ids, real) > 0
     cache = KVCache(config, batch_size=B, max_length=T + max_new_tokens, device=device, dtype=dtype)
     # The prompt goes through the model (a prefill is compute-bound: GEMMs and attention kernels).
-    logits = _model_logits(model, input_ids, mask[:, :T] if padded else None, position_ids, cache)
+    logits = model_logits(model, input_ids, mask[:, :T] if padded else None, position_ids, cache)
     if num_return_sequences > 1:  # from here on each prompt's row is G rows
         G = num_return_sequences
         B, logits = B * G, logits.repeat_interleave(G, dim=0)
@@ -152,7 +152,7 @@ def stream_tokens(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     step_logits = None  # chosen at the first step: a single new token needs no decoding step
     for step in range(max_new_tokens):
-        tokens = _next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
+        tokens = next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
         if eos_token_id is not None:
             tokens = tokens.masked_fill(finished, eos_token_id)
             finished |= tokens == eos_token_id
@@ -162,7 +162,7 @@ def stream_tokens(
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         if step_logits is None:
-            step_logits = _decoding_step(model, fast)
+            step_logits = decoding_step(model, fast)
         logits = step_logits(
             tokens[:, None], mask[:, : T + step + 1] if padded else None, next_position, cache
         )
@@ -170,7 +170,7 @@ def stream_tokens(
             next_position = next_position + 1
 
 
-def _decoding_step(model: nn.Module, fast: bool) -> Callable[..., torch.Tensor]:
+def decoding_step(model: nn.Module, fast: bool) -> Callable[..., torch.Tensor]:
     """What runs each step after the prefill, logged by name: fast_decode's FastDecoder (the
     model's math in NumPy, weights packed for decoding) where it supports the model and `fast`
     allows it, else the model's own forward (GPUs, other dtypes, parts that path does not know)."""
@@ -179,10 +179,10 @@ def _decoding_step(model: nn.Module, fast: bool) -> Callable[..., torch.Tensor]:
         logger.debug("decoding steps run through fast_decode.FastDecoder (NumPy, packed weights)")
         return FastDecoder.for_model(model)
     logger.debug("decoding steps run through the model's forward (%s)", reason)
-    return functools.partial(_model_logits, model)
+    return functools.partial(model_logits, model)
 
 
-def _model_logits(
+def model_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
@@ -203,7 +203,7 @@ def _model_logits(
     return out.logits[:, -1].float()
 
 
-def _next_token(
+def next_token(
     logits: torch.Tensor,
     temperature: float,
     top_k: Optional[int],

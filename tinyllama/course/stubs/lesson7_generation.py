@@ -1,6 +1,6 @@
 """Lesson 7: KV cache and sampling.   Read course/en/07-generation.md.
 
-Reference: tinyllama/model/cache.py (KVCache), tinyllama/generate.py (generate, _next_token,
+Reference: tinyllama/model/cache.py (KVCache), tinyllama/generate.py (generate, next_token,
 _top_p_filter).  Grade with:
 
     python -m tinyllama.course check 7

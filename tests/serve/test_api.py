@@ -1,0 +1,264 @@
+"""The server through the official `openai` client and plain HTTP: replies equal scripts/chat.py's
+greedy reply, streamed and not; usage and finish reasons; every bad request gets OpenAI's error
+object and the server goes on; a client that leaves mid-stream frees its rows; 16 concurrent
+clients all get their replies."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tinyllama.chat import ChatSession
+from tinyllama.config import ChatConfig
+
+openai = pytest.importorskip("openai", reason="the openai client is not installed (dev extra)")
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTION = "Who is the story about?"  # taught: replies "Mia"
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat_reply(taught, text: str, max_new_tokens: int = 16) -> str:
+    model, tok = taught
+    return ChatSession(model, tok, ChatConfig(max_new_tokens=max_new_tokens, temperature=0.0)).reply(text)
+
+
+def test_models_and_health(client, live):
+    assert [m.id for m in client.models.list().data] == ["taught"]
+    health = httpx.get(live.url + "/health").json()
+    assert health["status"] == "ok" and health["chat"] is True and health["context"] == 128
+
+
+def test_chat_completion_equals_the_chat_stage_greedy_reply(client, taught, taught_conversations):
+    for conversation in taught_conversations:
+        question = conversation[-2]["content"]
+        expected = chat_reply(taught, question) if len(conversation) == 2 else None
+        r = client.chat.completions.create(
+            model="taught", messages=conversation[:-1], temperature=0, max_tokens=16
+        )
+        assert r.choices[0].message.content == conversation[-1]["content"]
+        if expected is not None:
+            assert r.choices[0].message.content == expected
+        assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion"
+        _, tok = taught
+        prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True)
+        assert r.usage.prompt_tokens == len(prompt)
+        # the reply's tokens and the end-of-turn token that stopped it
+        assert r.usage.completion_tokens == len(tok.encode(conversation[-1]["content"])) + 1
+
+
+def test_streamed_reply_equals_the_whole_one_and_ends_with_done(client, live, taught):
+    stream = client.chat.completions.create(
+        model="taught",
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat_reply(taught, QUESTION) == "Mia"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(taught[1].encode("Mia")) + 1  # and <|end|>
+    with httpx.stream(
+        "POST",
+        live.url + "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": QUESTION}],
+            "temperature": 0,
+            "stream": True,
+        },
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_length_limit_n_seed_and_stop(client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    r = client.chat.completions.create(model="taught", messages=messages, max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    kwargs = dict(model="taught", messages=messages, max_tokens=8, temperature=1.0, seed=7, n=3)
+    a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    r = client.chat.completions.create(
+        model="taught",
+        messages=[{"role": "user", "content": "Where does Tom live?"}],
+        temperature=0,
+        stop=[" small"],
+    )
+    assert r.choices[0].message.content == "in a" and r.choices[0].finish_reason == "stop"
+
+
+def test_text_completions(client, taught):
+    model, tok = taught
+    r = client.completions.create(model="taught", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("length", "stop")
+    import torch
+
+    from tinyllama.generate import generate
+
+    ids = tok.encode("Once upon a time", bos=True)
+    out = generate(model, torch.tensor([ids]), 5, temperature=0, eos_token_id=tok.eos_id)[0, len(ids) :]
+    assert r.choices[0].text == tok.decode([t for t in out.tolist() if t != tok.eos_id])
+    assert r.usage.prompt_tokens == len(ids)
+
+
+BAD = [
+    ("not json", None, 400, "invalid_json"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model", 404, "model_not_found"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", 400, None),
+    ({"messages": []}, "messages", 400, None),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+        "max_tokens",
+        400,
+        "context_length_exceeded",
+    ),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", 400, None),
+    ({"messages": [{"role": "user", "content": "hi " * 300}]}, "messages", 400, "context_length_exceeded"),
+    ({"messages": "hi"}, "messages", 400, None),
+    ({}, "messages", 400, None),
+]
+
+
+@pytest.mark.parametrize("body,param,status,code", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_openai_error_objects_and_the_server_goes_on(
+    live, client, body, param, status, code
+):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(
+        live.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param and (code is None or error["code"] == code)
+    ok = client.chat.completions.create(
+        model="taught", messages=[{"role": "user", "content": QUESTION}], temperature=0
+    )
+    assert ok.choices[0].message.content == "Mia"
+
+
+def test_the_openai_client_raises_on_bad_requests(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model="taught", messages=[{"role": "user", "content": "hi"}], top_p=2)
+    assert httpx.get(f"{client.base_url}nowhere").json()["error"]["message"]
+
+
+def test_a_client_leaving_mid_stream_frees_its_rows(live):
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "temperature": 1.0,
+        "max_tokens": 100,
+        "stream": True,
+        "seed": 1,
+    }
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 3:
+                break  # leave with most of the reply still to come
+    deadline = time.time() + 10
+    while live.served.engine.load()["active_rows"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert live.served.engine.load() == {**live.served.engine.load(), "active_rows": 0, "waiting_requests": 0}
+
+
+def test_sixteen_concurrent_clients_all_get_their_replies(live, client):
+    questions = [QUESTION, "Where does Tom live?", "Tell me a story."] * 6  # 18 > max_batch 16: some wait
+
+    def ask(i: int):
+        stream = i % 2 == 0
+        messages = [{"role": "user", "content": questions[i]}]
+        if stream:
+            chunks = client.chat.completions.create(
+                model="taught", messages=messages, temperature=0, max_tokens=12, stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        r = client.chat.completions.create(model="taught", messages=messages, temperature=0, max_tokens=12)
+        return r.choices[0].message.content
+
+    alone = {q: ask(i) for i, q in enumerate(questions[:3])}
+    steps = live.served.engine.steps
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, range(len(questions))))
+    assert replies == [alone[q] for q in questions]  # none lost, each as it is alone
+    assert live.served.engine.largest_batch > 1  # they were decoded together
+    assert live.served.engine.steps - steps < 12 * len(questions)
+
+
+def test_a_base_model_serves_completions_and_refuses_chat(tiny_data, tiny_chat_model, start_server):
+    import dataclasses
+
+    from tinyllama.tokenizer import ensure_tokenizer
+
+    data, tok_cfg = tiny_data
+    plain = ensure_tokenizer(
+        dataclasses.replace(tok_cfg, name="no_chat_pieces", user_defined_symbols=[]), data
+    )
+    server = start_server(tiny_chat_model(plain.vocab_size).eval(), plain, "base")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="base", prompt=["Once upon", "A cat"], max_tokens=4, n=2, seed=3)
+        assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.usage.completion_tokens == 16
+        with pytest.raises(openai.BadRequestError, match="base model.*completions"):
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
+        assert httpx.get(server.url + "/health").json()["chat"] is False
+    finally:
+        server.close()
+
+
+def run_serve_script(args, timeout=60):
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "serve.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_serve_script_prints_its_address_and_refuses_a_port_in_use(chat_run_dir, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_serve_script([f"run.dir={chat_run_dir}", "serve.port=0"])
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving chat (chat) from "), line + proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        assert httpx.get(url + "/health", timeout=10).json()["model"] == "chat"
+        port = url.rsplit(":", 1)[1]
+        taken = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "serve.py"),
+                f"run.dir={chat_run_dir}",
+                f"serve.port={port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=cwd,
+        )
+        assert taken.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in taken.stderr
+        assert "Traceback" not in taken.stderr and list(cwd.iterdir()) == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
