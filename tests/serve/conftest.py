@@ -41,10 +41,14 @@ class LiveServer:
 
 @pytest.fixture
 def start_server():
-    """start_server(model, tokenizer, model_id) -> a started LiveServer (the test closes it)."""
+    """start_server(model, tokenizer, model_id, engine=Engine, conversations=True) -> a started
+    LiveServer (the test closes it); `conversations=False` serves it as a run trained on documents."""
 
-    def start(model, tokenizer, model_id: str) -> LiveServer:
-        return LiveServer(ServedModel(Engine(model, max_batch=8).start(), tokenizer, model_id, 0))
+    def start(model, tokenizer, model_id: str, engine=Engine, conversations: bool = True) -> LiveServer:
+        served = ServedModel(
+            engine(model, max_batch=8).start(), tokenizer, model_id, 0, conversations=conversations
+        )
+        return LiveServer(served)
 
     return start
 

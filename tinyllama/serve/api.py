@@ -79,13 +79,17 @@ class CompletionRequest(_Sampling):
 
 @dataclass
 class ServedModel:
-    """What the app serves: the engine, its tokenizer, the id requests name, and defaults."""
+    """What the app serves: the engine, its tokenizer, the id requests name, and defaults.
+    `conversations` says whether the model was fine-tuned on conversations (the chat page talks
+    to it) or trained on documents (the page has it continue a text, even when its tokenizer has
+    the chat pieces and the chat endpoint accepts it)."""
 
     engine: Engine
     tokenizer: Any
     model_id: str
     created: int
     default_max_tokens: int = 256
+    conversations: bool = True
 
     @property
     def context(self) -> int:
@@ -126,6 +130,7 @@ def create_app(served: ServedModel) -> FastAPI:
             "status": "ok",
             "model": served.model_id,
             "chat": served.chat,
+            "trained_on": "conversations" if served.chat and served.conversations else "documents",
             "context": served.context,
             **served.engine.load(),
         }

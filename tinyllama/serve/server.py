@@ -20,7 +20,7 @@ from typing import Callable, Optional, TextIO
 import uvicorn
 
 from tinyllama.checkpoint import load_for_inference
-from tinyllama.config import run_dir_of
+from tinyllama.config import is_chat, run_dir_of
 from tinyllama.errors import ConfigError
 from tinyllama.serve.api import ServedModel, create_app
 from tinyllama.serve.engine import Engine
@@ -58,12 +58,22 @@ def run_serve(job, out: TextIO = sys.stdout, on_ready: Optional[Callable[[str], 
         model_id = s.model_id or _run_name(job, ckpt.path)
         engine = Engine(model, max_batch=s.max_batch).start()
         served = ServedModel(
-            engine, tokenizer, model_id, int(Path(ckpt.path).stat().st_mtime), s.max_new_tokens
+            engine,
+            tokenizer,
+            model_id,
+            int(Path(ckpt.path).stat().st_mtime),
+            s.max_new_tokens,
+            conversations=is_chat(ckpt.job.data),
         )
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning", access_log=False))
-        kind = "chat" if served.chat else "base model: /v1/completions only"
+        if not served.chat:
+            kind = "base model: /v1/completions only"
+        elif not served.conversations:
+            kind = f"trained on documents (data.source={ckpt.job.data.source}): the page continues text"
+        else:
+            kind = "chat"
         out.write(
             f"serving {model_id} ({kind}) from {ckpt.path} at {url}  (chat page: {url}/, API: {url}/v1)\n"
         )
