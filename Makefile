@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint format demo install gpu-check clean-venv
+.PHONY: test test-browser lint format demo install gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ install: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The chat page's tests in Debian's headless Chromium (installed here when missing, with a CJK
+# font for the Chinese page); `make test` runs them too when the browser is there, else skips them.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium fonts-noto-cjk) \
+		|| (sudo apt-get update -q && sudo apt-get install -y -q chromium fonts-noto-cjk)
+	$(PY) -m pytest -q -rs tests/serve/test_page.py
 
 # ruff's linter and formatter, configured in pyproject.toml; `make format` applies both.
 lint: $(STAMP)
