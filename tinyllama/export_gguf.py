@@ -411,7 +411,13 @@ def verify_with_llama_cpp(
     ours_greedy = generate(model, ids, max_new_tokens, temperature=0.0)[0, len(prompt) :].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(ours_greedy, greedy)) if a != b), max_new_tokens)
     rel = ((ours - theirs).abs().max() / ours.abs().max()).item()
-    text = llm.detokenize(prompt + greedy).decode("utf-8", "replace")
+    # SentencePiece's decode shows the chat pieces (<|end|>), drops BOS/EOS and the dummy-prefix
+    # space of the first piece. llama-cpp-python joins the pieces as they are, showing the pieces
+    # llama.cpp types as control only with special=True (and then BOS/EOS too, so those go first).
+    shown = [t for t in prompt + greedy if t not in (tokenizer.bos_id, tokenizer.eos_id)]
+    text = llm.detokenize(shown, special=True).decode("utf-8", "replace")
+    if sentencepiece_proto(tokenizer.model_path).normalizer_spec.add_dummy_prefix:
+        text = text.removeprefix(" ")
     llm.close()
     return {
         "max_rel_logit_error": float(f"{rel:.2e}"),
