@@ -3,7 +3,7 @@
     run_sampling(job)      load the checkpoint, stream continuations of each prompt to stdout
     prompts_of(cfg)        the prompts a SampleConfig names (also read by training's samples.txt)
     fit_prompt(...)        a prompt that fits the model's context, or a clear error
-    TextStream             generated ids -> text as it arrives, never half a character
+    TextStream             generated ids -> text as it arrives, never half a character, cut at stop strings
 
 The model comes from `tinyllama.checkpoint.load_for_inference` and the tokens from
 `tinyllama.generate.stream_tokens`; nothing here needs the training package, and training's
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, TextIO
+from typing import Iterable, Iterator, List, Optional, Sequence, TextIO
 
 import torch
 
@@ -105,42 +105,77 @@ def fit_prompt(ids: List[int], max_new_tokens: int, context: int, trim: bool) ->
 
 
 class TextStream:
-    """Turns generated ids into text as they arrive, writing only what is new.
+    """Turns generated ids into text as they arrive, handing out only what is new and settled.
 
     The whole sequence is decoded each time (SentencePiece's spacing depends on the neighbours,
-    and a byte-fallback character spans several tokens); text ending in an incomplete
-    character (U+FFFD) is held back until the next token completes it. Without an output to
-    stream to, decoding waits for `finish` (once, instead of once per token).
+    and a byte-fallback character spans several tokens). Text ending in an incomplete character
+    (U+FFFD) is held back until the next token completes it, and so is an end of the generated
+    text that begins one of the `stop` strings, until it either completes it (the text then ends
+    before it: `stopped`) or is ruled out. Settled text is written to `out` when given, and
+    returned by `push`. Without an output or stop strings, `put` leaves the decoding to `finish`
+    (once, instead of once per token).
     """
 
-    def __init__(self, tokenizer, prompt_ids: List[int], out: Optional[TextIO]) -> None:
+    def __init__(
+        self, tokenizer, prompt_ids: List[int], out: Optional[TextIO], stop: Sequence[str] = ()
+    ) -> None:
         self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out
+        self.stop = [s for s in stop if s]
         self.text = tokenizer.decode(self.ids)
-        self._written = 0
-        self._flush(self.text)
+        self.start = len(self.text)  # where the generated text begins: stop strings are found after it
+        self.stopped = False
+        self._sent = 0
+        self._send(len(self.text))
 
     def put(self, token: int) -> bool:
-        """Add one token; False at EOS (the text ends there)."""
+        """Add one token; False at EOS or once a stop string appeared (the text ends there)."""
         if token == self.tokenizer.eos_id:
             return False
+        if self.out is None and not self.stop:
+            self.ids.append(token)
+            return True
+        self.push(token)
+        return not self.stopped
+
+    def push(self, token: int) -> str:
+        """Add one token (EOS, or any token after a stop string, adds nothing); return the text
+        newly settled, which is also written to `out`."""
+        if self.stopped or token == self.tokenizer.eos_id:
+            return ""
         self.ids.append(token)
-        if self.out is not None:
-            self.text = self.tokenizer.decode(self.ids)
-            if not self.text.endswith("\ufffd"):
-                self._flush(self.text)
-        return True
-
-    def finish(self) -> None:
-        """Decode what is not yet decoded and write what was held back (an incomplete
-        character at the very end)."""
         self.text = self.tokenizer.decode(self.ids)
-        self._flush(self.text)
+        hits = [at for at in (self.text.find(s, self.start) for s in self.stop) if at >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self._send(len(self.text))
+        settled = len(self.text.rstrip("\ufffd"))
+        return self._send(settled - self._held(self.text[self.start : settled]))
 
-    def _flush(self, text: str) -> None:
-        if self.out is not None and len(text) > self._written:
-            self.out.write(text[self._written :])
+    def finish(self) -> str:
+        """Decode what is not yet decoded; write and return what was held back (an incomplete
+        character at the very end, the start of a stop string that never completed)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
+        return self._send(len(self.text))
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def _send(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        piece, self._sent = self.text[self._sent : upto], upto
+        if self.out is not None:
+            self.out.write(piece)
             self.out.flush()
-            self._written = len(text)
+        return piece
 
 
 def _stdin_prompts() -> Iterator[str]:

@@ -1,3 +1,3 @@
-"""Serving a run: the batching engine (engine.py), the text of each choice (text.py), OpenAI's
+"""Serving a run: the batching engine (engine.py), OpenAI's
 HTTP shapes on FastAPI (api.py, needs the `serve` extra), the chat page (page.html), and the
 stage that puts them together (server.py: `python scripts/serve.py run.dir=runs/chat_demo`)."""

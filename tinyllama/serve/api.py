@@ -7,7 +7,7 @@
     GET  /                       the chat page (tinyllama/serve/page.html)
 
 Every request becomes an engine `Request` (one row per choice); its tokens come back through an
-asyncio queue and are turned into text by `ChoiceText`. Bad requests get OpenAI's error object,
+asyncio queue and are turned into text by `sample.TextStream` (the chat stage's too). Bad requests get OpenAI's error object,
 `{"error": {"message", "type", "param", "code"}}`, with status 400 (404 for an unknown model or
 route), and the server goes on serving. A streamed request whose client goes away is cancelled,
 which frees its rows before the engine's next step.
@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from tinyllama.chat_template import ROLES, apply_chat_template, end_of_turn_id, missing_pieces
+from tinyllama.sample import TextStream
 from tinyllama.serve.engine import Engine, SamplingParams
 from tinyllama.serve.engine import Request as EngineRequest
-from tinyllama.serve.text import ChoiceText
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_STOP = 4  # stop strings a request may give, as OpenAI allows
@@ -103,6 +103,7 @@ class ServedModel:
 def create_app(served: ServedModel) -> FastAPI:
     """The FastAPI app over `served` (its engine must be started by the caller)."""
     app = FastAPI(title="tinyllama", docs_url=None, redoc_url=None)
+    page_html = PAGE.read_text(encoding="utf-8")  # read once: the page is the same for every request
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -122,7 +123,7 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health() -> Dict[str, Any]:
@@ -332,7 +333,8 @@ class _Run:
     ) -> None:
         self.served, self.prompts, self.params = served, prompts, params
         self.choices = len(prompts) * params.n
-        self.texts = [ChoiceText(served.tokenizer, stop, end_ids) for _ in range(self.choices)]
+        self.end_ids = set(end_ids)
+        self.texts = [TextStream(served.tokenizer, [], None, stop) for _ in range(self.choices)]
         self.tokens = [0] * self.choices
         self.finish: List[Optional[str]] = [None] * self.choices
 
@@ -366,12 +368,13 @@ class _Run:
                 delta = ""
                 if token is not None:
                     self.tokens[choice] += 1
-                    delta = text.push(token)
+                    if token not in self.end_ids:  # the end-of-turn piece is not part of the reply
+                        delta = text.push(token)
                 if text.stopped:
                     finish = "stop"
                     requests[choice // self.params.n].cancel(choice % self.params.n)
                 if finish is not None:
-                    delta += text.flush()
+                    delta += text.finish()
                     self.finish[choice] = finish
                     open_choices -= 1
                 yield choice, delta, finish
