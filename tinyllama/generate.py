@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -210,10 +210,14 @@ def next_token(
     top_p: Optional[float],
     repetition_penalty: float,
     seen: Optional[torch.Tensor],
-    generator: Optional[torch.Generator],
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]],
 ) -> torch.Tensor:
     """Pick one token per row from float32 logits (B, V); the order follows transformers'
-    processors: repetition penalty, temperature, top-k, top-p. Returns (B,) int64."""
+    processors: repetition penalty, temperature, top-k, top-p. Returns (B,) int64.
+
+    generator: one for the whole batch (None: torch's global RNG), or one per row (the server's
+    requests, each with its own seed). Either way each row's draw uses one uniform number from
+    its generator (`draw`), so a row sampled beside others gets what it gets alone."""
     if seen is not None:
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -225,8 +229,29 @@ def next_token(
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         logits = _top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+    return draw(torch.softmax(logits, dim=-1), generator)
+
+
+def draw(
+    probs: torch.Tensor, generator: Union[None, torch.Generator, Sequence[torch.Generator]]
+) -> torch.Tensor:
+    """One token per row of probs (B, V), by inverse transform sampling: a uniform u in [0, 1)
+    per row, and the first token whose cumulative probability exceeds u times the row's total.
+    Returns (B,) int64.
+
+    One vectorised search for the whole batch instead of a multinomial draw per row: rows with
+    generators of their own cost one `torch.rand` each. A token of probability 0 is never drawn
+    (its cumulative sum equals its predecessor's, and the comparison is strict)."""
+    B = probs.shape[0]
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(B, 1, generator=generator, device=probs.device)
+    else:
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])[:, None]
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]
+    # u * total can round up to total itself; the largest float below it keeps the search inside.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

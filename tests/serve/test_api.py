@@ -218,7 +218,12 @@ def test_a_base_model_serves_completions_and_refuses_chat(tiny_data, tiny_chat_m
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         r = client.completions.create(model="base", prompt=["Once upon", "A cat"], max_tokens=4, n=2, seed=3)
-        assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.usage.completion_tokens == 16
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        # 4 tokens per choice, fewer for a choice that samples the end of text first
+        assert {c.finish_reason for c in r.choices} <= {"stop", "length"}
+        assert r.usage.completion_tokens <= 16 and r.usage.prompt_tokens > 0
+        if all(c.finish_reason == "length" for c in r.choices):
+            assert r.usage.completion_tokens == 16
         with pytest.raises(openai.BadRequestError, match="base model.*completions"):
             client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
         assert httpx.get(server.url + "/health").json()["chat"] is False

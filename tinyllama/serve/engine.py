@@ -30,7 +30,7 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -238,16 +238,21 @@ class Engine:
 
     def _sample(self, rows: List[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from its logits (len(rows), V), as `generate` does with that
-        row's settings, emit it, and mark the rows that end."""
-        greedy = logits.argmax(dim=-1).tolist()
+        row's settings and generator, emit it, and mark the rows that end. Rows that share their
+        settings are sampled in one `next_token` call (the server's clients mostly do)."""
+        groups: Dict[Tuple, List[int]] = collections.defaultdict(list)
         for i, row in enumerate(rows):
             p = row.request.params
-            if p.temperature == 0:
-                token = greedy[i]
-            else:
-                token = int(
-                    next_token(logits[i : i + 1], p.temperature, p.top_k, p.top_p, 1.0, None, row.generator)
-                )
+            groups[(p.temperature, p.top_k, p.top_p)].append(i)
+        tokens = [0] * len(rows)
+        for (temperature, top_k, top_p), members in groups.items():
+            index = torch.tensor(members, device=logits.device)
+            generators = [rows[i].generator for i in members]
+            chosen = next_token(logits[index], temperature, top_k, top_p, 1.0, None, generators)
+            for i, token in zip(members, chosen.tolist()):
+                tokens[i] = token
+        for row, token in zip(rows, tokens):
+            p = row.request.params
             row.last_token, row.generated = token, row.generated + 1
             finish = None
             if token in p.stop_ids:
