@@ -4,11 +4,13 @@
 
 Shape: the llama2c_15m preset (dim 288, 6 layers, 6 heads, tied embeddings) with --vocab, random
 initialisation, batch 1. The same weights run as: llama.cpp (llama-cpp-python) from the float32
-and the q8_0 GGUF files, ours (`tinyllama.generate`, float32) and transformers (float32, loaded
-from our Hugging Face export). Each decodes greedily 256 new tokens after an 8-token prompt (no
-EOS stop); tokens / second, the median of --rounds alternating rounds after a warm-up. Every
-library gets --threads threads (torch, NumPy's BLAS through threadpoolctl, llama.cpp's n_threads).
-The script also reports whether llama.cpp's float32 greedy tokens equal ours.
+and the q8_0 GGUF files, ours (`tinyllama.generate`) with float32 and with int8 weights
+(`weights="int8"`), and transformers (float32, loaded from our Hugging Face export). Each
+decodes greedily 256 new tokens after an 8-token prompt (no EOS stop); tokens / second, the
+median of --rounds alternating rounds after a warm-up. For each thread count of --threads (all
+in one run) every library gets that many threads (torch, NumPy's BLAS through threadpoolctl,
+llama.cpp's n_threads). The script also reports whether llama.cpp's float32 greedy tokens equal
+ours, and how far q8_0's and our int8's agree with our float32 ones.
 """
 
 from __future__ import annotations
@@ -43,10 +45,8 @@ def main() -> None:
     )
     parser.add_argument("--vocab", type=int, default=4096, help="model vocab_size (>= the tokenizer's)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)
     import llama_cpp
     import transformers
     from transformers import AutoModelForCausalLM
@@ -68,24 +68,10 @@ def main() -> None:
     ids = torch.tensor([prompt])
     tmp = Path(tempfile.mkdtemp(prefix="bench_gguf-"))  # a few 10s of MB; llama.cpp maps the files
     theirs = AutoModelForCausalLM.from_pretrained(export_hf(ours, tmp / "hf"), dtype=torch.float32).eval()
-    llms = {
-        dtype: llama_cpp.Llama(
-            model_path=str(export_gguf(ours, tmp / dtype, tokenizer_path=tok.model_path, dtype=dtype)),
-            n_ctx=512,
-            n_threads=args.threads,
-            n_threads_batch=args.threads,
-            verbose=False,
-        )
+    gguf = {
+        dtype: str(export_gguf(ours, tmp / dtype, tokenizer_path=tok.model_path, dtype=dtype))
         for dtype in ("float32", "q8_0")
     }
-
-    def llama_cpp_decode(llm) -> List[int]:
-        out = []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
-            out.append(token)
-            if len(out) == NEW_TOKENS:
-                return out
-        return out
 
     def hf_decode() -> torch.Tensor:
         with torch.inference_mode():
@@ -99,40 +85,70 @@ def main() -> None:
                 pad_token_id=0,
             )
 
-    runs: Dict[str, Callable[[], object]] = {
-        "llama.cpp f32": lambda: llama_cpp_decode(llms["float32"]),
-        "llama.cpp q8_0": lambda: llama_cpp_decode(llms["q8_0"]),
-        "ours (generate, f32)": lambda: generate(ours, ids, NEW_TOKENS, temperature=0.0),
-        "transformers (f32)": hf_decode,
-    }
-    ours_tokens = runs["ours (generate, f32)"]()[0, len(prompt) :].tolist()
-    same_f32 = runs["llama.cpp f32"]() == ours_tokens
-    q8 = runs["llama.cpp q8_0"]()
-    q8_agree = next((i for i, (a, b) in enumerate(zip(q8, ours_tokens)) if a != b), NEW_TOKENS)
-    for fn in runs.values():
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
     print(
         f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; vocab {args.vocab}, {args.threads} thread(s), {args.rounds} rounds; "
-        f"load average {os.getloadavg()[0]:.2f} at the end"
+        f"{transformers.__version__}; vocab {args.vocab}, {args.rounds} rounds"
     )
-    print("| decoder | tok/s | vs transformers |\n|---|---|---|")
-    rates = {name: NEW_TOKENS / statistics.median(t) for name, t in times.items()}
-    for name, rate in rates.items():
-        print(f"| {name} | {rate:.0f} | {rate / rates['transformers (f32)']:.2f}x |")
-    print(
-        f"llama.cpp f32 greedy tokens equal ours: {same_f32}; q8_0 agrees on the first "
-        f"{q8_agree}/{NEW_TOKENS} greedy tokens"
-    )
-    for llm in llms.values():
-        llm.close()
+    print("| threads | decoder | tok/s | vs llama.cpp f32 | vs llama.cpp q8_0 |\n|---|---|---|---|---|")
+    agreement = ""
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+        llms = {
+            dtype: llama_cpp.Llama(
+                model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False
+            )
+            for dtype, path in gguf.items()
+        }
+
+        def llama_cpp_decode(llm) -> List[int]:
+            out = []
+            for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+                out.append(token)
+                if len(out) == NEW_TOKENS:
+                    return out
+            return out
+
+        runs: Dict[str, Callable[[], object]] = {
+            "llama.cpp f32": lambda: llama_cpp_decode(llms["float32"]),
+            "llama.cpp q8_0": lambda: llama_cpp_decode(llms["q8_0"]),
+            "ours f32": lambda: generate(ours, ids, NEW_TOKENS, temperature=0.0),
+            "ours int8": lambda: generate(ours, ids, NEW_TOKENS, temperature=0.0, weights="int8"),
+            "transformers f32": hf_decode,
+        }
+        if not agreement:
+            f32 = runs["ours f32"]()[0, len(prompt) :].tolist()
+            int8 = runs["ours int8"]()[0, len(prompt) :].tolist()
+            agreement = (
+                f"llama.cpp f32 greedy tokens equal ours: {runs['llama.cpp f32']() == f32}; "
+                f"q8_0 agrees with our f32 on the first {_agree(runs['llama.cpp q8_0'](), f32)}/{NEW_TOKENS} "
+                f"greedy tokens, our int8 on the first {_agree(int8, f32)}/{NEW_TOKENS} (random weights)"
+            )
+        for fn in runs.values():
+            fn()
+        times: Dict[str, List[float]] = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        rates = {name: NEW_TOKENS / statistics.median(t) for name, t in times.items()}
+        for name, rate in rates.items():
+            print(
+                f"| {threads} | {name} | {rate:.0f} | {rate / rates['llama.cpp f32']:.2f}x "
+                f"| {rate / rates['llama.cpp q8_0']:.2f}x |",
+                flush=True,
+            )
+        for llm in llms.values():
+            llm.close()
+    print(agreement)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
     shutil.rmtree(tmp)
+
+
+def _agree(a: List[int], b: List[int]) -> int:
+    """How many leading tokens two greedy sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 if __name__ == "__main__":

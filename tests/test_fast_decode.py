@@ -189,10 +189,12 @@ def test_the_decoding_path_is_logged_by_name(caplog):
     with caplog.at_level(logging.DEBUG, logger="tinyllama.generate"):
         generate(model, prompt, 3, temperature=0.0)
         generate(model, prompt, 3, temperature=0.0, fast=False)
+        generate(model, prompt, 3, temperature=0.0, weights="int8")
         generate(model.to(torch.float64), prompt, 3, temperature=0.0)
     assert [r.getMessage() for r in caplog.records] == [
-        "decoding steps run through fast_decode.FastDecoder (NumPy, packed weights)",
+        "decoding steps run through fast_decode.FastDecoder (NumPy, packed float32 weights)",
         "decoding steps run through the model's forward (fast=False)",
+        "decoding steps run through fast_decode.FastDecoder (NumPy, packed int8 weights)",
         "decoding steps run through the model's forward (weights not float32 on the CPU)",
     ]
 

@@ -39,8 +39,11 @@ as torch does unless torch.set_num_threads does.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
-from typing import Callable, List, Optional, Sequence, Tuple
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -54,30 +57,45 @@ from tinyllama.model.norm import RMSNorm
 from tinyllama.model.rotary import RotaryEmbedding
 
 Array = np.ndarray
-# (parameter name, the array that holds its values here, laid out as the parameter): what
-# FastDecoder.matches compares with the model.
-Sources = List[Tuple[str, Array]]
 
-# Each model's packed decoder, kept beside the model rather than on it: the model stays as it
-# was (picklable, no second copy of its weights in torch.save), and the entry goes with it.
-_DECODERS: "weakref.WeakKeyDictionary[nn.Module, FastDecoder]" = weakref.WeakKeyDictionary()
+# Each model's packed decoders (one per weight format), kept beside the model rather than on it:
+# the model stays as it was (picklable, no second copy of its weights in torch.save), and the
+# entries go with it.
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, int], FastDecoder]]" = weakref.WeakKeyDictionary()
+
+WEIGHTS = ("float32", "int8")
+"""sample.weights: the decoding step's matrices in float32, or int8 with one scale per output
+channel (weight-only: norms, RoPE, attention and the residual stream stay float32)."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a packed array came from: the parameter `name` (of `shape`), its rows `rows` (all
+    of them if None), held here as `packed` (an array laid out as those rows) or, for a
+    quantized copy, as the CRC-32 of their float32 bytes: what FastDecoder.matches compares."""
+
+    name: str
+    shape: Tuple[int, ...]
+    rows: Optional[slice]
+    packed: Union[Array, int]
+
+
+Sources = List[_Source]
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-    """(..., C) -> (..., C): RMSNorm's math (norm.py), in float32."""
-    variance = np.square(x).sum(-1, keepdims=True) / x.shape[-1]
+    """(B, C) -> (B, C): RMSNorm's math (norm.py), in float32. One row, decoding's common case,
+    takes its mean square as one dot product and the scale as a Python float (3 array ops
+    instead of 7)."""
+    if x.shape[0] == 1:
+        return x * (weight * (1.0 / math.sqrt(float(np.dot(x[0], x[0])) / x.shape[-1] + eps)))
+    variance = np.add.reduce(np.square(x), axis=-1, keepdims=True) / x.shape[-1]
     return weight * (x / np.sqrt(variance + eps))
 
 
 def silu(x: Array) -> Array:
     """x * sigmoid(x); exp(-x) overflowing to inf for very negative x gives the right limit, 0."""
     return x / (1.0 + np.exp(-x))
-
-
-def rotate_half(x: Array) -> Array:
-    """(..., D) -> (..., D): [x1, x2] -> [-x2, x1], as rotary.rotate_half."""
-    half = x.shape[-1] // 2
-    return np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
 
 
 def _through_module(module: nn.Module, x: Array) -> Array:
@@ -90,60 +108,111 @@ def _numpy_fn(name: str, module: nn.Module, sources: Sources) -> Callable[[Array
     (RMSNorm's gain read through a zero-copy view), the module itself for anything else."""
     if type(module) is RMSNorm:
         weight = module.weight.detach().numpy()
-        sources.append((f"{name}.weight", weight))
+        sources.append(_Source(f"{name}.weight", weight.shape, None, weight))
         return functools.partial(rms_norm, weight=weight, eps=module.variance_epsilon)
     if type(module) is nn.SiLU:
         return silu
     return functools.partial(_through_module, module)
 
 
-def _fused(named: Sequence[Tuple[str, nn.Linear]], sources: Sources) -> Tuple[Array, Optional[Array]]:
-    """The weights of several projections side by side, input-major (C_in, sum of C_out), and
-    their joint bias (or None; q/k/v and gate/up always share one bias setting)."""
-    # One copy, into a C-contiguous array (concatenating transposed views alone would keep their
-    # column-major order, nn.Linear's layout in memory, which is what packing is for to undo).
-    out_features = sum(linear.out_features for _, linear in named)
-    weight = np.empty((named[0][1].in_features, out_features), dtype=np.float32)
-    np.concatenate([linear.weight.detach().numpy().T for _, linear in named], axis=1, out=weight)
-    bias = None
-    if named[0][1].bias is not None:
-        bias = np.concatenate([linear.bias.detach().numpy() for _, linear in named])
-    start = 0
-    for name, linear in named:
-        end = start + linear.out_features
-        sources.append((f"{name}.weight", weight[:, start:end].T))  # (C_out, C_in), as the parameter
-        if bias is not None:
-            sources.append((f"{name}.bias", bias[start:end]))
-        start = end
-    return weight, bias
+class _Matrix:
+    """Several projections applied side by side to one input, x (B, C_in) -> (B, sum of C_out),
+    plus their joint bias (q/k/v and gate/up always share one bias setting).
 
+    float32: the matrix is stored input-major in `parts` column blocks, (P, C_in, C_out / P)
+    contiguous. At batch 1 a product streams the whole matrix for one row of output, so it is
+    bound by memory reads; BLAS runs such a matrix-vector product on one thread, while torch.bmm
+    over the P blocks shares them among torch's threads. With one thread NumPy multiplies the
+    blocks (a stacked matmul, as fast as one product there).
 
-def _linear(x: Array, weight_t: Array, bias: Optional[Array]) -> Array:
-    """x (N, C_in) @ weight_t (C_in, C_out) + bias -> (N, C_out)."""
-    out = x @ weight_t
-    return out if bias is None else out + bias
+    int8: torch's int8 weight-only kernel (`_weight_int8pack_mm`: (C_out, C_in) int8 rows, one
+    bfloat16 scale per output channel, symmetric, scale = max |w| / 127). It takes its input in
+    bfloat16 and returns bfloat16; the result joins the float32 residual stream."""
+
+    def __init__(
+        self, named: Sequence[Tuple[str, nn.Linear]], weights: str, sources: Sources, parts: int
+    ) -> None:
+        self.in_features = named[0][1].in_features
+        self.out_features = sum(linear.out_features for _, linear in named)
+        self.bias = None
+        if named[0][1].bias is not None:
+            self.bias = np.concatenate([linear.bias.detach().numpy() for _, linear in named])
+        spans, start = [], 0
+        for name, linear in named:
+            spans.append((name, tuple(linear.weight.shape), start, start + linear.out_features))
+            if self.bias is not None:
+                sources.append(_Source(f"{name}.bias", (linear.out_features,), None, self.bias[start : start + linear.out_features]))
+            start += linear.out_features
+        self.int8 = weights == "int8"
+        if self.int8:
+            weight = torch.cat([linear.weight.detach() for _, linear in named])  # (C_out, C_in)
+            scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()
+            # Rounded against the bfloat16 scale the kernel multiplies by, so that rounding of
+            # the scale is absorbed; the clamp catches a scale that rounded down.
+            self.qweight = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.scale = scale
+            for name, linear in named:
+                current = np.ascontiguousarray(linear.weight.detach().numpy())
+                sources.append(_Source(f"{name}.weight", tuple(linear.weight.shape), None, zlib.crc32(current)))
+            return
+        P = max(p for p in range(1, parts + 1) if self.out_features % p == 0)
+        n = self.out_features // P
+        # One copy, into C-contiguous blocks (the parameters are (C_out, C_in): transposed here).
+        self.parts = np.empty((P, self.in_features, n), dtype=np.float32)
+        for name, shape, lo, hi in spans:
+            weight_t = dict(named)[name].weight.detach().numpy().T  # (C_in, C_out) view
+            for p in range(P):
+                a, b = max(lo, p * n), min(hi, (p + 1) * n)
+                if a < b:
+                    self.parts[p, :, a - p * n : b - p * n] = weight_t[:, a - lo : b - lo]
+                    # (rows of the parameter, the same values here laid out as those rows)
+                    sources.append(_Source(f"{name}.weight", shape, slice(a - lo, b - lo), self.parts[p, :, a - p * n : b - p * n].T))
+        self.parts_t = torch.from_numpy(self.parts)
+
+    def __call__(self, x: Array) -> Array:
+        """x (B, C_in) float32 -> (B, C_out) float32."""
+        B = x.shape[0]
+        if self.int8:
+            out = torch._weight_int8pack_mm(torch.from_numpy(x).bfloat16(), self.qweight, self.scale)
+            out = out.float().numpy()
+        else:
+            P = self.parts.shape[0]
+            if P == 1:
+                out = x @ self.parts[0]
+            else:
+                if torch.get_num_threads() > 1:
+                    blocks = torch.bmm(torch.from_numpy(x).expand(P, B, self.in_features), self.parts_t).numpy()
+                else:
+                    blocks = np.matmul(x, self.parts)  # (P, B, C_out / P)
+                # Blocks side by side: at batch 1 their memory already is the output row.
+                out = blocks.reshape(B, -1) if B == 1 else blocks.transpose(1, 0, 2).reshape(B, -1)
+        return out if self.bias is None else out + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed matrix (and its scales, if quantized)."""
+        if self.int8:
+            return self.qweight.numel() + 2 * self.scale.numel()
+        return self.parts.nbytes
 
 
 class _PackedLayer:
     """One decoder layer's weights in decoding layout; `prefix` is its parameter-name prefix."""
 
-    def __init__(self, layer: nn.Module, prefix: str, sources: Sources) -> None:
+    def __init__(self, layer: nn.Module, prefix: str, weights: str, sources: Sources, parts: int) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.input_layernorm = _numpy_fn(f"{prefix}.input_layernorm", layer.input_layernorm, sources)
         self.post_attention_layernorm = _numpy_fn(
             f"{prefix}.post_attention_layernorm", layer.post_attention_layernorm, sources
         )
         a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
-        self.qkv, self.qkv_bias = _fused(
-            [(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"], sources
-        )  # (C, (H + 2 H_kv) D)
-        self.o, self.o_bias = _fused([(f"{a}.o_proj", attn.o_proj)], sources)
-        self.gate_up, self.gate_up_bias = _fused(
-            [(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")], sources
-        )  # (C, 2 I)
-        self.down, self.down_bias = _fused([(f"{m}.down_proj", mlp.down_proj)], sources)
+        matrix = functools.partial(_Matrix, weights=weights, sources=sources, parts=parts)
+        self.qkv = matrix([(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"])  # C -> (H + 2 H_kv) D
+        self.o_proj = matrix([(f"{a}.o_proj", attn.o_proj)])
+        self.gate_up = matrix([(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")])  # C -> 2 I
+        self.down_proj = matrix([(f"{m}.down_proj", mlp.down_proj)])
         self.act_fn = _numpy_fn(f"{m}.act_fn", mlp.act_fn, sources)
-        self.intermediate_size = self.down.shape[0]
+        self.intermediate_size = mlp.down_proj.in_features
 
 
 class FastDecoder:
@@ -188,54 +257,75 @@ class FastDecoder:
         return cls.unsupported(model) is None
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> "FastDecoder":
-        """The model's packed decoder, built on first use and again whenever the model no longer
-        holds what was packed (see `matches`)."""
-        decoder = _DECODERS.get(model)
+    def for_model(cls, model: nn.Module, weights: str = "float32") -> "FastDecoder":
+        """The model's packed decoder for `weights` (one of WEIGHTS), built on first use and again
+        whenever the model no longer holds what was packed (see `matches`)."""
+        decoders = _DECODERS.setdefault(model, {})
+        key = (weights, _parts())  # the blocks follow torch's thread count
+        decoder = decoders.get(key)
         if decoder is None or not decoder.matches(model):
-            decoder = _DECODERS[model] = cls(model)
+            decoder = decoders[key] = cls(model, weights)
         return decoder
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, weights: str = "float32") -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+        self.weights = weights
         backbone = model.model
         self.config = config = backbone.config
         self._sources: Sources = []
         self.embed_tokens = backbone.embed_tokens.weight.detach().numpy()  # (V, C), shared, not copied
-        self._sources.append(("model.embed_tokens.weight", self.embed_tokens))
+        self._sources.append(_Source("model.embed_tokens.weight", self.embed_tokens.shape, None, self.embed_tokens))
         self.rotary_emb = backbone.rotary_emb
+        parts = _parts()
         self.layers: List[_PackedLayer] = [
-            _PackedLayer(layer, f"model.layers.{i}", self._sources) for i, layer in enumerate(backbone.layers)
+            _PackedLayer(layer, f"model.layers.{i}", weights, self._sources, parts)
+            for i, layer in enumerate(backbone.layers)
         ]
         self.norm = _numpy_fn("model.norm", backbone.norm, self._sources)
-        self.lm_head, _ = _fused([("lm_head", model.lm_head)], self._sources)  # (C, V)
+        self.lm_head = _Matrix([("lm_head", model.lm_head)], weights, self._sources, parts)  # C -> V
         self.head_dim = config.resolved_head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self._identity = _module_identity(model)
+        self._tables: Optional[Tuple[torch.Tensor, Array, Array]] = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed matrices (the embedding and norm gains are the model's own)."""
+        return sum(m.nbytes for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)) + self.lm_head.nbytes
 
     @torch.no_grad()
     def matches(self, model: nn.Module) -> bool:
         """True while `model` holds exactly what was packed here: the same modules (a swapped
         norm or activation runs as itself) and the same parameters with equal values, compared
-        array by array (a view that still shares the parameter's memory needs no comparison).
+        array by array (a view that still shares the parameter's memory needs no comparison;
+        quantized matrices compare the CRC-32 of the parameter's bytes with the one packed).
         Exact and made of public calls only, so every kind of write is seen; it costs about one
         read of the weights."""
         if _module_identity(model) != self._identity:
             return False
         params = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
-        for name, packed in self._sources:
-            p = params.get(name)
-            if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or p.shape != packed.shape:
+        for source in self._sources:
+            p = params.get(source.name)
+            if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or tuple(p.shape) != source.shape:
                 return False
-            current = p.detach().numpy()
-            shared = current.ctypes.data == packed.ctypes.data and current.strides == packed.strides
-            if not (shared or np.array_equal(current, packed)):
+            current = p.detach()
+            if isinstance(source.packed, int):
+                if zlib.crc32(current.contiguous().numpy()) != source.packed:
+                    return False
+                continue
+            if source.rows is not None:
+                current = current[source.rows]
+            packed = torch.from_numpy(source.packed)
+            shared = current.data_ptr() == packed.data_ptr() and current.stride() == packed.stride()
+            # torch.equal: no temporary array, threaded (np.array_equal builds a boolean copy)
+            if not (shared or torch.equal(current, packed)):
                 return False
         return True
 
-    @torch.no_grad()
     def __call__(
         self,
         input_ids: torch.Tensor,
@@ -256,8 +346,8 @@ class FastDecoder:
                 f"of {past}: run the prompt through the model with this cache first"
             )
         x = self.embed_tokens[input_ids.numpy()[:, 0]]  # (B, C)
-        positions = np.full((1, 1), past) if position_ids is None else position_ids.numpy()  # (B|1, 1)
-        cos, sin = self._cos_sin(positions)  # (B|1, 1, D): one table for every head
+        positions = None if position_ids is None else position_ids.numpy()  # (B, 1)
+        cos, sin = self._cos_sin(positions, past)  # (B|1, 1, 2, D/2): one table for every head
         mask = None  # one new token may see the whole cache, unless some of it is padding
         if attention_mask is not None:
             # dtype-min, not -inf, as masks.to_additive: a row that sees nothing stays finite
@@ -269,22 +359,36 @@ class FastDecoder:
         with np.errstate(all="ignore"):
             for i, layer in enumerate(self.layers):
                 x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
-                gate_up = _linear(layer.post_attention_layernorm(x), layer.gate_up, layer.gate_up_bias)
+                gate_up = layer.gate_up(layer.post_attention_layernorm(x))
                 gate, up = gate_up[:, : layer.intermediate_size], gate_up[:, layer.intermediate_size :]
-                x = x + _linear(layer.act_fn(gate) * up, layer.down, layer.down_bias)
-            return torch.from_numpy(self.norm(x) @ self.lm_head)
+                x = x + layer.down_proj(layer.act_fn(gate) * up)
+            return torch.from_numpy(self.lm_head(self.norm(x)))
 
-    def _cos_sin(self, positions: Array) -> Tuple[Array, Array]:
-        """RoPE's cos/sin (B|1, 1, D) at positions (B|1, 1): rows of the rotary module's own
-        tables, or, where it has none (dynamic scaling past the context), what it computes."""
-        max_position = int(positions.max()) + 1
+    def _cos_sin(self, positions: Optional[Array], past: int) -> Tuple[Array, Array]:
+        """RoPE's tables at positions (B, 1) (None: every row at `past`), shaped (B|1, 1, 2, D/2)
+        for the halves of each head: cos, and sin with its first half negated, so that with q
+        viewed as its two halves [x1, x2], q * cos + (q with the halves swapped) * sin equals
+        q * cos + rotate_half(q) * sin, the swap being a view. The rotary module's own tables,
+        kept here as arrays while it holds the same ones; where it has none (dynamic scaling
+        past the context), what it computes."""
+        max_position = past + 1 if positions is None else int(positions.max()) + 1
         tables = self.rotary_emb.tables(max_position)
+        half = self.head_dim // 2
         if tables is None:
             like = torch.empty(0)  # forward reads only the dtype (float32) and the device of x
-            cos, sin = self.rotary_emb(like, torch.from_numpy(positions), max_position)
-            return cos.numpy(), sin.numpy()
-        cos, sin = tables
-        return cos.numpy()[positions], sin.numpy()[positions]
+            at = np.full((1, 1), past) if positions is None else positions
+            cos, sin = self.rotary_emb(like, torch.from_numpy(at), max_position)
+            cos, sin = cos.numpy(), sin.numpy().copy()
+            sin[..., :half] *= -1
+            return cos.reshape(*cos.shape[:-1], 2, half), sin.reshape(*sin.shape[:-1], 2, half)
+        if self._tables is None or self._tables[0] is not tables[0]:
+            cos, sin = tables[0].numpy(), tables[1].numpy().copy()
+            sin[:, :half] *= -1
+            self._tables = (tables[0], cos.reshape(-1, 1, 2, half), sin.reshape(-1, 1, 2, half))
+        _, cos, sin = self._tables
+        if positions is None:
+            return cos[past : past + 1], sin[past : past + 1]
+        return cos[positions[:, 0]], sin[positions[:, 0]]
 
     def _attention(
         self,
@@ -299,19 +403,29 @@ class FastDecoder:
         """Normed hidden states (B, C) -> attention output after o_proj (B, C)."""
         B = h.shape[0]
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        qkv = _linear(h, layer.qkv, layer.qkv_bias).reshape(B, H + 2 * H_kv, D)
-        qk = qkv[:, : H + H_kv] * cos + rotate_half(qkv[:, : H + H_kv]) * sin  # RoPE on q and k heads at once
+        qkv = layer.qkv(h).reshape(B, H + 2 * H_kv, 2, D // 2)  # each head as its two halves
+        qk = qkv[:, : H + H_kv]
+        qk = qk * cos + qk[:, :, ::-1] * sin  # RoPE on q and k heads at once
         # One new position per row: (B, H_kv, D) -> (B, H_kv, 1, D); back come all (B, H_kv, S, D).
-        keys, values = cache.update_arrays(qk[:, H:, None], qkv[:, H + H_kv :, None], layer_idx)
+        keys, values = cache.update_arrays(
+            qk[:, H:].reshape(B, H_kv, 1, D), qkv[:, H + H_kv :].reshape(B, H_kv, 1, D), layer_idx
+        )
         # Query heads grouped by the k/v head they share, (B, H_kv, G, D): one product per k/v head.
         q = qk[:, :H].reshape(B, H_kv, H // H_kv, D)
-        scores = (q @ keys.swapaxes(-1, -2)) * self.scaling  # (B, H_kv, G, S)
+        scores = q @ keys.swapaxes(-1, -2)  # (B, H_kv, G, S)
+        scores *= self.scaling
         if mask is not None:
-            scores = scores + mask
+            scores += mask
         weights = np.exp(scores - scores.max(-1, keepdims=True))  # softmax over the keys
         weights /= weights.sum(-1, keepdims=True)
         out = (weights @ values).reshape(B, H * D)  # (B, H_kv, G, D) -> heads side by side
-        return _linear(out, layer.o, layer.o_bias)
+        return layer.o_proj(out)
+
+
+def _parts() -> int:
+    """Column blocks per float32 matrix: two per torch thread, so that the threads share a
+    batch-1 product evenly (BENCHMARKS.md, generation: 4 blocks on 2 threads beat 2)."""
+    return 2 * torch.get_num_threads()
 
 
 def _module_identity(model: nn.Module) -> Tuple:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tinyllama.errors import ConfigError
-from tinyllama.fast_decode import FastDecoder
+from tinyllama.fast_decode import WEIGHTS, FastDecoder
 from tinyllama.model import KVCache
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def generate(
     attention_mask: Optional[torch.Tensor] = None,
     fast: bool = True,
     num_return_sequences: int = 1,
+    weights: str = "float32",
 ) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (B, T) by up to `max_new_tokens` tokens.
 
@@ -62,6 +63,8 @@ def generate(
     num_return_sequences: continuations sampled per prompt. The prompts are prefilled once and
     their cache copied to each continuation's row, so G samples of one prompt cost one prefill
     (GRPO's rollouts); the rows come out grouped, prompt 0's G first.
+    weights: "float32", or "int8" for the fast path's int8 weight-only matrices (one scale per
+    output channel; CPU float32 models only: the prefill still runs the model in float32).
     Returns (B x num_return_sequences, T + n) int64, n <= max_new_tokens: the prompts followed
     by the new tokens.
     """
@@ -83,6 +86,7 @@ def generate(
             attention_mask,
             fast,
             num_return_sequences,
+            weights,
         ),
         1,
     ):
@@ -90,7 +94,6 @@ def generate(
     return out[:, : T + n]
 
 
-@torch.inference_mode()
 def stream_tokens(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -104,12 +107,25 @@ def stream_tokens(
     attention_mask: Optional[torch.Tensor] = None,
     fast: bool = True,
     num_return_sequences: int = 1,
+    weights: str = "float32",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B x num_return_sequences,) int64, one step at a time
-    (arguments as `generate`)."""
+    (arguments as `generate`).
+
+    Rows that produced `eos_token_id` stop costing compute: once they are half of the rows still
+    decoded, their cache rows are dropped (halving at most, so the copies cost less than one
+    copy of the cache in all). Grad mode is left as the caller has it (the prefill and the
+    model's own steps run under no_grad; the fast path builds no graph), because a generator
+    decorated with a grad mode switches it at every step."""
     _check_args(
-        input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_return_sequences
+        input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_return_sequences, weights
     )
+    reason = FastDecoder.unsupported(model) if fast else "fast=False"
+    if weights != "float32" and reason is not None:
+        raise ConfigError(
+            f"generate: weights={weights} runs on the CPU decoding path, which cannot decode this "
+            f"model ({reason}); use weights=float32"
+        )
     if max_new_tokens == 0:
         return
     B, T = input_ids.shape
@@ -150,19 +166,38 @@ def stream_tokens(
         if seen is not None:
             seen = seen.repeat_interleave(G, dim=0)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    # Once finished rows have been dropped: which of the B rows are still decoded, and the
+    # tokens yielded for all B (a dropped row keeps emitting EOS).
+    rows: Optional[torch.Tensor] = None
+    all_tokens = None
     step_logits = None  # chosen at the first step: a single new token needs no decoding step
     for step in range(max_new_tokens):
         tokens = next_token(logits, temperature, top_k, top_p, repetition_penalty, seen, generator)
         if eos_token_id is not None:
             tokens = tokens.masked_fill(finished, eos_token_id)
             finished |= tokens == eos_token_id
-        yield tokens
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+        yield tokens if rows is None else all_tokens.index_copy(0, rows, tokens)
+        if step == max_new_tokens - 1:
             return
+        if eos_token_id is not None:
+            done = int(finished.sum())
+            if done == len(finished):
+                return
+            if 2 * done >= len(finished):  # drop the finished rows from the batch
+                keep = (~finished).nonzero()[:, 0]
+                if rows is None:
+                    all_tokens = torch.full((B,), eos_token_id, dtype=torch.long, device=device)
+                rows = keep if rows is None else rows[keep]
+                cache.select_rows(keep)
+                tokens, finished = tokens[keep], finished[keep]
+                if padded:
+                    mask, next_position = mask[keep], next_position[keep]
+                if seen is not None:
+                    seen = seen[keep]
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         if step_logits is None:
-            step_logits = decoding_step(model, fast)
+            step_logits = decoding_step(model, fast, weights)
         logits = step_logits(
             tokens[:, None], mask[:, : T + step + 1] if padded else None, next_position, cache
         )
@@ -170,18 +205,20 @@ def stream_tokens(
             next_position = next_position + 1
 
 
-def decoding_step(model: nn.Module, fast: bool) -> Callable[..., torch.Tensor]:
+def decoding_step(model: nn.Module, fast: bool, weights: str = "float32") -> Callable[..., torch.Tensor]:
     """What runs each step after the prefill, logged by name: fast_decode's FastDecoder (the
-    model's math in NumPy, weights packed for decoding) where it supports the model and `fast`
-    allows it, else the model's own forward (GPUs, other dtypes, parts that path does not know)."""
+    model's math in NumPy, weights packed for decoding, in `weights`) where it supports the model
+    and `fast` allows it, else the model's own forward (GPUs, other dtypes, parts that path does
+    not know)."""
     reason = FastDecoder.unsupported(model) if fast else "fast=False"
     if reason is None:
-        logger.debug("decoding steps run through fast_decode.FastDecoder (NumPy, packed weights)")
-        return FastDecoder.for_model(model)
+        logger.debug("decoding steps run through fast_decode.FastDecoder (NumPy, packed %s weights)", weights)
+        return FastDecoder.for_model(model, weights)
     logger.debug("decoding steps run through the model's forward (%s)", reason)
     return functools.partial(model_logits, model)
 
 
+@torch.no_grad()
 def model_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -273,9 +310,12 @@ def _check_args(
     top_p: Optional[float],
     repetition_penalty: float,
     num_return_sequences: int = 1,
+    weights: str = "float32",
 ) -> None:
     """Reject values that would fail deep inside torch (or silently do something else)."""
     problems: List[str] = []
+    if weights not in WEIGHTS:
+        problems.append(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
     if num_return_sequences < 1:
         problems.append(f"num_return_sequences={num_return_sequences}: must be >= 1")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

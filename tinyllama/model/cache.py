@@ -52,6 +52,8 @@ class KVCache:
         # Tokens written so far, per layer (a forward pass updates layer 0 first, then 1, ...);
         # only update and update_arrays write the buffers and these lengths.
         self.lengths: List[int] = [0] * config.num_hidden_layers
+        # update_arrays' NumPy views of each layer's buffers: (the key and value tensors, their views).
+        self._arrays: List[Optional[Tuple[torch.Tensor, torch.Tensor, "np.ndarray", "np.ndarray"]]] = [None] * n
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached positions (the next token's cache index)."""
@@ -78,13 +80,28 @@ class KVCache:
         (B, H_kv, past + T, D) views. The buffers must be float32 on the CPU."""
         start = self.lengths[layer_idx]
         end = start + key_states.shape[2]
-        self._reserve(layer_idx, end, torch.float32, torch.device("cpu"))
-        if self.keys[layer_idx].dtype != torch.float32 or self.keys[layer_idx].device.type != "cpu":
-            raise ValueError(
-                f"update_arrays writes float32 CPU buffers; this cache holds "
-                f"{self.keys[layer_idx].dtype} on {self.keys[layer_idx].device}"
+        views = self._arrays[layer_idx]
+        # The views are made once per buffer (a step calls this for every layer): remade when
+        # the buffer was replaced (grown, rows selected) or cannot hold `end` positions.
+        if (
+            views is None
+            or views[0] is not self.keys[layer_idx]
+            or views[1] is not self.values[layer_idx]
+            or end > views[2].shape[2]
+        ):
+            self._reserve(layer_idx, end, torch.float32, torch.device("cpu"))
+            if self.keys[layer_idx].dtype != torch.float32 or self.keys[layer_idx].device.type != "cpu":
+                raise ValueError(
+                    f"update_arrays writes float32 CPU buffers; this cache holds "
+                    f"{self.keys[layer_idx].dtype} on {self.keys[layer_idx].device}"
+                )
+            views = self._arrays[layer_idx] = (
+                self.keys[layer_idx],
+                self.values[layer_idx],
+                self.keys[layer_idx].numpy(),
+                self.values[layer_idx].numpy(),
             )
-        keys, values = self.keys[layer_idx].numpy(), self.values[layer_idx].numpy()
+        keys, values = views[2], views[3]
         keys[:, :, start:end], values[:, :, start:end] = key_states, value_states
         self.lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :end]
@@ -97,6 +114,15 @@ class KVCache:
                 if buffer is not None:
                     buffers[i] = buffer.repeat_interleave(repeats, dim=0)
         self.shape = (self.shape[0] * repeats,) + self.shape[1:]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (B',) in that order (a row may repeat): rows that finished
+        leave the batch, or one prefilled prompt becomes several rows."""
+        for buffers in (self.keys, self.values):
+            for i, buffer in enumerate(buffers):
+                if buffer is not None:
+                    buffers[i] = buffer.index_select(0, index)
+        self.shape = (len(index),) + self.shape[1:]
 
     def _reserve(self, layer_idx: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make one layer's buffers hold `end` positions: allocated on first use, reallocated

@@ -215,7 +215,7 @@ class Engine:
         index = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.params.n)])
         if len(index) > len(requests):  # n > 1: a prompt's cache is copied to each of its rows
             logits, mask = logits[index], mask[index]
-            _select_rows(cache, index.to(self.device))
+            cache.select_rows(index.to(self.device))
         self._append(cache, mask.to(self.device), rows)
         self._sample(rows, logits)
 
@@ -300,7 +300,7 @@ class Engine:
             return
         index = torch.tensor(keep, device=self.device)
         self._rows = [self._rows[i] for i in keep]
-        _select_rows(self._cache, index)
+        self._cache.select_rows(index)
         self._mask = self._mask[index]
         used = self._mask[:, : self._length].any(dim=0)
         start = int(used.long().argmax())  # the first column some row still reads
@@ -321,11 +321,3 @@ class Engine:
             grown[:, : self._mask.shape[1]] = self._mask
             self._mask = grown.to(self.device)
 
-
-def _select_rows(cache: KVCache, index: torch.Tensor) -> None:
-    """Keep (and repeat) the cache rows `index` (B',) in that order, in place."""
-    for buffers in (cache.keys, cache.values):
-        for layer, buffer in enumerate(buffers):
-            if buffer is not None:
-                buffers[layer] = buffer.index_select(0, index)
-    cache.shape = (len(index),) + tuple(cache.shape[1:])
