@@ -37,13 +37,20 @@ class ChatSession:
 
     context: positions the prompt and the reply share (default: the model's
     max_position_embeddings); the prompt gets at most context - cfg.max_new_tokens of them.
+    weights: the decoding step's matrices (sample.weights: float32, or int8 on the CPU).
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, cfg: ChatConfig, seed: int = 0, context: Optional[int] = None
+        self,
+        model: nn.Module,
+        tokenizer,
+        cfg: ChatConfig,
+        seed: int = 0,
+        context: Optional[int] = None,
+        weights: str = "float32",
     ) -> None:
         require_chat_pieces(tokenizer)
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.model, self.tokenizer, self.cfg, self.weights = model, tokenizer, cfg, weights
         self.end_id = end_of_turn_id(tokenizer)
         self.context = context or model.config.max_position_embeddings
         if cfg.max_new_tokens >= self.context:
@@ -110,6 +117,7 @@ class ChatSession:
             cfg.top_p,
             eos_token_id=self.end_id,
             seed=self.seed + self.replies,
+            weights=self.weights,
         ):
             if int(token[0]) in (self.end_id, self.tokenizer.eos_id) or not stream.put(int(token[0])):
                 break
@@ -129,7 +137,7 @@ def run_chat(
     ckpt, model, tokenizer, _ = load_for_inference(job)
     seed = job.chat.seed if job.chat.seed is not None else job.run.seed
     try:
-        session = ChatSession(model, tokenizer, job.chat, seed)
+        session = ChatSession(model, tokenizer, job.chat, seed, weights=job.sample.weights)
     except ConfigError as e:  # no chat pieces, or chat.max_new_tokens beyond the context
         raise ConfigError(f"{ckpt.path} cannot chat: {e}") from None
     if not is_chat(ckpt.job.data):
@@ -186,6 +194,7 @@ def greedy_replies(
     conversations: Sequence[Sequence[Message]],
     max_new_tokens: Union[int, Sequence[int]],
     batch_size: int = 8,
+    weights: str = "float32",
 ) -> List[str]:
     """The greedy reply to each conversation (its messages in the template, ending with
     `<|assistant|>`), cut at the end-of-turn token or `</s>`, decoded.
@@ -194,7 +203,9 @@ def greedy_replies(
     limit, so the replies do not depend on how the conversations are batched). Conversations
     run batch_size at a time, left-padded (generate gives each row what it would get alone).
     """
-    return sampled_replies(model, tokenizer, conversations, max_new_tokens, batch_size, temperature=0.0)
+    return sampled_replies(
+        model, tokenizer, conversations, max_new_tokens, batch_size, temperature=0.0, weights=weights
+    )
 
 
 @torch.no_grad()
@@ -207,6 +218,7 @@ def sampled_replies(
     temperature: float = 0.0,
     top_p: Optional[float] = None,
     seed: int = 0,
+    weights: str = "float32",
 ) -> List[str]:
     """One reply to each conversation as `greedy_replies` gives it, sampled at `temperature`
     (0: greedy) and top_p; batch b samples with seed + b, so the replies are reproducible."""
@@ -235,6 +247,7 @@ def sampled_replies(
             eos_token_id=end,
             seed=seed + b,
             attention_mask=attention_mask.to(device),
+            weights=weights,
         )
         for row, limit in zip(ids[:, T:].tolist(), batch_limits):
             reply = []

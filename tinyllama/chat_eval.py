@@ -57,14 +57,19 @@ def run_chat_evaluation(job, ckpt, model, tokenizer, data: DataConfig, seq_len: 
             f"answer_accuracy: none of the {len(conversations)} conversations ends with a short answer"
         )
     elif data.source == "synthetic_chat":  # only the built-in corpus has checkable short answers
-        result.update(answer_accuracy(model, tokenizer, conversations, ev.max_answers, ev.batch_size))
+        weights = job.sample.weights
+        result.update(
+            answer_accuracy(model, tokenizer, conversations, ev.max_answers, ev.batch_size, weights=weights)
+        )
+        result["decode_weights"] = weights
         lines.append(f"answer_accuracy {result['answer_accuracy']:.3f} ({result['answer_count']} questions)")
         by_kind = result["answer_accuracy_by_question"]
         lines.append("  by question: " + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()))
         if ev.pass_at:
             temperature = run_temperature(ckpt.job) if ev.temperature is None else ev.temperature
             passes = pass_at_k(
-                model, tokenizer, conversations, ev.pass_at, temperature, ev.max_answers, ev.batch_size
+                model, tokenizer, conversations, ev.pass_at, temperature, ev.max_answers, ev.batch_size,
+                weights=weights,
             )
             result.update(passes)
             lines.append(
@@ -170,6 +175,7 @@ def answer_accuracy(
     max_answers: Optional[int] = None,
     batch_size: int = 8,
     examples: int = 5,
+    weights: str = "float32",
 ) -> Dict[str, object]:
     """Share of questions answered exactly: for each conversation with an "answer" (the built-in
     corpus's short reply to its last user turn; the first max_answers of them, None: all), the
@@ -182,7 +188,7 @@ def answer_accuracy(
     fine-tuned run on the same questions)."""
     asked = _questions(conversations, max_answers)
     replies = greedy_replies(
-        model, tokenizer, [c["messages"][:-1] for c in asked], _limits(tokenizer, asked), batch_size
+        model, tokenizer, [c["messages"][:-1] for c in asked], _limits(tokenizer, asked), batch_size, weights
     )
     right = [answer_matches(r, c["answer"]) for r, c in zip(replies, asked)]
     total, correct = collections.Counter(), collections.Counter()
@@ -208,6 +214,7 @@ def pass_at_k(
     max_answers: Optional[int] = None,
     batch_size: int = 8,
     seed: int = 0,
+    weights: str = "float32",
 ) -> Dict[str, float]:
     """pass@k for each k in ks: n = max(ks) replies sampled per question at `temperature`, and
     for each question the unbiased estimate 1 - C(n - c, k) / C(n, k) (c of the n correct) of
@@ -217,7 +224,9 @@ def pass_at_k(
     n = max(ks)
     prompts = [c["messages"][:-1] for c in asked for _ in range(n)]  # a question's samples adjacent
     limits = [limit for limit in _limits(tokenizer, asked) for _ in range(n)]
-    replies = sampled_replies(model, tokenizer, prompts, limits, batch_size * n, temperature, seed=seed)
+    replies = sampled_replies(
+        model, tokenizer, prompts, limits, batch_size * n, temperature, seed=seed, weights=weights
+    )
     counts = [
         sum(answer_matches(r, c["answer"]) for r in replies[i * n : (i + 1) * n]) for i, c in enumerate(asked)
     ]

@@ -42,6 +42,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 Hugging Face / torch name, which is accepted as an alias (export.dtype=bfloat16 means bf16)."""
 PRECISIONS = ("auto", *DTYPES)
 """train.precision (tinyllama.train.precision)."""
+SAMPLE_WEIGHTS = ("float32", "int8")
+"""sample.weights: the matrices of the CPU decoding step (tinyllama.fast_decode) in float32, or
+int8 weight-only with one scale per output channel."""
 QUANTIZED = ("q8_0",)
 """export.dtype values that only the GGUF export writes (tinyllama.export_gguf)."""
 OBJECTIVES = ("lm", "dpo", "grpo")
@@ -383,6 +386,11 @@ class SampleConfig:
     trim_prompt: bool = False
     """Cut a prompt that leaves no room for max_new_tokens in the context from the left
     (keeping its end) instead of refusing it."""
+    weights: str = "float32"
+    """Decoding on the CPU: float32, or int8 (weight-only int8 matrices, one scale per output
+    channel: about a quarter of the bytes to read per token; greedy tokens can differ from
+    float32's where two logits are close). Used by sample, chat, evaluate and serve; training's
+    samples and GRPO's rollouts decode in float32."""
 
 
 @dataclass
@@ -645,6 +653,10 @@ def validate(job: JobConfig) -> None:
     need(sa.max_new_tokens >= 0, f"sample.max_new_tokens={sa.max_new_tokens}: must be >= 0")
     need(sa.num_samples >= 0, f"sample.num_samples={sa.num_samples}: must be >= 0")
     need(sa.temperature >= 0, f"sample.temperature={sa.temperature}: must be >= 0 (0 is greedy)")
+    need(
+        sa.weights in SAMPLE_WEIGHTS,
+        f"sample.weights={sa.weights!r}: choose {' or '.join(SAMPLE_WEIGHTS)}",
+    )
     need(sa.top_k is None or sa.top_k >= 1, f"sample.top_k={sa.top_k}: must be >= 1 (or null)")
     need(sa.top_p is None or 0 < sa.top_p <= 1, f"sample.top_p={sa.top_p}: must be in (0, 1] (or null)")
     need(

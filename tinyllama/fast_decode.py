@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tinyllama.config import LORA_TARGETS
+from tinyllama.config import LORA_TARGETS, SAMPLE_WEIGHTS
 from tinyllama.model import KVCache
 from tinyllama.model.attention import Attention
 from tinyllama.model.mlp import MLP
@@ -63,9 +63,7 @@ Array = np.ndarray
 # entries go with it.
 _DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, int], FastDecoder]]" = weakref.WeakKeyDictionary()
 
-WEIGHTS = ("float32", "int8")
-"""sample.weights: the decoding step's matrices in float32, or int8 with one scale per output
-channel (weight-only: norms, RoPE, attention and the residual stream stay float32)."""
+WEIGHTS = SAMPLE_WEIGHTS  # int8 is weight-only: norms, RoPE, attention and the residual stream stay float32
 
 
 @dataclass(frozen=True)
@@ -416,8 +414,9 @@ class FastDecoder:
         scores *= self.scaling
         if mask is not None:
             scores += mask
-        weights = np.exp(scores - scores.max(-1, keepdims=True))  # softmax over the keys
-        weights /= weights.sum(-1, keepdims=True)
+        # softmax over the keys: torch's kernel, on zero-copy views, is one pass where NumPy's
+        # max, subtract, exp, sum and divide are five
+        weights = torch.softmax(torch.from_numpy(scores), dim=-1).numpy()
         out = (weights @ values).reshape(B, H * D)  # (B, H_kv, G, D) -> heads side by side
         return layer.o_proj(out)
 

@@ -24,6 +24,7 @@ import functools
 import logging
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,12 +121,7 @@ def stream_tokens(
     _check_args(
         input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_return_sequences, weights
     )
-    reason = FastDecoder.unsupported(model) if fast else "fast=False"
-    if weights != "float32" and reason is not None:
-        raise ConfigError(
-            f"generate: weights={weights} runs on the CPU decoding path, which cannot decode this "
-            f"model ({reason}); use weights=float32"
-        )
+    check_weights(model, fast, weights)
     if max_new_tokens == 0:
         return
     B, T = input_ids.shape
@@ -203,6 +199,16 @@ def stream_tokens(
         )
         if padded:
             next_position = next_position + 1
+
+
+def check_weights(model: nn.Module, fast: bool, weights: str) -> None:
+    """Refuse quantized weights where the fast path does not decode (they exist only there)."""
+    reason = FastDecoder.unsupported(model) if fast else "fast=False"
+    if weights != "float32" and reason is not None:
+        raise ConfigError(
+            f"sample.weights={weights} runs on the CPU decoding path, which cannot decode this "
+            f"model ({reason}): use sample.weights=float32"
+        )
 
 
 def decoding_step(model: nn.Module, fast: bool, weights: str = "float32") -> Callable[..., torch.Tensor]:
@@ -293,13 +299,21 @@ def draw(
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to >= top_p (the most
-    likely token always stays); the rest get -inf. logits (B, V) -> (B, V)."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
+    likely token always stays; a token tied with the least likely kept one stays too, as top-k
+    keeps its ties); the rest get -inf. logits (B, V) -> (B, V).
+
+    Only the probabilities are sorted, not their indices: the cut is a threshold, the smallest
+    probability kept. On the CPU NumPy sorts them (its SIMD sort is an order of magnitude faster
+    than torch.sort with indices there: BENCHMARKS.md, generation)."""
+    probs = logits.softmax(dim=-1)
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        sorted_probs = torch.from_numpy(-np.sort(-probs.numpy(), axis=-1))  # descending
+    else:
+        sorted_probs = torch.sort(probs, dim=-1, descending=True).values
     # A token stays if the tokens ranked above it sum to less than top_p.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    kept = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p).sum(dim=-1, keepdim=True)  # (B, 1), >= 1
+    threshold = sorted_probs.gather(-1, kept - 1)  # the smallest probability kept
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _check_args(

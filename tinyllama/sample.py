@@ -73,6 +73,7 @@ def run_sampling(job, prompts: Optional[Iterable[str]] = None, out: TextIO = sys
                 s.repetition_penalty,
                 tokenizer.eos_id,
                 seed + i,
+                weights=s.weights,
             ):
                 if not stream.put(int(token[0])):
                     break

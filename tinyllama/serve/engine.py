@@ -35,7 +35,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from tinyllama.generate import decoding_step, model_logits, next_token
+from tinyllama.generate import check_weights, decoding_step, model_logits, next_token
 from tinyllama.model import KVCache
 
 logger = logging.getLogger(__name__)
@@ -100,14 +100,21 @@ class _Row:
 
 class Engine:
     """Decodes submitted requests in batches of at most `max_batch` rows, in a background thread
-    (`start`, `stop`). `context`: the most positions a row may use (default: the model's)."""
+    (`start`, `stop`). `context`: the most positions a row may use (default: the model's);
+    `weights`: the decoding step's matrices (generate's weights: float32, or int8 on the CPU)."""
 
     def __init__(
-        self, model: nn.Module, max_batch: int = 8, fast: bool = True, context: Optional[int] = None
+        self,
+        model: nn.Module,
+        max_batch: int = 8,
+        fast: bool = True,
+        context: Optional[int] = None,
+        weights: str = "float32",
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
-        self.model, self.max_batch, self.fast = model, max_batch, fast
+        check_weights(model, fast, weights)
+        self.model, self.max_batch, self.fast, self.weights = model, max_batch, fast, weights
         self.config = model.config
         self.context = context or self.config.max_position_embeddings
         param = next(model.parameters())
@@ -227,7 +234,7 @@ class Engine:
         tokens = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
         positions = torch.tensor([[row.position] for row in self._rows], device=self.device)
         if self._step is None:
-            self._step = decoding_step(self.model, self.fast)
+            self._step = decoding_step(self.model, self.fast, self.weights)
         logits = self._step(tokens, self._mask[:, : L + 1], positions, self._cache)
         self._length = L + 1
         for row in self._rows:

@@ -57,7 +57,7 @@ def run_serve(job, out: TextIO = sys.stdout, on_ready: Optional[Callable[[str], 
     try:
         ckpt, model, tokenizer, _ = load_for_inference(job)
         model_id = s.model_id or _run_name(job, ckpt.path)
-        engine = Engine(model, max_batch=s.max_batch).start()
+        engine = Engine(model, max_batch=s.max_batch, weights=job.sample.weights).start()
         served = ServedModel(
             engine,
             tokenizer,
