@@ -95,13 +95,15 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
                 m(x)
 
     packed = FastDecoder(ours)
-    packed_weights = [w for layer in packed.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    packed_weights = [
+        m for layer in packed.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
+    ]
     packed_weights.append(packed.lm_head)
-    packed_inputs = [np.ones((1, w.shape[0]), np.float32) for w in packed_weights]
+    packed_inputs = [np.ones((1, m.in_features), np.float32) for m in packed_weights]
 
     def packed_matvecs() -> None:
-        for w, x in zip(packed_weights, packed_inputs):
-            x @ w
+        for m, x in zip(packed_weights, packed_inputs):
+            m(x)
 
     runs = {
         "matvecs": matvecs,

@@ -11,11 +11,18 @@ median of --rounds alternating rounds after a warm-up. For each thread count of 
 in one run) every library gets that many threads (torch, NumPy's BLAS through threadpoolctl,
 llama.cpp's n_threads). The script also reports whether llama.cpp's float32 greedy tokens equal
 ours, and how far q8_0's and our int8's agree with our float32 ones.
+
+Then, at the largest thread count: total tokens / second of ours decoding B rows at once (B = 1,
+4, 16, 64; sampled at temperature 0.8, top_p 0.95, 128 new tokens after 8-token prompts), float32
+and int8, with the KV cache's memory; and, with --run (a trained run such as runs/demo), how often
+that model's greedy tokens with int8 weights equal float32's on 20 held-out prompts x 32 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import shutil
 import statistics
@@ -28,10 +35,13 @@ import torch
 from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
+from tinyllama.checkpoint import build_model, load_checkpoint
+from tinyllama.data.sources import iter_documents
 from tinyllama.export import export_hf
 from tinyllama.export_gguf import export_gguf
+from tinyllama.fast_decode import FastDecoder
 from tinyllama.generate import generate
-from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM
 from tinyllama.tokenizer import Tokenizer
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "model" / "llama2c_15m.yaml"
@@ -46,6 +56,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096, help="model vocab_size (>= the tokenizer's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--run", help="a trained run or checkpoint: int8 greedy agreement on its model")
     args = parser.parse_args()
     import llama_cpp
     import transformers
@@ -110,8 +122,8 @@ def main() -> None:
             return out
 
         runs: Dict[str, Callable[[], object]] = {
-            "llama.cpp f32": lambda: llama_cpp_decode(llms["float32"]),
-            "llama.cpp q8_0": lambda: llama_cpp_decode(llms["q8_0"]),
+            "llama.cpp f32": functools.partial(llama_cpp_decode, llms["float32"]),
+            "llama.cpp q8_0": functools.partial(llama_cpp_decode, llms["q8_0"]),
             "ours f32": lambda: generate(ours, ids, NEW_TOKENS, temperature=0.0),
             "ours int8": lambda: generate(ours, ids, NEW_TOKENS, temperature=0.0, weights="int8"),
             "transformers f32": hf_decode,
@@ -142,8 +154,73 @@ def main() -> None:
         for llm in llms.values():
             llm.close()
     print(agreement)
+    print()
+    batched(ours, args.batches, args.rounds)
+    if args.run:
+        print()
+        int8_agreement(args.run)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     shutil.rmtree(tmp)
+
+
+def batched(model: LlamaForCausalLM, batches: List[int], rounds: int) -> None:
+    """Total sampled tokens / second at each batch size, float32 and int8, and the cache's bytes."""
+    cfg = model.config
+    new, prompt = 128, 8
+    print(
+        f"batched sampling, {torch.get_num_threads()} thread(s): {prompt}-token prompts, {new} new tokens, "
+        "temperature 0.8, top_p 0.95"
+    )
+    print(
+        "| batch | f32 tok/s | vs batch 1 | int8 tok/s | vs batch 1 | KV cache (float32) |\n|---|---|---|---|---|---|"
+    )
+    base: Dict[str, float] = {}
+    for B in batches:
+        ids = torch.randint(3, cfg.vocab_size, (B, prompt), generator=torch.Generator().manual_seed(B))
+        rates = {}
+        for weights in ("float32", "int8"):
+            run = functools.partial(
+                generate, model, ids, new, temperature=0.8, top_p=0.95, seed=0, weights=weights
+            )
+            run()
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            rates[weights] = B * new / statistics.median(times)
+            base.setdefault(weights, rates[weights])
+        cache = KVCache(cfg, B, prompt + new, dtype=torch.float32)
+        cache_mb = sum(t.numel() * t.element_size() for t in cache.keys + cache.values) / 2**20
+        print(
+            f"| {B} | {rates['float32']:.0f} | {rates['float32'] / base['float32']:.1f}x "
+            f"| {rates['int8']:.0f} | {rates['int8'] / base['int8']:.1f}x | {cache_mb:.1f} MiB |",
+            flush=True,
+        )
+    sizes = {w: FastDecoder.for_model(model, w).nbytes / 2**20 for w in ("float32", "int8")}
+    print(f"packed decoding matrices: float32 {sizes['float32']:.1f} MiB, int8 {sizes['int8']:.1f} MiB")
+
+
+def int8_agreement(run: str, prompts: int = 20, new: int = 32) -> None:
+    """Greedy tokens of a trained model with int8 weights against float32, on held-out prompts
+    (the first words of the run's validation documents)."""
+    ckpt = load_checkpoint(run, train_state=False)
+    model = build_model(ckpt)
+    tok = Tokenizer(str(ckpt.path / "tokenizer.model"))
+    docs = itertools.islice((d for d in iter_documents(ckpt.job.data, "val") if len(d.split()) > 8), prompts)
+    same_prompts = same_tokens = total = 0
+    for doc in docs:
+        ids = torch.tensor([tok.encode(" ".join(doc.split()[:6]), bos=True)])
+        f32 = generate(model, ids, new, temperature=0.0)[0, ids.shape[1] :]
+        int8 = generate(model, ids, new, temperature=0.0, weights="int8")[0, ids.shape[1] :]
+        same_prompts += torch.equal(f32, int8)
+        same_tokens += _agree(int8.tolist(), f32.tolist())
+        total += 1
+    print(
+        f"int8 vs float32 greedy on {ckpt.path} ({total} held-out prompts x {new} tokens): "
+        f"{same_prompts}/{total} prompts identical, {same_tokens}/{total * new} tokens equal before "
+        f"the first difference ({same_tokens / (total * new):.1%})"
+    )
 
 
 def _agree(a: List[int], b: List[int]) -> int:

@@ -130,11 +130,23 @@ def test_bad_values_are_all_reported_at_once():
 def test_bad_sampling_settings_are_refused_before_any_checkpoint_is_loaded():
     cfg = _compose(
         "sample",
-        ["sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5", "sample.repetition_penalty=0"],
+        [
+            "sample.temperature=-1",
+            "sample.top_k=0",
+            "sample.top_p=1.5",
+            "sample.repetition_penalty=0",
+            "sample.weights=int4",
+        ],
     )
     with pytest.raises(ConfigError) as e:
         to_job(cfg)
-    for key in ("sample.temperature=-1", "sample.top_k=0", "sample.top_p=1.5", "sample.repetition_penalty=0"):
+    for key in (
+        "sample.temperature=-1",
+        "sample.top_k=0",
+        "sample.top_p=1.5",
+        "sample.repetition_penalty=0",
+        "sample.weights='int4': choose float32 or int8",
+    ):
         assert key in str(e.value)
 
 

@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from tinyllama.errors import ConfigError
 from tinyllama.fast_decode import FastDecoder
 from tinyllama.generate import generate, model_logits
 from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM, ModelParts
@@ -231,3 +232,42 @@ def test_a_full_cache_grows_and_prompts_are_refused():
             decoder(
                 prompt[:, -1:], None, None, KVCache(model.config, 1, 6, dtype=torch.float32)
             )  # empty cache
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["mha", "gqa", "llama biases", "qwen2 q/k/v bias"],
+)
+@pytest.mark.parametrize("intermediate_size", [96, 100])  # 100: not a multiple of the kernel's 16
+def test_int8_weights_stay_close_to_float32(case, intermediate_size):
+    """int8 weight-only decoding: each weight is off by at most half its channel's step
+    (max |w| / 254) and each product's input and output by bfloat16 rounding (2^-9 relative), so
+    the logits move by a few parts in a thousand of their norm; 5% bounds that with room, and
+    any broken matrix (a wrong scale, garbage from the kernel) lands far beyond it. They do move:
+    this is not the float32 path under another name."""
+    model = make_model(**CASES[case], intermediate_size=intermediate_size)
+    g = torch.Generator().manual_seed(1)
+    prompt, new = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)
+    with torch.inference_mode():
+        expected = step_logits(model, model_step(model), prompt, new)
+        int8 = FastDecoder(model, "int8")
+        got = step_logits(model, int8, prompt, new)
+    for i, (e, o) in enumerate(zip(expected[1:], got[1:])):
+        error = ((o - e).norm() / e.norm()).item()
+        assert 0 < error < 0.05, f"{case}: step {i}: relative error {error:.2e}"
+    float32 = FastDecoder(model)
+    assert int8.nbytes < 0.3 * float32.nbytes  # a byte per weight (and the scales), not four
+
+
+def test_int8_weights_follow_weight_changes_and_need_the_fast_path():
+    model = make_model()
+    first = FastDecoder.for_model(model, "int8")
+    assert FastDecoder.for_model(model, "int8") is first
+    assert FastDecoder.for_model(model) is not first  # float32 is another decoder
+    model.model.layers[0].mlp.up_proj.weight.data[3, 2] += 0.5  # a write no autograd sees
+    assert FastDecoder.for_model(model, "int8") is not first
+    prompt = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ConfigError, match="sample.weights=int8 runs on the CPU decoding path.*fast=False"):
+        generate(model, prompt, 4, weights="int8", fast=False)
+    with pytest.raises(ConfigError, match="weights not float32"):
+        generate(model.to(torch.float64), prompt, 4, weights="int8")

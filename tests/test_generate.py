@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tinyllama.errors import ConfigError
-from tinyllama.generate import generate, next_token, stream_tokens
-from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.generate import draw, generate, next_token, stream_tokens
+from tinyllama.model import KVCache, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
 
@@ -186,3 +186,50 @@ def test_bad_arguments_raise_one_clear_error(model):
     with pytest.raises(ConfigError, match="num_return_sequences=0"):
         generate(model, prompt, num_return_sequences=0)
     assert torch.equal(generate(model, prompt, max_new_tokens=0), prompt)
+
+
+def test_rows_that_finish_leave_the_batch_and_the_others_go_on_as_alone(model, monkeypatch):
+    """Once half the rows have produced EOS their cache rows are dropped; the remaining rows
+    decode what they decode alone, and the dropped ones keep emitting EOS."""
+    g = torch.Generator().manual_seed(8)
+    prompts = torch.randint(3, VOCAB, (4, 5), generator=g)
+    alone = [
+        generate(model, prompts[i : i + 1], max_new_tokens=12, temperature=0.0)[0, 5:].tolist()
+        for i in range(4)
+    ]
+
+    def ends(eos):  # new tokens each row makes up to and including its EOS
+        return [row.index(eos) + 1 if eos in row else 12 for row in alone]
+
+    # an EOS at which half the rows finish while the others go on
+    eos = next(t for t in range(VOCAB) if sorted(ends(t))[1] < max(ends(t)))
+    selected = []
+    original = KVCache.select_rows
+    monkeypatch.setattr(
+        KVCache, "select_rows", lambda self, index: (selected.append(index.tolist()), original(self, index))
+    )
+    out = generate(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_id=eos)
+    ends = ends(eos)
+    for i in range(4):
+        assert out[i, 5 : 5 + ends[i]].tolist() == alone[i][: ends[i]]
+        assert (out[i, 5 + ends[i] :] == eos).all()
+    assert selected and len(selected[0]) == 4 - sum(e <= sorted(ends)[1] for e in ends)
+
+
+def test_rows_with_their_own_generators_draw_what_they_draw_alone():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(9))
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    together = next_token(logits, 1.3, None, 0.9, 1.0, None, generators)
+    alone = [
+        next_token(logits[i : i + 1], 1.3, None, 0.9, 1.0, None, torch.Generator().manual_seed(s))
+        for i, s in enumerate((1, 2, 3))
+    ]
+    assert together.tolist() == [int(t) for t in alone]
+
+
+def test_draw_never_picks_a_token_of_probability_zero():
+    probs = torch.zeros(2000, 6)
+    probs[:, 2], probs[:, 4] = 0.25, 0.75
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {2, 4}
+    assert abs((tokens == 4).float().mean().item() - 0.75) < 0.05

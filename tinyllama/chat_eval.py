@@ -68,7 +68,13 @@ def run_chat_evaluation(job, ckpt, model, tokenizer, data: DataConfig, seq_len: 
         if ev.pass_at:
             temperature = run_temperature(ckpt.job) if ev.temperature is None else ev.temperature
             passes = pass_at_k(
-                model, tokenizer, conversations, ev.pass_at, temperature, ev.max_answers, ev.batch_size,
+                model,
+                tokenizer,
+                conversations,
+                ev.pass_at,
+                temperature,
+                ev.max_answers,
+                ev.batch_size,
                 weights=weights,
             )
             result.update(passes)

@@ -61,7 +61,9 @@ Array = np.ndarray
 # Each model's packed decoders (one per weight format), kept beside the model rather than on it:
 # the model stays as it was (picklable, no second copy of its weights in torch.save), and the
 # entries go with it.
-_DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, int], FastDecoder]]" = weakref.WeakKeyDictionary()
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, int], FastDecoder]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 WEIGHTS = SAMPLE_WEIGHTS  # int8 is weight-only: norms, RoPE, attention and the residual stream stay float32
 
@@ -79,6 +81,8 @@ class _Source:
 
 
 Sources = List[_Source]
+
+_INT8_BLOCK = 16  # the int8 kernel's input width must be a multiple of this
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -125,7 +129,9 @@ class _Matrix:
 
     int8: torch's int8 weight-only kernel (`_weight_int8pack_mm`: (C_out, C_in) int8 rows, one
     bfloat16 scale per output channel, symmetric, scale = max |w| / 127). It takes its input in
-    bfloat16 and returns bfloat16; the result joins the float32 residual stream."""
+    bfloat16 and returns bfloat16; the result joins the float32 residual stream. The kernel reads
+    C_in in blocks of 16: for other widths (torch 2.13 returns garbage or crashes there) the
+    matrix gets zero columns and the input zeros up to the next multiple of 16."""
 
     def __init__(
         self, named: Sequence[Tuple[str, nn.Linear]], weights: str, sources: Sources, parts: int
@@ -139,7 +145,14 @@ class _Matrix:
         for name, linear in named:
             spans.append((name, tuple(linear.weight.shape), start, start + linear.out_features))
             if self.bias is not None:
-                sources.append(_Source(f"{name}.bias", (linear.out_features,), None, self.bias[start : start + linear.out_features]))
+                sources.append(
+                    _Source(
+                        f"{name}.bias",
+                        (linear.out_features,),
+                        None,
+                        self.bias[start : start + linear.out_features],
+                    )
+                )
             start += linear.out_features
         self.int8 = weights == "int8"
         if self.int8:
@@ -147,11 +160,16 @@ class _Matrix:
             scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()
             # Rounded against the bfloat16 scale the kernel multiplies by, so that rounding of
             # the scale is absorbed; the clamp catches a scale that rounded down.
-            self.qweight = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self.scale = scale
+            qweight = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.padded_in = -(-self.in_features // _INT8_BLOCK) * _INT8_BLOCK
+            if self.padded_in != self.in_features:
+                qweight = torch.nn.functional.pad(qweight, (0, self.padded_in - self.in_features))
+            self.qweight, self.scale = qweight, scale
             for name, linear in named:
                 current = np.ascontiguousarray(linear.weight.detach().numpy())
-                sources.append(_Source(f"{name}.weight", tuple(linear.weight.shape), None, zlib.crc32(current)))
+                sources.append(
+                    _Source(f"{name}.weight", tuple(linear.weight.shape), None, zlib.crc32(current))
+                )
             return
         P = max(p for p in range(1, parts + 1) if self.out_features % p == 0)
         n = self.out_features // P
@@ -164,22 +182,35 @@ class _Matrix:
                 if a < b:
                     self.parts[p, :, a - p * n : b - p * n] = weight_t[:, a - lo : b - lo]
                     # (rows of the parameter, the same values here laid out as those rows)
-                    sources.append(_Source(f"{name}.weight", shape, slice(a - lo, b - lo), self.parts[p, :, a - p * n : b - p * n].T))
+                    sources.append(
+                        _Source(
+                            f"{name}.weight",
+                            shape,
+                            slice(a - lo, b - lo),
+                            self.parts[p, :, a - p * n : b - p * n].T,
+                        )
+                    )
         self.parts_t = torch.from_numpy(self.parts)
 
     def __call__(self, x: Array) -> Array:
         """x (B, C_in) float32 -> (B, C_out) float32."""
         B = x.shape[0]
         if self.int8:
-            out = torch._weight_int8pack_mm(torch.from_numpy(x).bfloat16(), self.qweight, self.scale)
-            out = out.float().numpy()
+            if self.padded_in == self.in_features:
+                x_bf16 = torch.from_numpy(x).bfloat16()
+            else:
+                x_bf16 = torch.zeros(B, self.padded_in, dtype=torch.bfloat16)
+                x_bf16[:, : self.in_features] = torch.from_numpy(x)
+            out = torch._weight_int8pack_mm(x_bf16, self.qweight, self.scale).float().numpy()
         else:
             P = self.parts.shape[0]
             if P == 1:
                 out = x @ self.parts[0]
             else:
                 if torch.get_num_threads() > 1:
-                    blocks = torch.bmm(torch.from_numpy(x).expand(P, B, self.in_features), self.parts_t).numpy()
+                    blocks = torch.bmm(
+                        torch.from_numpy(x).expand(P, B, self.in_features), self.parts_t
+                    ).numpy()
                 else:
                     blocks = np.matmul(x, self.parts)  # (P, B, C_out / P)
                 # Blocks side by side: at batch 1 their memory already is the output row.
@@ -205,9 +236,13 @@ class _PackedLayer:
         )
         a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
         matrix = functools.partial(_Matrix, weights=weights, sources=sources, parts=parts)
-        self.qkv = matrix([(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"])  # C -> (H + 2 H_kv) D
+        self.qkv = matrix(
+            [(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"]
+        )  # C -> (H + 2 H_kv) D
         self.o_proj = matrix([(f"{a}.o_proj", attn.o_proj)])
-        self.gate_up = matrix([(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")])  # C -> 2 I
+        self.gate_up = matrix(
+            [(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")]
+        )  # C -> 2 I
         self.down_proj = matrix([(f"{m}.down_proj", mlp.down_proj)])
         self.act_fn = _numpy_fn(f"{m}.act_fn", mlp.act_fn, sources)
         self.intermediate_size = mlp.down_proj.in_features
@@ -274,7 +309,9 @@ class FastDecoder:
         self.config = config = backbone.config
         self._sources: Sources = []
         self.embed_tokens = backbone.embed_tokens.weight.detach().numpy()  # (V, C), shared, not copied
-        self._sources.append(_Source("model.embed_tokens.weight", self.embed_tokens.shape, None, self.embed_tokens))
+        self._sources.append(
+            _Source("model.embed_tokens.weight", self.embed_tokens.shape, None, self.embed_tokens)
+        )
         self.rotary_emb = backbone.rotary_emb
         parts = _parts()
         self.layers: List[_PackedLayer] = [
@@ -293,7 +330,14 @@ class FastDecoder:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed matrices (the embedding and norm gains are the model's own)."""
-        return sum(m.nbytes for layer in self.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)) + self.lm_head.nbytes
+        return (
+            sum(
+                m.nbytes
+                for layer in self.layers
+                for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
+            )
+            + self.lm_head.nbytes
+        )
 
     @torch.no_grad()
     def matches(self, model: nn.Module) -> bool:
@@ -308,7 +352,12 @@ class FastDecoder:
         params = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
         for source in self._sources:
             p = params.get(source.name)
-            if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or tuple(p.shape) != source.shape:
+            if (
+                p is None
+                or p.device.type != "cpu"
+                or p.dtype != torch.float32
+                or tuple(p.shape) != source.shape
+            ):
                 return False
             current = p.detach()
             if isinstance(source.packed, int):

@@ -119,7 +119,14 @@ def stream_tokens(
     model's own steps run under no_grad; the fast path builds no graph), because a generator
     decorated with a grad mode switches it at every step."""
     _check_args(
-        input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_return_sequences, weights
+        input_ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        num_return_sequences,
+        weights,
     )
     check_weights(model, fast, weights)
     if max_new_tokens == 0:

@@ -53,7 +53,9 @@ class KVCache:
         # only update and update_arrays write the buffers and these lengths.
         self.lengths: List[int] = [0] * config.num_hidden_layers
         # update_arrays' NumPy views of each layer's buffers: (the key and value tensors, their views).
-        self._arrays: List[Optional[Tuple[torch.Tensor, torch.Tensor, "np.ndarray", "np.ndarray"]]] = [None] * n
+        self._arrays: List[Optional[Tuple[torch.Tensor, torch.Tensor, "np.ndarray", "np.ndarray"]]] = [
+            None
+        ] * n
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of cached positions (the next token's cache index)."""

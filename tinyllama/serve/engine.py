@@ -327,4 +327,3 @@ class Engine:
             grown = torch.zeros(self._mask.shape[0], max(columns, 2 * self._mask.shape[1]), dtype=torch.long)
             grown[:, : self._mask.shape[1]] = self._mask
             self._mask = grown.to(self.device)
-
