@@ -224,7 +224,7 @@ def test_pass_at_k_is_the_unbiased_estimate_from_the_samples_per_question(monkey
     ]
     replies = ["a", "x", "y", "z", "b", "b", "w", "b"]  # each question's samples adjacent
 
-    def fake_samples(model, tokenizer, prompts, limits, batch_size, temperature, seed=0):
+    def fake_samples(model, tokenizer, prompts, limits, batch_size, temperature, seed=0, weights="float32"):
         assert [p[0]["content"] for p in prompts] == ["q1"] * 4 + ["q2"] * 4 and temperature == 0.7
         return replies
 

@@ -6,15 +6,22 @@ makes every projection a matrix-vector product, so a step is bound by reading th
 memory plus a fixed cost per op. `FastDecoder` cuts both, the way llama2.c's run.c sits beside
 its model.py (the measurements behind each point: BENCHMARKS.md, generation):
 
-- the ~25 small ops per layer (norms, RoPE, cache writes, attention, residuals) run in NumPy,
+- the ~20 small ops per layer (norms, RoPE, cache writes, attention, residuals) run in NumPy,
   whose cost per call on arrays this small is a fraction of a PyTorch op's (no dispatcher,
-  autograd or version bookkeeping);
-- weights stored input-major, `(C_in, C_out)` contiguous, applied as `x @ W_t`: for a single
-  row, BLAS then streams the matrix in the order it lies in memory, clearly faster than
-  nn.Linear's `(C_out, C_in)` layout on the CPUs measured, in torch and NumPy alike;
+  autograd or version bookkeeping); one row's RMSNorm is a dot product and a Python float;
+- weights stored input-major, `(C_in, C_out)`, applied as `x @ W_t`: for a single row the
+  product then streams the matrix in the order it lies in memory, clearly faster than
+  nn.Linear's `(C_out, C_in)` layout on the CPUs measured, in torch and NumPy alike. The matrix
+  is cut into column blocks, `(P, C_in, C_out / P)`, that `torch.bmm` shares among torch's
+  threads (BLAS runs a matrix-vector product on one thread);
 - q/k/v in one matrix and gate/up in one matrix: 4 products per layer instead of 7;
-- RoPE applied to the q and k heads in one go; grouped query heads read their shared k/v head
-  directly (no repeat_kv copy).
+- RoPE on the q and k heads in one go, `q * cos + swap(q) * sin` where swapping a head's halves
+  is a view and the sign of rotate_half sits in the sin table; grouped query heads read their
+  shared k/v head directly (no repeat_kv copy).
+
+`weights="int8"` (sample.weights) swaps the float32 matrices for int8 weight-only ones, one
+scale per output channel, multiplied by torch's `_weight_int8pack_mm`: a quarter of the bytes to
+read per token. Everything else stays float32.
 
 The seam with the model: this path reads the model's modules and parameters and never changes
 them; it writes keys and values only through `KVCache.update_arrays`, into the same buffers the
@@ -32,8 +39,9 @@ then runs the model itself (it logs which path decodes at DEBUG level, logger ti
 Norms and activations other than RMSNorm and SiLU run as the model's own modules, on zero-copy
 tensor views.
 
-Threads: NumPy's BLAS (OpenBLAS) uses every core unless OPENBLAS_NUM_THREADS says otherwise,
-as torch does unless torch.set_num_threads does.
+Threads: the matrix products follow torch.set_num_threads (the column blocks are packed for the
+thread count, two per thread, and packed afresh when it changes); the small attention products
+run in NumPy's BLAS on one thread at these sizes.
 """
 
 from __future__ import annotations
