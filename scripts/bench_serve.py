@@ -16,14 +16,14 @@ and records:
 Total tokens/s = all clients' completion tokens / the wall time of the round; "rows" = completion
 tokens / decoding steps of the round (from /health), the mean batch the engine decoded, which
 shows that concurrent requests were decoded together. --threads sets the server's
-OMP_NUM_THREADS; the clients share the same cores.
+serve.threads (torch threads of its engine; default: the stage's own, one fewer than the cores);
+the clients share the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests each client sends in a round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="serve.threads (default: the stage's)")
     args = parser.parse_args()
     if not Path(args.run).exists():
         sys.exit(
@@ -100,8 +100,9 @@ def main() -> None:
     where = f"checkpoint_path={args.run}" if Path(args.run).is_file() else f"run.dir={args.run}"
     command = [sys.executable, str(REPO / "scripts" / "serve.py"), where, "serve.port=0"]
     command += [f"serve.max_batch={args.max_batch}", "hydra.run.dir=.", "hydra.output_subdir=null"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    if args.threads is not None:
+        command.append(f"serve.threads={args.threads}")
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
         if " at http" not in line:
@@ -109,7 +110,8 @@ def main() -> None:
         url = line.split(" at ", 1)[1].split()[0]
         print(line.strip())
         print(
-            f"{args.requests} requests per client, {args.max_tokens} new tokens each, OMP_NUM_THREADS={args.threads}"
+            f"{args.requests} requests per client, {args.max_tokens} new tokens each, "
+            f"serve.threads={'default' if args.threads is None else args.threads}"
         )
         bench(url, args)
     finally:

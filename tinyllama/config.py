@@ -717,6 +717,11 @@ class ServeConfig:
     """Tokens a reply may have when the request names no max_tokens (cut to what the context leaves)."""
     model_id: Optional[str] = None
     """The model's id in /v1/models and the `model` field requests must name; None: the run folder's name."""
+    threads: Optional[int] = None
+    """torch threads of the decoding engine on a CPU; None: one fewer than the cores this process
+    may use (at least 1). The HTTP side needs a core of its own: with every core in torch's
+    thread pool, each product waits whenever the event loop holds one of them (BENCHMARKS.md,
+    serving)."""
 
 
 def serve_problems(s: ServeConfig) -> List[str]:
@@ -728,6 +733,8 @@ def serve_problems(s: ServeConfig) -> List[str]:
         problems.append(f"serve.max_batch={s.max_batch}: must be >= 1")
     if s.max_new_tokens < 1:
         problems.append(f"serve.max_new_tokens={s.max_new_tokens}: must be >= 1")
+    if s.threads is not None and s.threads < 1:
+        problems.append(f"serve.threads={s.threads}: must be >= 1 (or null: one fewer than the cores)")
     if s.model_id is not None and not s.model_id.strip():
         problems.append("serve.model_id is empty: give a name, or null for the run folder's name")
     return problems

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class _Source:
 
 Sources = List[_Source]
 
+_SHARED_MATRIX = 2**17  # weights from which a float32 product is shared among torch's threads
 _INT8_BLOCK = 16  # the int8 kernel's input width must be a multiple of this
 
 
@@ -133,7 +135,9 @@ class _Matrix:
     contiguous. At batch 1 a product streams the whole matrix for one row of output, so it is
     bound by memory reads; BLAS runs such a matrix-vector product on one thread, while torch.bmm
     over the P blocks shares them among torch's threads. With one thread NumPy multiplies the
-    blocks (a stacked matmul, as fast as one product there).
+    blocks (a stacked matmul, as fast as one product there); so it does off the main thread
+    (the server's engine), where each of torch's OpenMP regions costs about a thread start
+    (decoding measured 2.6x slower there), and for matrices too small to share.
 
     int8: torch's int8 weight-only kernel (`_weight_int8pack_mm`: (C_out, C_in) int8 rows, one
     bfloat16 scale per output channel, symmetric, scale = max |w| / 127). It takes its input in
@@ -179,6 +183,8 @@ class _Matrix:
                     _Source(f"{name}.weight", tuple(linear.weight.shape), None, zlib.crc32(current))
                 )
             return
+        if self.in_features * self.out_features < _SHARED_MATRIX:
+            parts = 1  # too small for threads to pay their start and finish
         P = max(p for p in range(1, parts + 1) if self.out_features % p == 0)
         n = self.out_features // P
         # One copy, into C-contiguous blocks (the parameters are (C_out, C_in): transposed here).
@@ -215,7 +221,7 @@ class _Matrix:
             if P == 1:
                 out = x @ self.parts[0]
             else:
-                if torch.get_num_threads() > 1:
+                if torch.get_num_threads() > 1 and threading.current_thread() is threading.main_thread():
                     blocks = torch.bmm(
                         torch.from_numpy(x).expand(P, B, self.in_features), self.parts_t
                     ).numpy()
@@ -471,9 +477,10 @@ class FastDecoder:
         scores *= self.scaling
         if mask is not None:
             scores += mask
-        # softmax over the keys: torch's kernel, on zero-copy views, is one pass where NumPy's
-        # max, subtract, exp, sum and divide are five
-        weights = torch.softmax(torch.from_numpy(scores), dim=-1).numpy()
+        # softmax over the keys in NumPy: torch's kernel is one pass instead of five, but off the
+        # main thread (the server's engine) each call opens an OpenMP region, ~10 us
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
         out = (weights @ values).reshape(B, H * D)  # (B, H_kv, G, D) -> heads side by side
         return layer.o_proj(out)
 

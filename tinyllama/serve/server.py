@@ -12,11 +12,13 @@ model loads and port 0 gets a free one.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+import torch
 import uvicorn
 
 from tinyllama.checkpoint import load_for_inference
@@ -55,7 +57,9 @@ def run_serve(job, out: TextIO = sys.stdout, on_ready: Optional[Callable[[str], 
     s = job.serve
     sock = open_socket(s.host, s.port)
     try:
-        ckpt, model, tokenizer, _ = load_for_inference(job)
+        ckpt, model, tokenizer, device = load_for_inference(job)
+        if torch.device(device).type == "cpu":
+            torch.set_num_threads(s.threads or max(1, _usable_cores() - 1))
         model_id = s.model_id or _run_name(job, ckpt.path)
         engine = Engine(model, max_batch=s.max_batch, weights=job.sample.weights).start()
         served = ServedModel(
@@ -93,3 +97,10 @@ def _run_name(job, checkpoint: Path) -> str:
         path = Path(checkpoint).resolve()
         return next((p.parent.name for p in [path, *path.parents] if p.name == "checkpoints"), path.name)
     return run_dir_of(job).resolve().name
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
