@@ -218,17 +218,17 @@ class _Matrix:
             out = torch._weight_int8pack_mm(x_bf16, self.qweight, self.scale).float().numpy()
         else:
             P = self.parts.shape[0]
-            if P == 1:
-                out = x @ self.parts[0]
+            shared = torch.get_num_threads() > 1 and threading.current_thread() is threading.main_thread()
+            if shared and (P > 1 or B > 1):
+                # Products of several rows go through torch's pool too: NumPy's BLAS would wake
+                # threads of its own that fight torch's for the cores (a 16-row step ran 10x
+                # slower); a one-row product of a small matrix stays in NumPy on one thread.
+                x_t = torch.from_numpy(x).expand(P, B, self.in_features)
+                blocks = torch.bmm(x_t, self.parts_t).numpy()
             else:
-                if torch.get_num_threads() > 1 and threading.current_thread() is threading.main_thread():
-                    blocks = torch.bmm(
-                        torch.from_numpy(x).expand(P, B, self.in_features), self.parts_t
-                    ).numpy()
-                else:
-                    blocks = np.matmul(x, self.parts)  # (P, B, C_out / P)
-                # Blocks side by side: at batch 1 their memory already is the output row.
-                out = blocks.reshape(B, -1) if B == 1 else blocks.transpose(1, 0, 2).reshape(B, -1)
+                blocks = np.matmul(x, self.parts)  # (P, B, C_out / P)
+            # Blocks side by side: at batch 1 (or with one block) their memory is the output.
+            out = blocks.reshape(B, -1) if B == 1 or P == 1 else blocks.transpose(1, 0, 2).reshape(B, -1)
         return out if self.bias is None else out + self.bias
 
     @property
