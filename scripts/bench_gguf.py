@@ -7,7 +7,9 @@ initialisation, batch 1. The same weights run as: llama.cpp (llama-cpp-python) f
 and the q8_0 GGUF files, ours (`tinyllama.generate`) with float32 and with int8 weights
 (`weights="int8"`), and transformers (float32, loaded from our Hugging Face export). Each
 decodes greedily 256 new tokens after an 8-token prompt (no EOS stop); tokens / second, the
-median of --rounds alternating rounds after a warm-up. For each thread count of --threads (all
+median of --rounds alternating rounds after a warm-up, each started 0.2 s after the previous
+one ended (the worker threads of llama.cpp and of torch spin-wait after a call; with two cores
+they would otherwise slow whichever library runs next). For each thread count of --threads (all
 in one run) every library gets that many threads (torch, NumPy's BLAS through threadpoolctl,
 llama.cpp's n_threads). The script also reports whether llama.cpp's float32 greedy tokens equal
 ours, and how far q8_0's and our int8's agree with our float32 ones.
@@ -46,6 +48,7 @@ from tinyllama.tokenizer import Tokenizer
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "model" / "llama2c_15m.yaml"
 NEW_TOKENS, PROMPT = 256, 8
+SETTLE_S = 0.2
 
 
 def main() -> None:
@@ -141,6 +144,9 @@ def main() -> None:
         times: Dict[str, List[float]] = {name: [] for name in runs}
         for _ in range(args.rounds):
             for name, fn in runs.items():
+                # The previous library's worker threads spin-wait for a while after it returns
+                # (llama.cpp's pool, torch's OpenMP); let them go idle so nobody runs against them.
+                time.sleep(SETTLE_S)
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
