@@ -340,11 +340,7 @@ class _Run:
 
     async def events(self, http: Optional[Request]) -> AsyncIterator[Tuple[int, str, Optional[str]]]:
         """(choice, new text, finish_reason or None) as the engine decodes; cancels the rows when
-        the consumer stops early (a client gone mid-stream) or `http` reports a disconnect.
-
-        Tokens that arrived while the previous event was being sent come out as one event per
-        choice (their text joined): a client keeps up with the engine however many requests
-        share the cores, instead of the server spending them on one event per token."""
+        the consumer stops early (a client gone mid-stream) or `http` reports a disconnect."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         requests = []
@@ -361,32 +357,27 @@ class _Run:
         try:
             while open_choices:
                 try:
-                    arrived = [await asyncio.wait_for(queue.get(), timeout=1.0)]
+                    choice, token, finish = await asyncio.wait_for(queue.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if http is not None and await http.is_disconnected():
                         return
                     continue
-                while not queue.empty():
-                    arrived.append(queue.get_nowait())
-                deltas: Dict[int, List] = {}  # choice -> [text, finish], in order of arrival
-                for choice, token, finish in arrived:
-                    if self.finish[choice] is not None:
-                        continue  # a choice cut at a stop string: the engine's last tokens are dropped
-                    text = self.texts[choice]
-                    pending = deltas.setdefault(choice, ["", None])
-                    if token is not None:
-                        self.tokens[choice] += 1
-                        if token not in self.end_ids:  # the end-of-turn piece is not part of the reply
-                            pending[0] += text.push(token)
-                    if text.stopped:
-                        finish = "stop"
-                        requests[choice // self.params.n].cancel(choice % self.params.n)
-                    if finish is not None:
-                        pending[0] += text.finish()
-                        pending[1] = self.finish[choice] = finish
-                        open_choices -= 1
-                for choice, (delta, finish) in deltas.items():
-                    yield choice, delta, finish
+                if self.finish[choice] is not None:
+                    continue  # a choice cut at a stop string: the engine's last tokens are dropped
+                text = self.texts[choice]
+                delta = ""
+                if token is not None:
+                    self.tokens[choice] += 1
+                    if token not in self.end_ids:  # the end-of-turn piece is not part of the reply
+                        delta = text.push(token)
+                if text.stopped:
+                    finish = "stop"
+                    requests[choice // self.params.n].cancel(choice % self.params.n)
+                if finish is not None:
+                    delta += text.finish()
+                    self.finish[choice] = finish
+                    open_choices -= 1
+                yield choice, delta, finish
         finally:
             if open_choices:
                 for r in requests:
