@@ -161,6 +161,8 @@ def main() -> None:
             llm.close()
     print(agreement)
     print()
+    torch.set_num_threads(max(args.threads))
+    threadpool_limits(max(args.threads))
     batched(ours, args.batches, args.rounds)
     if args.run:
         print()

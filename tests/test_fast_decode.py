@@ -182,6 +182,11 @@ def test_a_custom_norm_runs_inside_the_fast_path():
         got = step_logits(model, FastDecoder(model), prompt, new)
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+    # with grad mode on, as the sample and chat stages call it: the norm's gain requires grad
+    assert torch.is_grad_enabled()
+    assert torch.equal(
+        generate(model, prompt, 6, temperature=0.0), generate(model, prompt, 6, temperature=0.0, fast=False)
+    )
 
 
 def test_the_decoding_path_is_logged_by_name(caplog):

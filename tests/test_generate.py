@@ -227,6 +227,13 @@ def test_rows_with_their_own_generators_draw_what_they_draw_alone():
     assert together.tolist() == [int(t) for t in alone]
 
 
+def test_a_row_that_is_not_finite_still_gives_a_token_id():
+    logits = torch.tensor([[float("nan")] * 5, [0.0, 1.0, 2.0, 3.0, 4.0]])
+    for top_p in (None, 0.9):
+        tokens = next_token(logits, 1.0, None, top_p, 1.0, None, torch.Generator().manual_seed(0))
+        assert ((tokens >= 0) & (tokens < 5)).all()
+
+
 def test_draw_never_picks_a_token_of_probability_zero():
     probs = torch.zeros(2000, 6)
     probs[:, 2], probs[:, 4] = 0.25, 0.75

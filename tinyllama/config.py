@@ -374,7 +374,8 @@ class SampleConfig:
     top_k: Optional[int] = None
     """Keep only the k most likely tokens."""
     top_p: Optional[float] = 0.95
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold: the most likely tokens whose probabilities reach it are kept,
+    and any token tied with the least likely of them (on a near-uniform model that can be many)."""
     repetition_penalty: float = 1.0
     """>1 discourages repeating tokens already present."""
     seed: Optional[int] = None
@@ -718,10 +719,11 @@ class ServeConfig:
     model_id: Optional[str] = None
     """The model's id in /v1/models and the `model` field requests must name; None: the run folder's name."""
     threads: Optional[int] = None
-    """torch threads of the decoding engine on a CPU; None: one fewer than the cores this process
-    may use (at least 1). The HTTP side needs a core of its own: with every core in torch's
-    thread pool, each product waits whenever the event loop holds one of them (BENCHMARKS.md,
-    serving)."""
+    """torch threads on a CPU (the prefill, int8 products); None: one fewer than the cores this
+    process may use (at least 1). The HTTP side needs a core of its own: with every core in
+    torch's thread pool, each product waits whenever the event loop holds one of them
+    (BENCHMARKS.md, serving). The engine's float32 decoding steps run in NumPy's BLAS
+    (fast_decode: off the main thread), which OPENBLAS_NUM_THREADS governs."""
 
 
 def serve_problems(s: ServeConfig) -> List[str]:

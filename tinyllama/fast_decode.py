@@ -39,9 +39,10 @@ then runs the model itself (it logs which path decodes at DEBUG level, logger ti
 Norms and activations other than RMSNorm and SiLU run as the model's own modules, on zero-copy
 tensor views.
 
-Threads: the matrix products follow torch.set_num_threads (the column blocks are packed for the
-thread count, two per thread, and packed afresh when it changes); the small attention products
-run in NumPy's BLAS on one thread at these sizes.
+Threads: on the main thread the matrix products follow torch.set_num_threads (the column blocks
+are packed for the thread count, two per thread, and packed afresh when it changes); off it (the
+server's engine thread), where each of torch's OpenMP regions costs about a thread start, they
+run in NumPy's BLAS, as do the small attention products.
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ def silu(x: Array) -> Array:
 
 
 def _through_module(module: nn.Module, x: Array) -> Array:
-    """Run a torch module on an array through zero-copy views."""
-    return module(torch.from_numpy(x)).numpy()
+    """Run a torch module on an array through zero-copy views (no graph: its parameters may
+    require grad, and the caller's grad mode is the caller's)."""
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
 
 
 def _numpy_fn(name: str, module: nn.Module, sources: Sources) -> Callable[[Array], Array]:
@@ -308,9 +311,11 @@ class FastDecoder:
         """The model's packed decoder for `weights` (one of WEIGHTS), built on first use and again
         whenever the model no longer holds what was packed (see `matches`)."""
         decoders = _DECODERS.setdefault(model, {})
-        key = (weights, _parts())  # the blocks follow torch's thread count
+        key = (weights, _parts() if weights == "float32" else 0)  # float32 blocks follow the threads
         decoder = decoders.get(key)
         if decoder is None or not decoder.matches(model):
+            for other in [k for k in decoders if k[0] == weights]:
+                del decoders[other]  # one packed copy per format: the old thread count's goes
             decoder = decoders[key] = cls(model, weights)
         return decoder
 
@@ -357,10 +362,11 @@ class FastDecoder:
     def matches(self, model: nn.Module) -> bool:
         """True while `model` holds exactly what was packed here: the same modules (a swapped
         norm or activation runs as itself) and the same parameters with equal values, compared
-        array by array (a view that still shares the parameter's memory needs no comparison;
-        quantized matrices compare the CRC-32 of the parameter's bytes with the one packed).
-        Exact and made of public calls only, so every kind of write is seen; it costs about one
-        read of the weights."""
+        array by array (a view that still shares the parameter's memory needs no comparison).
+        Quantized matrices compare the CRC-32 of the parameter's bytes with the one packed
+        instead: a change goes unseen only where the checksums collide (about 2^-32). Made of
+        public calls only, so every kind of write is seen; it costs about one read of the
+        weights."""
         if _module_identity(model) != self._identity:
             return False
         params = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names

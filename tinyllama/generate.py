@@ -57,7 +57,10 @@ def generate(
     repetition_penalty > 1 divides positive logits (multiplies negative ones) of every token
     already in the row, prompt included, as transformers does. Generation stops once every row
     has produced `eos_token_id`; a row that finished early is filled with it afterwards.
-    seed makes sampling reproducible (None: torch's global RNG).
+    seed makes sampling reproducible (None: torch's global RNG). Each row draws one number of
+    the generator per step, in row order; once finished rows leave the batch the rows after them
+    draw other numbers than they would have, so a sampled row depends on when the rows beside it
+    end (always in the same way for the same inputs).
     attention_mask (B, T): 1 for real tokens, 0 for left padding.
     fast: after the prompt, run each step through fast_decode.py (the same math in NumPy, weights
     packed for decoding; float32 CPU models); False runs the model's own forward at every step.
@@ -297,11 +300,13 @@ def draw(
         u = torch.rand(B, 1, generator=generator, device=probs.device)
     else:
         u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])[:, None]
-    cdf = probs.cumsum(dim=-1)  # (B, V)
+    # float64: summed in float32, a tiny probability late in a large vocabulary rounds to nothing
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
     total = cdf[:, -1:]
     # u * total can round up to total itself; the largest float below it keeps the search inside.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    # clamped: a row that is not finite (a diverged model) still gives a token id
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -318,7 +323,8 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     else:
         sorted_probs = torch.sort(probs, dim=-1, descending=True).values
     # A token stays if the tokens ranked above it sum to less than top_p.
-    kept = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p).sum(dim=-1, keepdim=True)  # (B, 1), >= 1
+    kept = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p).sum(dim=-1, keepdim=True)
+    kept.clamp_(min=1)  # (B, 1); 0 only where the row is not finite
     threshold = sorted_probs.gather(-1, kept - 1)  # the smallest probability kept
     return logits.masked_fill(probs < threshold, float("-inf"))
 

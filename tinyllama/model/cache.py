@@ -12,7 +12,9 @@ generation loop that knows its total length makes one of that size up front:
     out = model(next_ids, past_key_values=out.past_key_values, use_cache=True)  # one token at a time
 
 Writers go through `update` (tensors: the attention layers) or `update_arrays` (NumPy arrays:
-fast_decode.py's decoding step on CPU); nothing else writes the buffers or the lengths.
+fast_decode.py's decoding step on CPU); `select_rows`, `repeat_interleave` and `keep_columns`
+reshape a batch (rows leaving, samples of one prompt, padding cut), and the serving engine fills a
+fresh cache from two others when requests join.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class KVCache:
             self.keys = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in range(n)]
             self.values = [torch.zeros_like(k) for k in self.keys]
         # Tokens written so far, per layer (a forward pass updates layer 0 first, then 1, ...);
-        # only update and update_arrays write the buffers and these lengths.
+        # update and update_arrays write the buffers and these lengths (see the module's notes).
         self.lengths: List[int] = [0] * config.num_hidden_layers
         # update_arrays' NumPy views of each layer's buffers: (the key and value tensors, their views).
         self._arrays: List[Optional[Tuple[torch.Tensor, torch.Tensor, "np.ndarray", "np.ndarray"]]] = [
@@ -116,6 +118,7 @@ class KVCache:
                 if buffer is not None:
                     buffers[i] = buffer.repeat_interleave(repeats, dim=0)
         self.shape = (self.shape[0] * repeats,) + self.shape[1:]
+        self._forget_arrays()
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep the rows `index` (B',) in that order (a row may repeat): rows that finished
@@ -125,6 +128,22 @@ class KVCache:
                 if buffer is not None:
                     buffers[i] = buffer.index_select(0, index)
         self.shape = (len(index),) + self.shape[1:]
+        self._forget_arrays()
+
+    def keep_columns(self, start: int, end: int) -> None:
+        """Keep cached positions [start, end) of every row (a copy: the columns left of start,
+        padding no row reads any more, are freed); the cache then holds end - start."""
+        for buffers in (self.keys, self.values):
+            for i, buffer in enumerate(buffers):
+                if buffer is not None:
+                    buffers[i] = buffer[:, :, start:end].clone()
+        self.lengths = [end - start] * len(self.lengths)
+        self.shape = tuple(self.keys[0].shape)
+        self._forget_arrays()
+
+    def _forget_arrays(self) -> None:
+        """Drop update_arrays' views of replaced buffers (they would keep the old ones alive)."""
+        self._arrays = [None] * len(self._arrays)
 
     def _reserve(self, layer_idx: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make one layer's buffers hold `end` positions: allocated on first use, reallocated
@@ -142,3 +161,4 @@ class KVCache:
             new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
             new[:, :, : old.shape[2]] = old
             buffers[layer_idx] = new
+        self._arrays[layer_idx] = None

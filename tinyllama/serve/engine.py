@@ -84,10 +84,10 @@ class Request:
 class _Row:
     """One choice being decoded: its next input token and position, and its own generator."""
 
-    def __init__(self, request: Request, choice: int) -> None:
+    def __init__(self, request: Request, choice: int, device: torch.device) -> None:
         self.request, self.choice = request, choice
         params = request.params
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=device)  # where the logits it samples from live
         if params.seed is None:
             self.generator.seed()
         else:
@@ -218,7 +218,7 @@ class Engine:
             None if positions is None else positions.to(self.device),
             cache,
         )
-        rows = [_Row(r, choice) for r in requests for choice in range(r.params.n)]
+        rows = [_Row(r, choice, self.device) for r in requests for choice in range(r.params.n)]
         index = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.params.n)])
         if len(index) > len(requests):  # n > 1: a prompt's cache is copied to each of its rows
             logits, mask = logits[index], mask[index]
@@ -313,11 +313,7 @@ class Engine:
         start = int(used.long().argmax())  # the first column some row still reads
         if start > 0:
             L = self._length - start
-            for buffers in (self._cache.keys, self._cache.values):
-                for layer, buffer in enumerate(buffers):
-                    buffers[layer] = buffer[:, :, start : self._length].clone()
-            self._cache.lengths = [L] * len(self._cache.lengths)
-            self._cache.shape = tuple(self._cache.keys[0].shape)
+            self._cache.keep_columns(start, self._length)
             self._mask = self._mask[:, start : self._length].clone()
             self._length = L
 
