@@ -16,11 +16,13 @@ from tinyllama.cli import CONFIG_DIR, to_job
 from tinyllama.errors import ConfigError
 from tinyllama.inspection import (
     COMPONENTS,
+    activation_bytes,
     build_meta_model,
     choose_trace_device,
     count_parameters,
     flops_per_token,
     memory_estimate,
+    per_device_memory,
     trace_shapes,
     trace_tensors,
 )
@@ -211,3 +213,56 @@ def test_cli_prints_tree_counts_and_trace_without_writing_files(tmp_path):
     assert f"parameters: {count_parameters(preset('tiny'))['total']:,}" in out
     assert "self_attn.k_repeat_kv" in out and "lm_head" in out
     assert list(tmp_path.iterdir()) == []  # no run folder, no .hydra/, no log file
+
+
+def test_per_device_memory_replicates_under_ddp_and_shards_under_fsdp_and_tp():
+    config = LlamaConfig(**{**GQA, "num_key_value_heads": 2})
+    est = memory_estimate(config)["fp32"]
+    ddp = per_device_memory(config, "ddp", devices=4, seq_len=8)
+    assert {k: ddp[k] for k in ("weights", "gradients", "adamw")} == {
+        k: est[k] for k in ("weights", "gradients", "adamw")
+    }  # each DDP device holds everything
+    model = build_meta_model(config)
+    fsdp = per_device_memory(config, "fsdp", devices=4, seq_len=8)
+    assert fsdp["weights"] == 4 * sum(-(-p.numel() // 4) for p in model.parameters())  # fully_shard pads
+    assert est["weights"] / 4 <= fsdp["weights"] < est["weights"] / 4 + 4 * 4 * len(list(model.parameters()))
+    counts = count_parameters(config)
+    tp = per_device_memory(config, "ddp", devices=2, tp=2, seq_len=8)
+    assert tp["weights"] == 4 * (counts["norms"] + (counts["total"] - counts["norms"]) // 2)  # norms whole
+    both = per_device_memory(config, "fsdp", devices=4, tp=2, seq_len=8)
+    assert both["weights"] < tp["weights"] and both["activations"] == tp["activations"]
+
+
+def test_activation_bytes_are_what_autograd_saves():
+    """Counted on the meta device; the same count on a real CPU model (eager attention, whose
+    saved tensors do not depend on the device's kernels) gives the same bytes, and they grow
+    linearly with the batch (the RoPE tables and the mask are shared by its rows)."""
+    config = LlamaConfig(**{**GQA, "attn_implementation": "eager"})
+    meta = activation_bytes(config, seq_len=7, batch_size=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    params = {id(p) for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if id(t) not in params:
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    ids = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    assert meta == sum(saved.values()) > 0
+    one = activation_bytes(config, seq_len=7, batch_size=1)
+    assert activation_bytes(config, seq_len=7, batch_size=4) - meta == 2 * (meta - one) > 0
+
+
+def test_inspect_refuses_a_grid_that_does_not_fit():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for overrides, message in (
+            (["model=tiny", "inspect.tp=3"], "inspect.tp=3 does not divide model.num_attention_heads"),
+            (["model=tiny", "inspect.devices=3", "inspect.tp=2"], "inspect.devices=3 is not a multiple"),
+            (["model=tiny", "inspect.parallel=zero3"], "inspect.parallel='zero3': choose ddp or fsdp"),
+        ):
+            with pytest.raises(ConfigError, match=message):
+                to_job(compose(config_name="inspect", overrides=overrides))

@@ -42,6 +42,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 Hugging Face / torch name, which is accepted as an alias (export.dtype=bfloat16 means bf16)."""
 PRECISIONS = ("auto", *DTYPES)
 """train.precision (tinyllama.train.precision)."""
+PARALLEL = ("ddp", "fsdp")
+"""How the training state is spread over the devices: replicated (DistributedDataParallel) or
+sharded (FSDP2's fully_shard). inspect.parallel sizes either per device."""
 SAMPLE_WEIGHTS = ("float32", "int8")
 """sample.weights: the matrices of the CPU decoding step (tinyllama.fast_decode) in float32, or
 int8 weight-only with one scale per output channel."""
@@ -467,6 +470,16 @@ class InspectConfig:
     """Batch size B of the traced input."""
     trace_device: str = "auto"
     """"auto" (cpu up to 200M parameters, else meta), "cpu", or "meta" (shapes only, no weights)."""
+    parallel: str = "ddp"
+    """Memory per device under this strategy: ddp (each device holds everything) or fsdp
+    (weights, gradients and optimizer state sharded over the data-parallel devices)."""
+    devices: int = 1
+    """Devices of the job (data-parallel degree x inspect.tp)."""
+    tp: int = 1
+    """Tensor-parallel degree: attention and MLP projections, embedding and head split this many
+    ways (heads across devices); norms replicated."""
+    batch_size: int = 1
+    """Sequences per device for the activation memory (at inspect.seq_len tokens each)."""
 
 
 @dataclass
@@ -625,6 +638,18 @@ def validate(job: JobConfig) -> None:
         all(v is None or v > 0 for v in (ins.seq_len, ins.trace_seq_len, ins.trace_batch_size)),
         "inspect.seq_len, inspect.trace_seq_len and inspect.trace_batch_size must be > 0",
     )
+    need(ins.parallel in PARALLEL, f"inspect.parallel={ins.parallel!r}: choose {' or '.join(PARALLEL)}")
+    need(
+        ins.devices >= 1 and ins.tp >= 1 and ins.batch_size >= 1,
+        "inspect.devices, inspect.tp and inspect.batch_size must be >= 1",
+    )
+    need(
+        ins.devices % max(ins.tp, 1) == 0,
+        f"inspect.devices={ins.devices} is not a multiple of inspect.tp={ins.tp}: the devices form a "
+        f"(data x tensor) grid",
+    )
+    for problem in tp_problems(job.model, ins.tp, "inspect.tp"):
+        need(False, problem)
     ev, ex = job.evaluate, job.export
     need(ev.source in ("run", "data"), f"evaluate.source={ev.source!r}: choose run or data")
     need(ev.split in ("train", "val"), f"evaluate.split={ev.split!r}: choose val or train")
@@ -688,6 +713,24 @@ class ChatConfig:
     """Nucleus sampling threshold."""
     seed: Optional[int] = None
     """Sampling seed of the first reply, + 1 per reply (None: run.seed)."""
+
+
+def tp_problems(model: LlamaConfig, tp: int, key: str) -> List[str]:
+    """Why a tensor-parallel degree cannot split this model: it must divide the attention heads,
+    the key/value heads, the MLP width and the vocabulary (each device takes whole heads)."""
+    if tp <= 1:
+        return []
+    sizes = {
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.resolved_num_key_value_heads,
+        "intermediate_size": model.intermediate_size,
+        "vocab_size": model.vocab_size,
+    }
+    return [
+        f"{key}={tp} does not divide model.{name}={value}: choose a degree that divides it"
+        for name, value in sizes.items()
+        if value % tp
+    ]
 
 
 def chat_problems(c: ChatConfig) -> List[str]:

@@ -101,6 +101,86 @@ def memory_estimate(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str,
     return estimate
 
 
+# Parameters that tensor parallelism splits (torchtitan's plan: q/k/v and gate/up by columns,
+# o and down by rows, the embedding by rows, the head by columns); norms stay whole.
+_TP_SPLIT = ("embeddings", "attention", "mlp", "head")
+
+
+def per_device_memory(
+    config_or_model: Union[LlamaConfig, nn.Module],
+    parallel: str = "ddp",
+    devices: int = 1,
+    tp: int = 1,
+    seq_len: Optional[int] = None,
+    batch_size: int = 1,
+) -> Dict[str, int]:
+    """Bytes one device holds while training, in fp32 (mixed-precision autocast keeps fp32
+    weights, gradients and AdamW moments): weights, gradients, adamw, activations, total.
+
+    The devices form a (data x tensor) grid, data = devices / tp. Tensor parallelism splits the
+    projections, embedding and head `tp` ways (norms whole); FSDP then shards each device's part
+    over the data-parallel devices (rounded up, as fully_shard pads), where DDP keeps it whole.
+    Activations: the bytes autograd saves for the backward pass over a batch of `batch_size`
+    sequences of `seq_len` tokens (default: the context), counted on the meta device with
+    saved-tensor hooks, so they are the model's own, not a formula; with tp > 1 they are the tp=1
+    figure (an upper bound: the parts inside attention and MLP shrink by tp, the residual stream
+    does not). Not included: FSDP's transient all-gathered layer, the optimizer's temporaries.
+    """
+    model = _as_model(config_or_model)
+    data = devices // tp
+    local = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if tp > 1 and _component(name) in _TP_SPLIT:
+            n = -(-n // tp)
+        if parallel == "fsdp":
+            n = -(-n // data)
+        local += n
+    T = seq_len or model.config.max_position_embeddings
+    row = {
+        "weights": 4 * local,
+        "gradients": 4 * local,
+        "adamw": 8 * local,
+        "activations": activation_bytes(model.config, T, batch_size),
+    }
+    row["total"] = sum(row.values())
+    return row
+
+
+def activation_bytes(config: LlamaConfig, seq_len: int, batch_size: int = 1) -> int:
+    """Bytes of the tensors autograd saves in one training forward (loss included) over
+    (batch_size, seq_len) token ids, fp32, counted on the meta device (no memory, any size).
+    A tensor saved by several operations counts once."""
+    model = build_meta_model(config)
+    seen: Dict[int, int] = {}
+    params = {id(p) for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in params:  # weights are counted as weights
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    return sum(seen.values())
+
+
+def format_device_memory(model: LlamaForCausalLM, options: InspectConfig) -> str:
+    T = options.seq_len or model.config.max_position_embeddings
+    row = per_device_memory(model, options.parallel, options.devices, options.tp, T, options.batch_size)
+    unit, size = ("GiB", 2**30) if row["total"] >= 2**30 else ("MiB", 2**20)
+    data = options.devices // options.tp
+    lines = [
+        f"memory per device in {unit}, training in fp32 state: {options.parallel} on {options.devices} "
+        f"device(s) (data {data} x tensor {options.tp}), activations for {options.batch_size} x {T} tokens:",
+        f"  {'weights':>10}{'gradients':>11}{'AdamW (m, v)':>14}{'activations':>13}{'total':>10}",
+        f"  {row['weights'] / size:>10.2f}{row['gradients'] / size:>11.2f}{row['adamw'] / size:>14.2f}"
+        f"{row['activations'] / size:>13.2f}{row['total'] / size:>10.2f}",
+    ]
+    return "\n".join(lines)
+
+
 def attention_steps(
     attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> List[Tuple[str, torch.Tensor]]:
@@ -357,6 +437,7 @@ def inspect_report(config: LlamaConfig, options: InspectConfig, seed: int) -> st
         format_parameters(model),
         format_flops(model, options.seq_len or config.max_position_embeddings),
         format_memory(model),
+        format_device_memory(model, options),
     ]
     if options.trace:
         device = choose_trace_device(model, options.trace_device)
