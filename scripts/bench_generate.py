@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from threadpoolctl import threadpool_limits
 
 from tinyllama.export import export_hf
-from tinyllama.fast_decode import FastDecoder
+from tinyllama.fast_decode import FastDecoder, threads_shared
 from tinyllama.generate import generate
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
@@ -102,8 +102,9 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
     packed_inputs = [np.ones((1, m.in_features), np.float32) for m in packed_weights]
 
     def packed_matvecs() -> None:
+        shared = threads_shared()
         for m, x in zip(packed_weights, packed_inputs):
-            m(x)
+            m(x, shared)
 
     runs = {
         "matvecs": matvecs,

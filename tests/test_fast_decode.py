@@ -276,3 +276,22 @@ def test_int8_weights_follow_weight_changes_and_need_the_fast_path():
         generate(model, prompt, 4, weights="int8", fast=False)
     with pytest.raises(ConfigError, match="weights not float32"):
         generate(model.to(torch.float64), prompt, 4, weights="int8")
+
+
+def test_float32_blocks_follow_the_thread_count_and_int8_does_not():
+    model = make_model()
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(13))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, int8 = FastDecoder.for_model(model), FastDecoder.for_model(model, "int8")
+        torch.set_num_threads(2)
+        two = FastDecoder.for_model(model)
+        assert two is not one and (one.parts, two.parts) == (2, 4)
+        assert FastDecoder.for_model(model, "int8") is int8  # no blocks to repack
+        assert torch.equal(
+            generate(model, prompt, 6, temperature=0.0),
+            generate(model, prompt, 6, temperature=0.0, fast=False),
+        )
+    finally:
+        torch.set_num_threads(threads)

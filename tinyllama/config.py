@@ -648,8 +648,7 @@ def validate(job: JobConfig) -> None:
         f"inspect.devices={ins.devices} is not a multiple of inspect.tp={ins.tp}: the devices form a "
         f"(data x tensor) grid",
     )
-    for problem in tp_problems(job.model, ins.tp, "inspect.tp"):
-        need(False, problem)
+    problems += tp_problems(job.model, ins.tp, "inspect.tp")
     ev, ex = job.evaluate, job.export
     need(ev.source in ("run", "data"), f"evaluate.source={ev.source!r}: choose run or data")
     need(ev.split in ("train", "val"), f"evaluate.split={ev.split!r}: choose val or train")

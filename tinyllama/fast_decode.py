@@ -71,11 +71,7 @@ Array = np.ndarray
 # Each model's packed decoders (one per weight format), kept beside the model rather than on it:
 # the model stays as it was (picklable, no second copy of its weights in torch.save), and the
 # entries go with it.
-_DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple[str, int], FastDecoder]]" = (
-    weakref.WeakKeyDictionary()
-)
-
-WEIGHTS = SAMPLE_WEIGHTS  # int8 is weight-only: norms, RoPE, attention and the residual stream stay float32
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, FastDecoder]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -154,21 +150,12 @@ class _Matrix:
         self.in_features = named[0][1].in_features
         self.out_features = sum(linear.out_features for _, linear in named)
         self.bias = None
+        # Where each projection's outputs sit among the joint ones: [lo, hi).
+        starts = np.cumsum([0] + [linear.out_features for _, linear in named]).tolist()
         if named[0][1].bias is not None:
             self.bias = np.concatenate([linear.bias.detach().numpy() for _, linear in named])
-        spans, start = [], 0
-        for name, linear in named:
-            spans.append((name, tuple(linear.weight.shape), start, start + linear.out_features))
-            if self.bias is not None:
-                sources.append(
-                    _Source(
-                        f"{name}.bias",
-                        (linear.out_features,),
-                        None,
-                        self.bias[start : start + linear.out_features],
-                    )
-                )
-            start += linear.out_features
+            for (name, linear), lo, hi in zip(named, starts, starts[1:]):
+                sources.append(_Source(f"{name}.bias", (linear.out_features,), None, self.bias[lo:hi]))
         self.int8 = weights == "int8"
         if self.int8:
             weight = torch.cat([linear.weight.detach() for _, linear in named])  # (C_out, C_in)
@@ -192,8 +179,9 @@ class _Matrix:
         n = self.out_features // P
         # One copy, into C-contiguous blocks (the parameters are (C_out, C_in): transposed here).
         self.parts = np.empty((P, self.in_features, n), dtype=np.float32)
-        for name, shape, lo, hi in spans:
-            weight_t = dict(named)[name].weight.detach().numpy().T  # (C_in, C_out) view
+        for (name, linear), lo, hi in zip(named, starts, starts[1:]):
+            shape = tuple(linear.weight.shape)
+            weight_t = linear.weight.detach().numpy().T  # (C_in, C_out) view
             for p in range(P):
                 a, b = max(lo, p * n), min(hi, (p + 1) * n)
                 if a < b:
@@ -209,8 +197,9 @@ class _Matrix:
                     )
         self.parts_t = torch.from_numpy(self.parts)
 
-    def __call__(self, x: Array) -> Array:
-        """x (B, C_in) float32 -> (B, C_out) float32."""
+    def __call__(self, x: Array, shared: bool) -> Array:
+        """x (B, C_in) float32 -> (B, C_out) float32; `shared`: torch's pool may run it (see
+        `threads_shared`)."""
         B = x.shape[0]
         if self.int8:
             if self.padded_in == self.in_features:
@@ -221,7 +210,6 @@ class _Matrix:
             out = torch._weight_int8pack_mm(x_bf16, self.qweight, self.scale).float().numpy()
         else:
             P = self.parts.shape[0]
-            shared = torch.get_num_threads() > 1 and threading.current_thread() is threading.main_thread()
             if shared and (P > 1 or B > 1):
                 # Products of several rows go through torch's pool too: NumPy's BLAS would wake
                 # threads of its own that fight torch's for the cores (a 16-row step ran 10x
@@ -308,21 +296,18 @@ class FastDecoder:
 
     @classmethod
     def for_model(cls, model: nn.Module, weights: str = "float32") -> "FastDecoder":
-        """The model's packed decoder for `weights` (one of WEIGHTS), built on first use and again
+        """The model's packed decoder for `weights` (one of SAMPLE_WEIGHTS), built on first use and again
         whenever the model no longer holds what was packed (see `matches`)."""
         decoders = _DECODERS.setdefault(model, {})
-        key = (weights, _parts() if weights == "float32" else 0)  # float32 blocks follow the threads
-        decoder = decoders.get(key)
-        if decoder is None or not decoder.matches(model):
-            for other in [k for k in decoders if k[0] == weights]:
-                del decoders[other]  # one packed copy per format: the old thread count's goes
-            decoder = decoders[key] = cls(model, weights)
+        decoder = decoders.get(weights)
+        if decoder is None or decoder.parts not in (None, _parts()) or not decoder.matches(model):
+            decoder = decoders[weights] = cls(model, weights)  # float32 blocks follow the threads
         return decoder
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, weights: str = "float32") -> None:
-        if weights not in WEIGHTS:
-            raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+        if weights not in SAMPLE_WEIGHTS:
+            raise ValueError(f"weights={weights!r}: expected one of {', '.join(SAMPLE_WEIGHTS)}")
         self.weights = weights
         backbone = model.model
         self.config = config = backbone.config
@@ -332,13 +317,16 @@ class FastDecoder:
             _Source("model.embed_tokens.weight", self.embed_tokens.shape, None, self.embed_tokens)
         )
         self.rotary_emb = backbone.rotary_emb
-        parts = _parts()
+        # Column blocks per float32 matrix (None for int8, which has none).
+        self.parts: Optional[int] = _parts() if weights == "float32" else None
         self.layers: List[_PackedLayer] = [
-            _PackedLayer(layer, f"model.layers.{i}", weights, self._sources, parts)
+            _PackedLayer(layer, f"model.layers.{i}", weights, self._sources, self.parts or 1)
             for i, layer in enumerate(backbone.layers)
         ]
         self.norm = _numpy_fn("model.norm", backbone.norm, self._sources)
-        self.lm_head = _Matrix([("lm_head", model.lm_head)], weights, self._sources, parts)  # C -> V
+        self.lm_head = _Matrix(
+            [("lm_head", model.lm_head)], weights, self._sources, self.parts or 1
+        )  # C -> V
         self.head_dim = config.resolved_head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.resolved_num_key_value_heads
@@ -423,13 +411,14 @@ class FastDecoder:
             )  # (B, 1, 1, S): broadcast over H_kv and G
         # Silent on float overflow, like torch (silu's exp(-x) reaching inf is even meant): a
         # diverged model shows in its logits, not as NumPy warnings.
+        shared = threads_shared()
         with np.errstate(all="ignore"):
             for i, layer in enumerate(self.layers):
-                x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache)
-                gate_up = layer.gate_up(layer.post_attention_layernorm(x))
+                x = x + self._attention(layer.input_layernorm(x), layer, i, cos, sin, mask, cache, shared)
+                gate_up = layer.gate_up(layer.post_attention_layernorm(x), shared)
                 gate, up = gate_up[:, : layer.intermediate_size], gate_up[:, layer.intermediate_size :]
-                x = x + layer.down_proj(layer.act_fn(gate) * up)
-            return torch.from_numpy(self.lm_head(self.norm(x)))
+                x = x + layer.down_proj(layer.act_fn(gate) * up, shared)
+            return torch.from_numpy(self.lm_head(self.norm(x), shared))
 
     def _cos_sin(self, positions: Optional[Array], past: int) -> Tuple[Array, Array]:
         """RoPE's tables at positions (B, 1) (None: every row at `past`), shaped (B|1, 1, 2, D/2)
@@ -466,11 +455,12 @@ class FastDecoder:
         sin: Array,
         mask: Optional[Array],
         cache: KVCache,
+        shared: bool,
     ) -> Array:
         """Normed hidden states (B, C) -> attention output after o_proj (B, C)."""
         B = h.shape[0]
         H, H_kv, D = self.num_heads, self.num_key_value_heads, self.head_dim
-        qkv = layer.qkv(h).reshape(B, H + 2 * H_kv, 2, D // 2)  # each head as its two halves
+        qkv = layer.qkv(h, shared).reshape(B, H + 2 * H_kv, 2, D // 2)  # each head as its two halves
         qk = qkv[:, : H + H_kv]
         qk = qk * cos + qk[:, :, ::-1] * sin  # RoPE on q and k heads at once
         # One new position per row: (B, H_kv, D) -> (B, H_kv, 1, D); back come all (B, H_kv, S, D).
@@ -488,7 +478,13 @@ class FastDecoder:
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
         out = (weights @ values).reshape(B, H * D)  # (B, H_kv, G, D) -> heads side by side
-        return layer.o_proj(out)
+        return layer.o_proj(out, shared)
+
+
+def threads_shared() -> bool:
+    """Whether torch's thread pool runs the products of this step: it has several threads and
+    this is the main thread (off it each OpenMP region costs about a thread start)."""
+    return torch.get_num_threads() > 1 and threading.current_thread() is threading.main_thread()
 
 
 def _parts() -> int:

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinyllama.config import SAMPLE_WEIGHTS
 from tinyllama.errors import ConfigError
-from tinyllama.fast_decode import WEIGHTS, FastDecoder
+from tinyllama.fast_decode import FastDecoder
 from tinyllama.model import KVCache
 
 logger = logging.getLogger(__name__)
@@ -341,8 +342,8 @@ def _check_args(
 ) -> None:
     """Reject values that would fail deep inside torch (or silently do something else)."""
     problems: List[str] = []
-    if weights not in WEIGHTS:
-        problems.append(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if weights not in SAMPLE_WEIGHTS:
+        problems.append(f"weights={weights!r}: expected one of {', '.join(SAMPLE_WEIGHTS)}")
     if num_return_sequences < 1:
         problems.append(f"num_return_sequences={num_return_sequences}: must be >= 1")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

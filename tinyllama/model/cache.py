@@ -113,12 +113,7 @@ class KVCache:
     def repeat_interleave(self, repeats: int) -> None:
         """Make each row `repeats` adjacent rows (B -> B x repeats), cached positions and all: one
         prefilled prompt then continues as several samples."""
-        for buffers in (self.keys, self.values):
-            for i, buffer in enumerate(buffers):
-                if buffer is not None:
-                    buffers[i] = buffer.repeat_interleave(repeats, dim=0)
-        self.shape = (self.shape[0] * repeats,) + self.shape[1:]
-        self._forget_arrays()
+        self.select_rows(torch.arange(self.shape[0]).repeat_interleave(repeats))
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep the rows `index` (B',) in that order (a row may repeat): rows that finished
