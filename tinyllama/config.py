@@ -44,7 +44,8 @@ PRECISIONS = ("auto", *DTYPES)
 """train.precision (tinyllama.train.precision)."""
 PARALLEL = ("ddp", "fsdp")
 """How the training state is spread over the devices: replicated (DistributedDataParallel) or
-sharded (FSDP2's fully_shard). inspect.parallel sizes either per device."""
+sharded (FSDP2's fully_shard): train.parallel (tinyllama.train.parallel), and inspect.parallel,
+which sizes either per device."""
 SAMPLE_WEIGHTS = ("float32", "int8")
 """sample.weights: the matrices of the CPU decoding step (tinyllama.fast_decode) in float32, or
 int8 weight-only with one scale per output channel."""
@@ -178,6 +179,13 @@ class TrainConfig:
     """Apply torch.compile to the model."""
     grad_checkpointing: bool = False
     """Recompute layer activations in backward to save memory."""
+    parallel: str = "ddp"
+    """With several processes: "ddp" (every device holds the whole model, its gradients and AdamW
+    state) or "fsdp" (FSDP2: each holds 1/N of them; checkpoints are sharded with DCP)."""
+    tp: int = 1
+    """Tensor-parallel degree: attention and MLP projections, embedding and head split over this
+    many processes (whole heads each); the processes form a (data = world / tp) x (tensor = tp)
+    mesh, the data dimension sharded with FSDP."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     log_every: int = 10
@@ -576,6 +584,9 @@ def validate(job: JobConfig) -> None:
         f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context",
     )
     need(canonical_dtype(t.precision) in PRECISIONS, precision_problem(t.precision))
+    need(t.parallel in PARALLEL, f"train.parallel={t.parallel!r}: choose {' or '.join(PARALLEL)}")
+    need(t.tp >= 1, f"train.tp={t.tp}: must be >= 1 (1: no tensor parallelism)")
+    problems += tp_problems(job.model, t.tp, "train.tp")
     need(
         t.nan_policy in NAN_POLICIES, f"train.nan_policy={t.nan_policy!r}: choose {' or '.join(NAN_POLICIES)}"
     )

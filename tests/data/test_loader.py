@@ -66,12 +66,44 @@ def test_ranks_read_disjoint_windows(ramp):
     ranks = [
         BatchLoader(ramp, "train", batch_size=B, seq_len=T, seed=0, rank=r, world_size=3) for r in range(3)
     ]
-    per_rank = ranks[0].windows_per_rank
-    assert per_rank == 20_000 // 64 // 3
-    seen = [[int(s) for _ in range(per_rank // B) for s in loader.next_batch()[0][:, 0]] for loader in ranks]
+    steps = 20_000 // 64 // (3 * B)  # within the first epoch
+    seen = [[int(s) for _ in range(steps) for s in loader.next_batch()[0][:, 0]] for loader in ranks]
     assert len(set(seen[0]) | set(seen[1]) | set(seen[2])) == 3 * len(seen[0])  # disjoint
     assert len({s % (T + 1) for r in seen for s in r}) == 1  # one window grid per epoch, shared by ranks
     assert ranks[0].state_dict() == ranks[1].state_dict() == ranks[2].state_dict()
+
+
+def starts(loader, micro_steps):
+    """The first token of every window `loader` reads in `micro_steps` batches, in order."""
+    return [int(s) for _ in range(micro_steps) for s in loader.next_batch()[0][:, 0]]
+
+
+def test_the_order_is_global_whatever_the_number_of_ranks(ramp):
+    """Each micro-step the ranks together read the next world x batch windows of one order, so
+    2 ranks x batch 4 read per step what 1 rank x batch 4 x 2 accumulation reads, across epochs
+    (312 windows: the 100 micro-steps wrap past the end of the first epoch)."""
+    T, B, steps = 63, 4, 100
+    one = starts(BatchLoader(ramp, "train", batch_size=B, seq_len=T, seed=5), 2 * steps)
+    two = [starts(BatchLoader(ramp, "train", B, T, 5, rank=r, world_size=2), steps) for r in range(2)]
+    for step in range(steps):
+        single = one[2 * B * step : 2 * B * (step + 1)]
+        both = two[0][B * step : B * (step + 1)] + two[1][B * step : B * (step + 1)]
+        assert sorted(single) == sorted(both), step
+
+
+def test_resume_on_another_number_of_ranks_continues_the_global_order(ramp):
+    T, B = 63, 4
+    full = starts(BatchLoader(ramp, "train", batch_size=B, seq_len=T, seed=6), 170)  # 680 > 312 windows
+    ranks = [BatchLoader(ramp, "train", B, T, 6, rank=r, world_size=2) for r in range(2)]
+    first = [starts(loader, 45) for loader in ranks]  # 360 windows: into the second epoch
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict() and state["epoch"] == 1
+    resumed = BatchLoader(ramp, "train", batch_size=B, seq_len=T, seed=6)
+    resumed.load_state_dict(state)
+    assert sorted(first[0] + first[1]) == sorted(full[:360])
+    assert starts(resumed, 80) == full[360:]
+    with pytest.raises(DataError, match="saved seed is 6"):
+        BatchLoader(ramp, "train", B, T, seed=7).load_state_dict(state)
 
 
 def test_epochs_cover_every_window_once_in_new_orders(ramp):
@@ -88,7 +120,7 @@ def test_resume_replays_exactly_across_epochs(ramp):
         return BatchLoader(ramp, "train", batch_size=16, seq_len=511, seed=3)
 
     full = loader()
-    assert full.windows_per_rank == 39  # 10 batches of 16 span five epochs
+    assert len(full._order_of(0)[1]) == 39  # 10 batches of 16 span five epochs
     batches = [full.next_batch() for _ in range(10)]
     first = loader()
     for _ in range(4):

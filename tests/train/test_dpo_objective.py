@@ -93,7 +93,15 @@ def test_ranks_take_disjoint_pairs_and_a_mismatched_resume_is_refused():
     epoch = [sum((o.next_indices() for _ in range(2)), []) + o.next_indices()[:1] for o in ranks]
     assert not set(epoch[0]) & set(epoch[1]) and len(set(epoch[0] + epoch[1])) == 10
     state = ranks[0].state_dict()
-    assert state == {"epoch": 1, "position": 1, "seed": 1, "world_size": 2, "pairs": 10, "digest": "d"}
+    assert state == {
+        "epoch": 1,
+        "position": 2,  # 3 micro-steps x 2 ranks x 2 pairs = 12 = 10 + 2
+        "order": "global",
+        "seed": 1,
+        "world_size": 2,
+        "pairs": 10,
+        "digest": "d",
+    }
     again = PairOrder(10, 2, seed=1, rank=0, world_size=2, digest="d")
     again.load_state_dict(state)
     assert again.next_indices() == ranks[0].next_indices()  # the same second epoch

@@ -5,9 +5,12 @@ tokens; x is a window's first seq_len tokens and y the same window shifted by on
 
 Training (`BatchLoader`) reads the windows of an epoch in a seeded random order; every epoch
 shifts the window grid by a random offset (< seq_len + 1), so the model sees new cuts of the
-text. The epoch's permutation is dealt to ranks round-robin, so ranks read disjoint windows,
-and the position (epoch, windows taken) is the same on every rank: `state_dict()` from rank 0
-resumes every rank exactly. Evaluation reads non-overlapping windows in order (`window_batches`,
+text. The epochs' permutations, end to end, are one global order that does not depend on the
+number of processes: each micro-step the ranks together take its next world_size x batch_size
+windows, dealt round-robin (rank r takes every world_size-th from the r-th). The position
+(epoch, windows of it taken by all ranks) is the same on every rank, so `state_dict()` from
+rank 0 resumes any number of processes where the run was: 2 ranks x batch 4 and 1 rank x
+batch 4 x 2 accumulation read the same 8 windows per step. Evaluation reads non-overlapping windows in order (`window_batches`,
 the one evaluation windowing: of packed shards in `eval_batches`, of text in memory in
 `tinyllama.evaluate.text_batches`).
 """
@@ -97,38 +100,44 @@ def _to_xy(windows: List[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 class ResumableLoader:
-    """What the training loaders share: the tokenizer check, the seeded epoch order dealt to ranks,
-    and the resumable position (epoch, items taken). Subclasses set packed_dir, meta, seed,
-    seq_len, batch_size, split, call `_start(rank, world_size, windows_per_rank)` and define
-    `_epoch_order()` -> (anything the epoch's items need, this rank's item indices)."""
+    """What the training loaders share: the tokenizer check, the seeded global order of the items
+    dealt to ranks (see the module docstring), and the resumable position (epoch, items of it
+    taken by all ranks). Subclasses set packed_dir, meta, seed, seq_len, batch_size, split, call
+    `_start(rank, world_size)` and define `_epoch_order(epoch)` -> (anything the epoch's items
+    need, a permutation of its item indices)."""
 
     packed_dir: Path
     meta: Dict
 
-    def _start(self, rank: int, world_size: int, windows_per_rank: int) -> None:
+    def _start(self, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.rank, self.world_size, self.windows_per_rank = rank, world_size, windows_per_rank
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.taken = 0  # items of this epoch already returned (same count on every rank)
-        self._order: Optional[Tuple[object, np.ndarray]] = None
+        self.taken = 0  # items of this epoch already taken by all ranks together
+        self._orders: Dict[int, Tuple[object, np.ndarray]] = {}  # the epochs a micro-step spans
 
-    def _deal(self, rng: np.random.Generator, n_items: int) -> np.ndarray:
-        """This rank's share of a permutation of n_items: dealt round-robin, so ranks read
-        disjoint items, and cut so that every rank gets windows_per_rank."""
-        order = rng.permutation(n_items)[: self.windows_per_rank * self.world_size]
-        return order[self.rank :: self.world_size]
+    def _order_of(self, epoch: int) -> Tuple[object, np.ndarray]:
+        if epoch not in self._orders:
+            self._orders[epoch] = self._epoch_order(epoch)
+        return self._orders[epoch]
 
-    def _next_items(self) -> Iterator[Tuple[object, int]]:
-        """batch_size (epoch data, item index) pairs; epochs roll over without a gap."""
-        for _ in range(self.batch_size):
-            if self._order is None:
-                self._order = self._epoch_order()
-            extra, order = self._order
-            yield extra, int(order[self.taken])
-            self.taken += 1
-            if self.taken == len(order):
-                self.epoch, self.taken, self._order = self.epoch + 1, 0, None
+    def _next_items(self) -> List[Tuple[object, int]]:
+        """This rank's batch_size (epoch data, item index) pairs of the next micro-step: the
+        global positions taken + rank + i * world_size; epochs roll over without a gap."""
+        items = []
+        for i in range(self.batch_size):
+            epoch, position = self.epoch, self.taken + self.rank + i * self.world_size
+            extra, order = self._order_of(epoch)
+            while position >= len(order):
+                epoch, position = epoch + 1, position - len(order)
+                extra, order = self._order_of(epoch)
+            items.append((extra, int(order[position])))
+        self.taken += self.batch_size * self.world_size
+        while self.taken >= len(self._order_of(self.epoch)[1]):
+            self.taken -= len(self._orders.pop(self.epoch)[1])
+            self.epoch += 1
+        return items
 
     @property
     def fingerprint(self) -> str:
@@ -161,6 +170,7 @@ class ResumableLoader:
         return {
             "epoch": self.epoch,
             "taken": self.taken,
+            "order": "global",
             "seed": self.seed,
             "seq_len": self.seq_len,
             "world_size": self.world_size,
@@ -170,15 +180,19 @@ class ResumableLoader:
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        """Continue where `state` left off; refuse a state that would not replay the same batches."""
+        """Continue where `state` left off, with any number of ranks; refuse a state that would
+        not replay the same order."""
         state = {"source": self.source, **state}  # a checkpoint saved before the source was recorded
-        for key in ("seed", "seq_len", "world_size", "split", "fingerprint", "source"):
+        for key in ("seed", "seq_len", "split", "fingerprint", "source"):
             if state[key] != getattr(self, key):
                 raise DataError(
                     f"cannot resume the data loader exactly: the saved {key} is {state[key]!r}, "
                     f"this run has {getattr(self, key)!r}; use the same {key} to resume"
                 )
-        self.epoch, self.taken, self._order = int(state["epoch"]), int(state["taken"]), None
+        taken = int(state["taken"])
+        if state.get("order") != "global":  # saved when ranks counted their own windows
+            taken *= int(state["world_size"])
+        self.epoch, self.taken, self._orders = int(state["epoch"]), taken, {}
 
 
 class BatchLoader(ResumableLoader):
@@ -199,15 +213,15 @@ class BatchLoader(ResumableLoader):
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.stream = TokenStream(self.packed_dir, self.meta, split)
         self.window = seq_len + 1
-        per_rank = _windows_per_rank(self.stream, self.packed_dir, split, self.window, world_size)
-        self._start(rank, world_size, per_rank)
+        _windows_per_rank(self.stream, self.packed_dir, split, self.window, world_size)  # one each at least
+        self._start(rank, world_size)
 
-    def _epoch_order(self) -> Tuple[int, np.ndarray]:
-        """(grid offset, this rank's window indices) for the current epoch, from (seed, epoch)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def _epoch_order(self, epoch: int) -> Tuple[int, np.ndarray]:
+        """(grid offset, the order of its windows) for `epoch`, from (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
         n_windows = self.stream.tokens // self.window
         offset = int(rng.integers(0, self.stream.tokens - n_windows * self.window + 1))
-        return offset, self._deal(rng, n_windows)
+        return offset, rng.permutation(n_windows)
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Next (x, y), both (B, T) int64 on the CPU; epochs roll over without a gap."""

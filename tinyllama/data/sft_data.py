@@ -218,11 +218,12 @@ class SFTBatchLoader(ResumableLoader):
             )
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.windows = ChatWindows(self.packed_dir, self.meta, split)
-        self._start(rank, world_size, _per_rank(self.windows, self.packed_dir, split, world_size))
+        _per_rank(self.windows, self.packed_dir, split, world_size)  # one window per rank at least
+        self._start(rank, world_size)
 
-    def _epoch_order(self) -> Tuple[None, np.ndarray]:
-        """This rank's window indices for the current epoch, from (seed, epoch)."""
-        return None, self._deal(np.random.default_rng([self.seed, self.epoch]), self.windows.n)
+    def _epoch_order(self, epoch: int) -> Tuple[None, np.ndarray]:
+        """The order of the windows in `epoch`, from (seed, epoch)."""
+        return None, np.random.default_rng([self.seed, epoch]).permutation(self.windows.n)
 
     def next_batch(self) -> ModelBatch:
         """The next batch_size windows; epochs roll over without a gap."""

@@ -21,12 +21,27 @@ from tinyllama.device import pick_device
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: its rank among world_size processes and its device."""
+    """Where this process sits: its rank among world_size processes and its device.
+
+    With tensor parallelism (tp > 1) the processes form a (data, tensor) mesh of
+    (world_size / tp) x tp, rank = dp_rank * tp + tp_rank: the tp processes of a row split
+    each matrix and read the same batches, so data (loaders, evaluation windows) is dealt by
+    dp_rank among dp_size."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    tp: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Processes that read different data (the data-parallel degree)."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
 
     @property
     def is_main(self) -> bool:
@@ -61,16 +76,30 @@ class DistEnv:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (e.g. the temporary folder a sharded save writes into)."""
+        if not self.is_distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
 
 
-def setup_distributed(requested_device: str = "auto") -> DistEnv:
+def torchrun_world_size() -> int:
+    """How many processes torchrun launched (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_distributed(requested_device: str = "auto", tp: int = 1) -> DistEnv:
     """Read the torchrun environment, pick the device, and join the process group if launched
-    with more than one process. Call `teardown_distributed()` at the end."""
+    with more than one process. `tp`: the tensor-parallel degree (it must divide the world
+    size: tinyllama.train.parallel checks that first). Call `teardown_distributed()` at the end."""
     rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = torchrun_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
@@ -82,7 +111,7 @@ def setup_distributed(requested_device: str = "auto") -> DistEnv:
             world_size=world_size,
             device_id=device if device.type == "cuda" else None,
         )
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, tp=tp)
 
 
 def teardown_distributed() -> None:

@@ -50,8 +50,8 @@ FIGURES = (
 
 class PairOrder(ResumableLoader):
     """Which pairs each micro-batch takes: a permutation of the pairs per epoch, seeded by
-    (seed, epoch), dealt to ranks round-robin (each rank gets n_pairs // world_size of them);
-    the position (epoch, pairs taken) is the same on every rank. `digest` names the pairs, so
+    (seed, epoch), the epochs end to end dealt to ranks round-robin (ResumableLoader);
+    the position (epoch, pairs taken by all ranks) is the same on every rank. `digest` names the pairs, so
     a state saved on other pairs is refused."""
 
     def __init__(self, n_pairs: int, batch_size: int, seed: int, rank: int, world_size: int, digest: str):
@@ -60,10 +60,10 @@ class PairOrder(ResumableLoader):
                 f"{n_pairs} preference pairs cannot give each of {world_size} ranks one: give more"
             )
         self.n_pairs, self.batch_size, self.seed, self.digest = n_pairs, batch_size, seed, digest
-        self._start(rank, world_size, n_pairs // world_size)
+        self._start(rank, world_size)
 
-    def _epoch_order(self) -> Tuple[None, np.ndarray]:
-        return None, self._deal(np.random.default_rng([self.seed, self.epoch]), self.n_pairs)
+    def _epoch_order(self, epoch: int) -> Tuple[None, np.ndarray]:
+        return None, np.random.default_rng([self.seed, epoch]).permutation(self.n_pairs)
 
     def next_indices(self) -> List[int]:
         """The pair indices of this rank's next micro-batch (batch_size of them)."""
@@ -73,6 +73,7 @@ class PairOrder(ResumableLoader):
         return {
             "epoch": self.epoch,
             "position": self.taken,
+            "order": "global",
             "seed": self.seed,
             "world_size": self.world_size,
             "pairs": self.n_pairs,
@@ -92,7 +93,10 @@ class PairOrder(ResumableLoader):
                     f"cannot resume the DPO pairs exactly: the saved {key} is {state.get(key)!r}, this "
                     f"run has {mine!r}; resume with the same pairs, run.seed and number of processes"
                 )
-        self.epoch, self.taken, self._order = int(state["epoch"]), int(state["position"]), None
+        position = int(state["position"])
+        if state.get("order") != "global":  # saved when ranks counted their own pairs
+            position *= self.world_size
+        self.epoch, self.taken, self._orders = int(state["epoch"]), position, {}
 
 
 def pairs_digest(encoded: List[EncodedPair]) -> str:

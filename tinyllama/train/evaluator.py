@@ -62,7 +62,7 @@ class Evaluator:
             return self.last_loss
         if not self.cadence.due(step, force):
             return None
-        share = dict(max_batches=self.cfg.batches or None, rank=self.env.rank, world_size=self.env.world_size)
+        share = dict(max_batches=self.cfg.batches or None, rank=self.env.dp_rank, world_size=self.env.dp_size)
         if self.conversations:  # the held-out windows: loss on the tokens that carry labels
             batches = sft_eval_batches(self.packed_dir, "val", self.batch_size, **share)
         else:

@@ -74,8 +74,8 @@ class LMObjective(Objective):
             t.batch_size,
             t.seq_len,
             seed=job.run.seed,
-            rank=env.rank,
-            world_size=env.world_size,
+            rank=env.dp_rank,
+            world_size=env.dp_size,
         )
         self.loader.check_compatible(tokenizer.fingerprint, job.model.vocab_size)
         self.shares = TokenShares()
