@@ -22,6 +22,18 @@ a PEFT adapter folder (`PeftModel.from_pretrained(<the base's HF export>, step_<
         base.json                  the base: init_from as given, its resolved folder, and the
                                    fingerprint of its weights
 
+A run trained with train.parallel=fsdp or train.tp holds its weights and AdamW state sharded
+instead of model.safetensors, as torch.distributed.checkpoint (DCP) writes them, each process
+its own part:
+
+        dcp/.metadata        which piece of which tensor lies where (DCP's index)
+        dcp/__<rank>_0.distcp  the pieces rank <rank> held: weights under "model.", AdamW
+                             moments under "optimizer."
+
+`load_checkpoint` consolidates the weights into whole tensors on load (a single process, no
+process group), so every stage reads such a folder like any other; a resume reads the pieces
+it needs into whatever sharding the new run has (tinyllama.train.checkpointer).
+
 `load_checkpoint` reads the base again, refuses one whose fingerprint differs (naming both), and
 gives the merged weights as model_state, so every stage loads a LoRA run as a plain model;
 `adapter` keeps the parts (a resume loads the adapter into the training model, an export may
@@ -43,7 +55,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -74,7 +86,8 @@ LATEST, BEST = "latest", "best"
 WEIGHTS, MODEL_CONFIG, RUN_CONFIG = "model.safetensors", "model_config.json", "config.yaml"
 TOKENIZER, TRAIN_STATE, META = "tokenizer.model", "train_state.pt", "meta.json"
 BASE = "base.json"
-REQUIRED = (MODEL_CONFIG, RUN_CONFIG, TOKENIZER, META)  # and WEIGHTS, or the ADAPTER files
+DCP = "dcp"
+REQUIRED = (MODEL_CONFIG, RUN_CONFIG, TOKENIZER, META)  # and WEIGHTS, DCP, or the ADAPTER files
 ADAPTER = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE)
 
 
@@ -114,6 +127,7 @@ class LoadedCheckpoint:
     tokenizer_fingerprint: Optional[str]
     train_state: Optional[Dict[str, Any]]
     adapter: Optional[AdapterState] = None
+    sharded: bool = False  # weights and AdamW state in dcp/ (model_state: None unless consolidated)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -152,21 +166,72 @@ def _known_keys(data: Dict[str, Any], schema: type, folder: Path) -> Dict[str, A
     return known
 
 
+def check_shards(folder: Path):
+    """The DCP index of `folder` (a step's dcp/ folder) after checking that every file it names
+    is there and holds every byte it is said to: a missing or truncated shard is a
+    CheckpointError naming the file, before any of it is read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"sharded checkpoint {folder} has no .metadata: it is incomplete")
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{folder / '.metadata'} is corrupt: {type(e).__name__}: {e}") from e
+    needed: Dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = folder / name
+        if not shard.is_file():
+            raise CheckpointError(
+                f"sharded checkpoint {folder} is missing {name}: use an older checkpoints/step_<N> folder"
+            )
+        if shard.stat().st_size < size:
+            raise CheckpointError(
+                f"shard {shard} is truncated ({shard.stat().st_size} of {size} bytes): "
+                "use an older checkpoints/step_<N> folder"
+            )
+    return metadata
+
+
+def load_sharded_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    """The whole weights of a DCP folder (every "model." tensor, consolidated from its shards)
+    in this process alone, Hugging Face key names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = check_shards(folder)
+    prefix = "model."
+    state = {
+        key[len(prefix) :]: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(folder), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e
+    return state
+
+
 def load_checkpoint(
-    path: str | Path, train_state: bool = True, base: Optional[str] = None
+    path: str | Path, train_state: bool = True, base: Optional[str] = None, consolidate: bool = True
 ) -> LoadedCheckpoint:
     """Load a checkpoint (see `resolve_checkpoint` for what `path` may be).
 
     train_state=False skips the optimizer/loader/RNG file (evaluation, sampling, export).
+    consolidate=False leaves a sharded checkpoint's weights in dcp/ (model_state None; its
+    shards are still checked): a resume reads them into its own sharding.
     base: for a LoRA checkpoint, where to read its base (a run or checkpoint folder, or
     hf:<folder>) instead of the folder base.json names; its weights must be the same.
     Raises CheckpointError naming the file when anything is missing, truncated or corrupt.
     """
     folder = resolve_checkpoint(path)
     adapter = (folder / BASE).is_file()
-    missing = [
-        name for name in REQUIRED + (ADAPTER if adapter else (WEIGHTS,)) if not (folder / name).is_file()
-    ]
+    sharded = (folder / DCP).is_dir() and not (folder / WEIGHTS).is_file()
+    weights = ADAPTER if adapter else () if sharded else (WEIGHTS,)
+    missing = [name for name in REQUIRED + weights if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(
             f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); "
@@ -179,11 +244,16 @@ def load_checkpoint(
             OmegaConf.to_container(OmegaConf.load(folder / RUN_CONFIG)), JobConfig, folder
         )
         job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), run_config))
-        state = None if adapter else load_file(folder / WEIGHTS)
+        state = None if adapter or sharded else load_file(folder / WEIGHTS)
     except Exception as e:  # truncated safetensors, bad YAML, wrong field types
         raise CheckpointError(f"checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e
     parts = None
-    if adapter:
+    if sharded:
+        if consolidate:
+            state = restore_tied_head(load_sharded_weights(folder / DCP), model_config)
+        else:
+            check_shards(folder / DCP)
+    elif adapter:
         parts = _load_adapter(folder, model_config, base)
         state = merged_state(parts.base_state, parts.config, parts.names, parts.tensors)
     else:
@@ -211,6 +281,7 @@ def load_checkpoint(
         tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
         train_state=trainer_state,
         adapter=parts,
+        sharded=sharded,
     )
 
 
@@ -317,10 +388,13 @@ def save_checkpoint(
     meta: Dict[str, Any],
     train_state: Optional[Dict[str, Any]],
     base: Optional[Dict[str, str]] = None,
+    shards: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Write checkpoints/step_<step>/ atomically under `root` (a run's checkpoints/ folder) and
     point `latest` at it. `model` must be the unwrapped module (no DDP/compile wrapper). A model
-    with LoRA adapters saves them alone, with `base` (base_record) naming the weights they adapt."""
+    with LoRA adapters saves them alone, with `base` (base_record) naming the weights they adapt.
+    shards: writes the weights of a sharded model instead, shards(<the folder's dcp/>), which
+    every process fills with its part (the other processes join that collective call)."""
     final = root / f"step_{step}"
     adapted = bool(lora_modules(model))
     if adapted and base is None:
@@ -329,6 +403,8 @@ def save_checkpoint(
         if adapted:
             write_peft_files(tmp, model_peft_config(model, base["path"]), lora_state_dict(model))
             (tmp / BASE).write_text(json.dumps(base, indent=2))
+        elif shards is not None:
+            shards(tmp / DCP)
         else:
             save_weights(tmp / WEIGHTS, model.state_dict(), model_config)
         (tmp / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))

@@ -80,11 +80,10 @@ def make(tmp_path):
         states = {
             "step": Attribute(run, "step"),
             "tokens": Attribute(run, "tokens"),
-            "optimizer": run.optimizer,
             "best_val_loss": Attribute(run, "best"),
         }
         saver = Checkpointer(
-            tmp_path / "run", job, ENV, model, tokenizer, run.evaluator, states, {"counter": run.rank}
+            tmp_path / "run", job, ENV, model, tokenizer, run.evaluator, run.optimizer, states, {"counter": run.rank}
         )
         return saver, run
 
@@ -133,6 +132,7 @@ def test_every_state_it_was_handed_round_trips(make, tmp_path):
         "optimizer",
         "best_val_loss",
         "world_size",
+        "parallel",
         "ranks",
     }  # the train_state.pt layout older runs have
     assert ckpt.train_state["ranks"] == [{"counter": {"n": 7}}]

@@ -108,7 +108,7 @@ def test_auto_on_a_bf16_cpu_trains_evaluates_and_samples_in_bf16(tiny_job, capsy
     tiny_job.eval.every, tiny_job.eval.batches, tiny_job.sample.max_new_tokens = 4, 2, 4
     final = run_training(tiny_job)
     out = capsys.readouterr().out
-    assert out.lstrip().startswith("precision: bf16 (auto: faked native bf16)")  # the first line
+    assert out.lstrip().startswith("parallel: single process | precision: bf16 (auto: faked native bf16)")
     run = loop.run_dir_of(tiny_job)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["precision_reason"] == "auto: faked native bf16"

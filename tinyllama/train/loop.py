@@ -25,16 +25,18 @@ from torch import nn
 from tinyllama.config import JobConfig, is_chat, run_dir_of
 from tinyllama.data import packing_report, read_chat_meta
 from tinyllama.data.conversations import iter_conversations
+from tinyllama.model import LlamaForCausalLM
 from tinyllama.run_record import record_launch, write_summary
 from tinyllama.train.build import build_training_model, prepare_data, tokenizer_origin
 from tinyllama.train.checkpointer import Attribute, Checkpointer, resume_checkpoint
-from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, wrap_ddp
+from tinyllama.train.distributed import DistEnv, setup_distributed, teardown_distributed, torchrun_world_size
 from tinyllama.train.dpo_objective import DPOObjective
 from tinyllama.train.evaluator import Evaluator
 from tinyllama.train.grpo import GRPOObjective
 from tinyllama.train.nan_guard import NanGuard
 from tinyllama.train.objectives import LMObjective, Objective
 from tinyllama.train.optim import build_optimizer, build_schedule
+from tinyllama.train.parallel import Parallelism, clip_grad_norm_, full_state_dict
 from tinyllama.train.precision import resolve_precision
 from tinyllama.train.rng import RNGStates, seed_everything
 from tinyllama.train.samples import write_chat_samples, write_samples
@@ -50,16 +52,18 @@ def run_training(
     `overrides`: the command line that launched it, kept in the run folder's launches.jsonl.
     on_eval(step, val_loss), called on rank 0 after each evaluation during training, may return
     True to end the run there (a search pruning a hopeless trial); summary.json says "pruned"."""
-    env = setup_distributed(job.run.device)
+    parallel = Parallelism.plan(job, torchrun_world_size())  # refusals before anything is written
+    env = setup_distributed(job.run.device, tp=parallel.tp)
     try:
-        return Trainer(job, env, overrides, on_eval).fit()
+        return Trainer(job, env, overrides, on_eval, parallel).fit()
     finally:
         teardown_distributed()
 
 
 class Trainer:
-    """Holds the state of one run. `model` is the plain LlamaForCausalLM (saved, evaluated and
-    sampled); `train_model` is what steps run through (compiled and/or DDP-wrapped)."""
+    """Holds the state of one run. `model` is the LlamaForCausalLM (saved, evaluated and
+    sampled; under fsdp/tp sharded in place); `train_model` is what steps run through (compiled
+    and/or DDP-wrapped, or `model` itself when sharded)."""
 
     def __init__(
         self,
@@ -67,15 +71,19 @@ class Trainer:
         env: DistEnv,
         overrides: Sequence[str] = (),
         on_eval: Optional[Callable[[int, float], bool]] = None,
+        parallel: Optional[Parallelism] = None,
     ) -> None:
         self.job, self.env, t = job, env, job.train
         self.on_eval = on_eval
+        self.parallel = parallel or Parallelism.plan(job, env.world_size)
         self.run_dir = run_dir_of(job)
         seed_everything(job.run.seed)
         self.tokenizer, self.packed_dir = prepare_data(job, env)
         self.precision = resolve_precision(t.precision, env.device)
         # base: what a LoRA run's checkpoints name as the weights their adapter adapts (else None)
         self.model, self.base = build_training_model(job, self.tokenizer, env.device)
+        # The optimizer holds the parameters as the parallelism leaves them (fsdp/tp: DTensors).
+        self.train_model = self.parallel.apply(self.model, env, self.precision.dtype, compile=t.compile)
         self.optimizer = build_optimizer(self.model, job.optim, env.device)
         self.scheduler = build_schedule(self.optimizer, job.optim, t.max_steps)
         self.scaler = self.precision.grad_scaler()
@@ -86,7 +94,7 @@ class Trainer:
             job, env, self.model, self.tokenizer, self.packed_dir, self.precision.autocast
         )
         self.step, self.tokens, self.resumed_from = 0, 0, None
-        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.world_size
+        self.tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * env.dp_size
         # Refusals happen here, before anything is written.
         resume = resume_checkpoint(self.run_dir, job, self.tokenizer, env.world_size)
         if env.is_main:
@@ -97,6 +105,7 @@ class Trainer:
                 resumed_from_step=resume.step if resume else 0,
                 device=str(env.device),
                 world_size=env.world_size,
+                parallel=self.parallel.describe(),
                 precision=self.precision.name,
                 precision_reason=self.precision.reason,
             )
@@ -129,11 +138,13 @@ class Trainer:
             self.model,
             self.tokenizer,
             self.evaluator,
+            self.optimizer,
             base=self.base,
+            sharded=self.parallel.sharded,
+            parallel=self.parallel.name,
             states={
                 "step": Attribute(self, "step"),
                 "tokens": Attribute(self, "tokens"),
-                "optimizer": self.optimizer,
                 "scheduler": self.scheduler,
                 "scaler": self.scaler,
                 "best_val_loss": Attribute(self.evaluator, "best_loss"),
@@ -143,8 +154,6 @@ class Trainer:
         if resume:
             self.checkpointer.load(resume)  # last: restores the RNG states everything above consumed
             self.resumed_from = resume.path
-        compiled = torch.compile(self.model) if t.compile else self.model
-        self.train_model = wrap_ddp(compiled, env)
         self.throughput = Throughput(
             self.tokens_per_step,
             self.model.flops_per_token(t.seq_len)["training"],
@@ -154,17 +163,13 @@ class Trainer:
 
     # ---- one optimizer step ---------------------------------------------------------------
     def forward_backward(self) -> Tuple[float, float]:
-        """grad_accum micro-steps; DDP all-reduces gradients only on the last one.
+        """grad_accum micro-steps; DDP and FSDP reduce gradients only on the last one.
         Returns (mean loss over the micro-batches of every rank, global gradient norm)."""
         accum, device = self.job.train.grad_accum, self.env.device
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             batch = self.objective.next_batch()  # on the device; rollouts and references included
-            last = micro == accum - 1
-            no_sync = (
-                self.train_model.no_sync if self.env.is_distributed and not last else contextlib.nullcontext
-            )
-            with no_sync():
+            with self.parallel.gradient_sync(self.train_model, last=micro == accum - 1):
                 with self.precision.autocast():
                     # / accum: the summed grads are a mean.
                     loss = self.objective.loss(self.train_model, batch) / accum
@@ -172,10 +177,10 @@ class Trainer:
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op unless fp16)
         clip = self.job.train.grad_clip if self.job.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), clip)  # over shards too
         # The loss of the global batch: the mean of the ranks' means (each rank saw as many
         # tokens), so N ranks log what one process with N x the accumulation logs. It is the
-        # step's only collective besides DDP's; a NaN on any rank makes it NaN on all.
+        # step's only collective besides the gradients'; a NaN on any rank makes it NaN on all.
         loss_sum = self.env.mean(loss_sum)
         loss, norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # one device sync per step
         return loss, norm
@@ -220,12 +225,13 @@ class Trainer:
             final = self.evaluator.maybe_eval(self.step, force=True)
             self.checkpointer.maybe_save(self.step, force=True)
             self.tracker.end_progress()
+            whole = self.whole_model()  # rank 0's, gathered from the shards if need be
             if self.env.is_main and self.chat:
                 held_out = iter_conversations(self.job.data, "val")
                 samples = self.run_dir / "samples.txt"
                 context = self.job.train.seq_len
                 write_chat_samples(
-                    self.model,
+                    whole,
                     self.tokenizer,
                     self.job.sample,
                     held_out,
@@ -235,7 +241,7 @@ class Trainer:
                 )
             elif self.env.is_main:
                 write_samples(
-                    self.model,
+                    whole,
                     self.tokenizer,
                     self.job.sample,
                     self.job.run.seed,
@@ -279,6 +285,19 @@ class Trainer:
         )
         return self.evaluator.last_loss if self.evaluator.last_loss is not None else float("nan")
 
+    def whole_model(self) -> Optional[nn.Module]:
+        """On rank 0, the model with whole weights, for what runs there alone (samples): `model`
+        itself, or under fsdp/tp a plain copy gathered from every rank's shards (every rank
+        calls this; the other ranks get None)."""
+        if not self.parallel.sharded:
+            return self.model if self.env.is_main else None
+        state = full_state_dict(self.model)
+        if not self.env.is_main:
+            return None
+        whole = LlamaForCausalLM(self.model.config)
+        whole.load_state_dict(state)
+        return whole.to(self.env.device)
+
     def trainable_parameters(self) -> int:
         """Parameters that get gradients (all of them, or a LoRA run's adapters alone)."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -295,6 +314,7 @@ class Trainer:
             else ""
         )
         self.tracker.print(
+            f"parallel: {self.parallel.describe()} | "
             f"precision: {self.precision.name} ({self.precision.reason})\n"
             f"model: {n / 1e6:.2f}M parameters{adapters} | device {self.env.device} x {self.env.world_size}\n"
             f"global batch: {t.batch_size} sequences x "
