@@ -78,4 +78,14 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process that nobody reaped yet (in a container whose init does not reap, it stays
+    one for good): it answers os.kill but writes nothing any more."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or it just went
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

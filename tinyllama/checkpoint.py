@@ -195,10 +195,23 @@ def check_shards(folder: Path):
     return metadata
 
 
+def read_shards(state: Dict[str, Any], folder: Path, single_process: bool = True) -> None:
+    """Fill `state` ({"model": ..., "optimizer": ...} of tensors or DTensors, any sharding) in
+    place from the DCP folder `folder`: each process reads the pieces its tensors cover.
+    single_process: this process alone (no collective), else every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():  # DCP warns that no process group means one process: meant
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(folder), no_dist=single_process)
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e
+
+
 def load_sharded_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """The whole weights of a DCP folder (every "model." tensor, consolidated from its shards)
     in this process alone, Hugging Face key names."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = check_shards(folder)
@@ -208,10 +221,7 @@ def load_sharded_weights(folder: Path) -> Dict[str, torch.Tensor]:
         for key, m in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
     }
-    try:
-        dcp.load({"model": state}, checkpoint_id=str(folder), no_dist=True)
-    except Exception as e:
-        raise CheckpointError(f"sharded checkpoint {folder} is corrupt: {type(e).__name__}: {e}") from e
+    read_shards({"model": state}, folder)
     return state
 
 

@@ -83,7 +83,15 @@ def make(tmp_path):
             "best_val_loss": Attribute(run, "best"),
         }
         saver = Checkpointer(
-            tmp_path / "run", job, ENV, model, tokenizer, run.evaluator, run.optimizer, states, {"counter": run.rank}
+            tmp_path / "run",
+            job,
+            ENV,
+            model,
+            tokenizer,
+            run.evaluator,
+            run.optimizer,
+            states,
+            {"counter": run.rank},
         )
         return saver, run
 

@@ -42,6 +42,7 @@ from tinyllama.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_shards,
     save_checkpoint,
 )
 from tinyllama.config import JobConfig
@@ -225,10 +226,7 @@ class Checkpointer:
         if ckpt.sharded:  # the pieces this run's sharding needs, from whatever sharding saved them
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
             shards = {"model": model_state, "optimizer": optimizer_state}
-            try:
-                dcp.load(shards, checkpoint_id=str(ckpt.path / DCP))
-            except Exception as e:
-                raise CheckpointError(f"cannot read the shards of {ckpt.path}: {type(e).__name__}: {e}") from e
+            read_shards(shards, ckpt.path / DCP, single_process=not self.env.is_distributed)
             set_state_dict(
                 self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
             )
@@ -258,7 +256,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def optimizer_state_by_name(state: Dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict:
+def optimizer_state_by_name(
+    state: Dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
+) -> Dict:
     """An optimizer.state_dict() (parameters numbered in the order of the optimizer's groups)
     keyed by parameter names instead, as set_optimizer_state_dict takes it: the numbering is the
     same in every run of a config, since the groups are built from model.named_parameters()."""

@@ -192,7 +192,8 @@ class Trainer:
         # gradients), so every rank takes the same decision without another collective.
         finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
         if not self.guard.should_skip(self.step + 1, finite, f"loss ({loss}) or gradient norm"):
-            self.scaler.step(self.optimizer)
+            with self.parallel.optimizer_context():
+                self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -318,8 +319,8 @@ class Trainer:
             f"precision: {self.precision.name} ({self.precision.reason})\n"
             f"model: {n / 1e6:.2f}M parameters{adapters} | device {self.env.device} x {self.env.world_size}\n"
             f"global batch: {t.batch_size} sequences x "
-            f"{t.grad_accum} accumulation x {self.env.world_size} ranks = "
-            f"{t.batch_size * t.grad_accum * self.env.world_size} sequences of {t.seq_len} tokens "
+            f"{t.grad_accum} accumulation x {self.env.dp_size} ranks = "
+            f"{t.batch_size * t.grad_accum * self.env.dp_size} sequences of {t.seq_len} tokens "
             f"({self.tokens_per_step} tokens per step) | run folder {self.run_dir}"
         )
         if self.chat:  # what packing made of the conversations, cut and dropped ones included

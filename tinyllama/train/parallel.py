@@ -57,7 +57,7 @@ class Parallelism:
 
     @property
     def name(self) -> str:
-        """"ddp", "fsdp", "tp" or "fsdp+tp": how checkpoints and the run's first line name it."""
+        """ "ddp", "fsdp", "tp" or "fsdp+tp": how checkpoints and the run's first line name it."""
         if self.tp > 1:
             return "fsdp+tp" if self.dp > 1 else "tp"
         return self.strategy
@@ -112,7 +112,9 @@ class Parallelism:
         return Parallelism(train.parallel if world_size > 1 else "ddp", world_size, tp)
 
     # ---- applying it ------------------------------------------------------------------------
-    def apply(self, model: nn.Module, env: DistEnv, param_dtype: torch.dtype, compile: bool = False) -> nn.Module:
+    def apply(
+        self, model: nn.Module, env: DistEnv, param_dtype: torch.dtype, compile: bool = False
+    ) -> nn.Module:
         """What training steps run through. ddp: the model (compiled) in DistributedDataParallel;
         sharded: `model` itself, its parameters replaced by DTensors in place (so `model` is
         what is evaluated and saved). param_dtype: the precision's compute dtype (fsdp gathers
@@ -140,6 +142,15 @@ class Parallelism:
             train_model.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else train_model.no_sync()
+
+    def optimizer_context(self) -> ContextManager:
+        """Context of the optimizer step. Under tp alone the norms stay plain tensors (the same
+        on every process) beside DTensors; AdamW's fused kernel takes them as replicated."""
+        if self.tp > 1 and self.strategy != "fsdp":
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            return implicit_replication()
+        return contextlib.nullcontext()
 
 
 def tensor_parallel_plan() -> Dict[str, object]:
