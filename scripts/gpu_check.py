@@ -14,6 +14,9 @@ Checks (in order; each runs the library's real code, mostly through the training
     grad_checkpointing  recomputed activations give the same losses
     ddp                 torchrun on all local GPUs (NCCL; gloo with --device cpu) equals one process
                         with the same global batch
+    fsdp                FSDP2 (train.parallel=fsdp, bf16 gathers) on all local GPUs equals one
+                        process with the same global batch; its sharded checkpoint consolidates
+    tp                  tensor parallelism (train.tp=2) on 2 GPUs equals one process
     resume              a run stopped and resumed logs the same losses as one never stopped
     throughput          tokens/s and MFU of llama2c_15m and llama2c_110m (bf16, compile)
 Exit status 0 when nothing failed. Work files go to a temporary folder (--workdir to keep them).
@@ -235,27 +238,66 @@ def check_grad_checkpointing(ctx: Context) -> str:
     return f"fp32: losses within {worst:.1e} of the run that stores activations"
 
 
-def check_ddp(ctx: Context) -> str:
-    world = torch.cuda.device_count() if ctx.cuda else 2
-    if world < 2:
-        raise Skip("one GPU: a multi-GPU DDP run needs two or more (single-GPU runs are the other checks)")
-    ddp = ctx.job("train.precision=fp32")
-    single = ctx.job("train.precision=fp32", f"train.grad_accum={world}")
+def torchrun(ctx: Context, job, processes: int) -> None:
+    """`train.py` for `job` on `processes` local processes (one GPU each)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc_per_node={world}",
+        f"--nproc_per_node={processes}",
         str(REPO / "train.py"),
-        *job_config_args(ddp, ctx.workdir),
+        *job_config_args(job, ctx.workdir),
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed:\n{proc.stderr[-2000:]}")
+
+
+def processes_for(ctx: Context, what: str) -> int:
+    """All local GPUs (2 gloo processes with --device cpu); Skip with fewer than 2 GPUs."""
+    world = torch.cuda.device_count() if ctx.cuda else 2
+    if world < 2:
+        raise Skip(f"one GPU: {what} needs two or more (single-GPU runs are the other checks)")
+    return world
+
+
+def check_ddp(ctx: Context) -> str:
+    world = processes_for(ctx, "a multi-GPU DDP run")
+    ddp = ctx.job("train.precision=fp32")
+    single = ctx.job("train.precision=fp32", f"train.grad_accum={world}")
+    torchrun(ctx, ddp, world)
     worst = same_losses(metrics(Path(ddp.run.dir)), ctx.train(single), loss_rtol("fp32"))
     backend = "NCCL" if ctx.cuda else "gloo"
     return f"{world} processes ({backend}) log the losses of 1 process x {world} accumulation (within {worst:.1e})"
+
+
+def check_fsdp(ctx: Context) -> str:
+    from tinyllama.checkpoint import load_checkpoint
+
+    world = processes_for(ctx, "FSDP")
+    precision = low_precision(ctx)
+    fsdp = ctx.job(f"train.precision={precision}", "train.parallel=fsdp")
+    single = ctx.job(f"train.precision={precision}", f"train.grad_accum={world}")
+    torchrun(ctx, fsdp, world)
+    worst = same_losses(metrics(Path(fsdp.run.dir)), ctx.train(single), loss_rtol(precision))
+    ckpt = load_checkpoint(fsdp.run.dir, train_state=False)  # consolidated from the shards
+    if not ckpt.sharded:
+        raise AssertionError(f"{ckpt.path} holds whole tensors, not DCP shards")
+    backend = "NCCL" if ctx.cuda else "gloo"
+    return (
+        f"{world} processes ({backend}, {precision}) log the losses of 1 process x {world} "
+        f"accumulation (within {worst:.1e}); the sharded checkpoint consolidates"
+    )
+
+
+def check_tp(ctx: Context) -> str:
+    processes_for(ctx, "tensor parallelism")
+    tp = ctx.job("train.precision=fp32", "train.tp=2")
+    single = ctx.job("train.precision=fp32")
+    torchrun(ctx, tp, 2)
+    worst = same_losses(metrics(Path(tp.run.dir)), ctx.train(single), loss_rtol("fp32"))
+    return f"train.tp=2 on 2 processes logs the losses of 1 process (within {worst:.1e})"
 
 
 def check_resume(ctx: Context) -> str:
@@ -320,6 +362,8 @@ CHECKS: Dict[str, Callable[[Context], str]] = {
     "compile": check_compile,
     "grad_checkpointing": check_grad_checkpointing,
     "ddp": check_ddp,
+    "fsdp": check_fsdp,
+    "tp": check_tp,
     "resume": check_resume,
     "throughput": check_throughput,
 }

@@ -66,3 +66,10 @@ def test_a_failing_check_is_reported_and_the_next_still_runs(gpu_check, capsys, 
 def test_unknown_check_names_are_refused(gpu_check):
     with pytest.raises(SystemExit):
         gpu_check.main(["--only", "cuda,warp_drive"])
+
+
+def test_the_sharded_checks_run_on_two_gloo_processes(gpu_check, capsys, tmp_path):
+    code = gpu_check.main(["--device", "cpu", "--only", "fsdp,tp", "--steps", "3", "--workdir", str(tmp_path)])
+    lines = lines_of(capsys)
+    assert code == 0 and [lines[n][0] for n in ("fsdp", "tp")] == ["PASS", "PASS"]
+    assert "the sharded checkpoint consolidates" in lines["fsdp"][1]
