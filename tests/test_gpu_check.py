@@ -69,7 +69,9 @@ def test_unknown_check_names_are_refused(gpu_check):
 
 
 def test_the_sharded_checks_run_on_two_gloo_processes(gpu_check, capsys, tmp_path):
-    code = gpu_check.main(["--device", "cpu", "--only", "fsdp,tp", "--steps", "3", "--workdir", str(tmp_path)])
+    code = gpu_check.main(
+        ["--device", "cpu", "--only", "fsdp,tp", "--steps", "3", "--workdir", str(tmp_path)]
+    )
     lines = lines_of(capsys)
     assert code == 0 and [lines[n][0] for n in ("fsdp", "tp")] == ["PASS", "PASS"]
     assert "the sharded checkpoint consolidates" in lines["fsdp"][1]
