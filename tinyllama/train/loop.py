@@ -1,4 +1,5 @@
-"""The training loop: one loop for every preset, from a laptop CPU to multi-node DDP.
+"""The training loop: one loop for every preset, from a laptop CPU to multi-node DDP or FSDP2
+with tensor parallelism (tinyllama/train/parallel.py applies those to the built model).
 
     run_training(job) -> final validation loss
 
