@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from tests.train.test_processes import REPO, logged, train_command, validation_tokens
-from tinyllama.checkpoint import DCP, LATEST, WEIGHTS, load_checkpoint
+from tinyllama.checkpoint import DCP, LATEST, WEIGHTS, load_checkpoint, load_for_inference
 from tinyllama.cli import job_config_args
 from tinyllama.errors import CheckpointError, ConfigError
+from tinyllama.export import export_hf, import_hf
 from tinyllama.train.loop import run_training
 from tinyllama.train.parallel import Parallelism
 
@@ -108,6 +109,11 @@ def test_fsdp_on_two_processes_trains_like_one_process_with_twice_the_accumulati
     assert load_checkpoint(run).sharded
     assert_close_weights(run, reference, 2 * fsdp.optim.lr * fsdp.train.max_steps)
     assert (run / "samples.txt").read_text().strip()  # rank 0 sampled from the gathered weights
+    # What evaluate, sample, chat, export and serve start from; exported, the same tensors.
+    ckpt, model, _, _ = load_for_inference(fsdp)
+    _, exported = import_hf(export_hf(model, tmp_path / "hf"))
+    assert exported.keys() == ckpt.model_state.keys()
+    assert all(torch.equal(exported[k], ckpt.model_state[k]) for k in exported)
 
 
 def test_tensor_parallel_on_two_processes_trains_like_one_process(tiny_job, tmp_path):
