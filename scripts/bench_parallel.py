@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from tinyllama.inspection import per_device_memory
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
+from tinyllama.train.parallel import apply_fsdp
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
@@ -58,12 +59,8 @@ def worker(rank: int, world: int, strategy: str, args: argparse.Namespace, port:
     train_model = model
     if world > 1 and strategy == "ddp":
         train_model = torch.nn.parallel.DistributedDataParallel(model)
-    elif world > 1 and strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+    elif world > 1 and strategy == "fsdp":  # as train.parallel=fsdp shards it (fp32 here)
+        apply_fsdp(model, None, torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(rank)
     times: List[float] = []
