@@ -183,6 +183,20 @@ def test_a_sharded_save_on_two_processes_resumes_on_one_and_on_two(tiny_job, tmp
         assert {p: p.stat().st_mtime_ns for p in broken.rglob("*")} == before
 
 
+def test_ddp_on_two_then_fsdp_on_two_then_one_process_continue_one_run(tiny_job, tmp_path, reference):
+    """The issue's chain: whole tensors from DDP into FSDP's shards, then shards into one process."""
+    ddp = short_job(tiny_job, tmp_path, "chain", max_steps=2)
+    torchrun(ddp, tmp_path, 2)
+    assert not load_checkpoint(ddp.run.dir).sharded
+    fsdp = short_job(tiny_job, tmp_path, "chain", parallel="fsdp", max_steps=3)
+    assert "resumed from" in torchrun(fsdp, tmp_path, 2)
+    assert load_checkpoint(fsdp.run.dir).sharded
+    run_training(short_job(tiny_job, tmp_path, "chain", grad_accum=2))
+    run = Path(ddp.run.dir)
+    assert sorted(logged(run, "loss")) == [1, 2, 3, 4]
+    assert_same_training(run, reference, [1, 2, 3, 4], ddp.optim.lr)
+
+
 SLOW_SAVE = """
 import os, runpy, sys, time
 from pathlib import Path
