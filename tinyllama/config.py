@@ -584,9 +584,7 @@ def validate(job: JobConfig) -> None:
         f"{job.model.max_position_embeddings}: lower train.seq_len or raise the model's context",
     )
     need(canonical_dtype(t.precision) in PRECISIONS, precision_problem(t.precision))
-    need(t.parallel in PARALLEL, f"train.parallel={t.parallel!r}: choose {' or '.join(PARALLEL)}")
-    need(t.tp >= 1, f"train.tp={t.tp}: must be >= 1 (1: no tensor parallelism)")
-    problems += tp_problems(job.model, t.tp, "train.tp")
+    problems += parallel_problems(job)
     need(
         t.nan_policy in NAN_POLICIES, f"train.nan_policy={t.nan_policy!r}: choose {' or '.join(NAN_POLICIES)}"
     )
@@ -723,6 +721,32 @@ class ChatConfig:
     """Nucleus sampling threshold."""
     seed: Optional[int] = None
     """Sampling seed of the first reply, + 1 per reply (None: run.seed)."""
+
+
+def parallel_problems(job: JobConfig) -> List[str]:
+    """What is wrong with train.parallel and train.tp whatever the number of processes
+    (validate() reports them; tinyllama.train.parallel checks the number of processes)."""
+    t = job.train
+    if t.parallel not in PARALLEL:
+        return [f"train.parallel={t.parallel!r}: choose {' or '.join(PARALLEL)}"]
+    if t.tp < 1:
+        return [f"train.tp={t.tp}: must be >= 1 (1: no tensor parallelism)"]
+    problems = tp_problems(job.model, t.tp, "train.tp")
+    if t.parallel == "fsdp" or t.tp > 1:
+        chosen = "train.parallel=fsdp" if t.tp == 1 else f"train.tp={t.tp}"
+        if t.objective != "lm":
+            problems.append(
+                f"{chosen} trains train.objective=lm (pretraining, SFT); "
+                f"{t.objective} runs with train.parallel=ddp"
+            )
+        if job.finetune.lora.rank is not None:
+            problems.append(f"{chosen} does not train LoRA adapters: use train.parallel=ddp")
+        if canonical_dtype(t.precision) == "fp16":
+            problems.append(
+                f"{chosen} trains in bf16 or fp32 (fp16 needs a gradient scaler over the "
+                "shards): set train.precision=bf16 or fp32"
+            )
+    return problems
 
 
 def tp_problems(model: LlamaConfig, tp: int, key: str) -> List[str]:

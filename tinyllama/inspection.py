@@ -95,10 +95,19 @@ def memory_estimate(config_or_model: Union[LlamaConfig, nn.Module]) -> Dict[str,
     total = _as_model(config_or_model).num_parameters()
     estimate: Dict[str, object] = {"parameters": total}
     for dtype, nbytes in BYTES_PER_VALUE.items():
-        row = {"weights": total * nbytes, "gradients": total * nbytes, "adamw": 2 * total * nbytes}
+        row = _state_bytes(total, nbytes)
         row["total"] = sum(row.values())
         estimate[dtype] = row
     return estimate
+
+
+def _state_bytes(parameters: int, nbytes: int) -> Dict[str, int]:
+    """Weights, gradients and AdamW's two moments of `parameters` values of `nbytes` each."""
+    return {
+        "weights": parameters * nbytes,
+        "gradients": parameters * nbytes,
+        "adamw": 2 * parameters * nbytes,
+    }
 
 
 # Parameters that tensor parallelism splits (torchtitan's plan: q/k/v and gate/up by columns,
@@ -137,21 +146,22 @@ def per_device_memory(
             n = -(-n // data)
         local += n
     T = seq_len or model.config.max_position_embeddings
-    row = {
-        "weights": 4 * local,
-        "gradients": 4 * local,
-        "adamw": 8 * local,
-        "activations": activation_bytes(model.config, T, batch_size),
-    }
+    row = _state_bytes(local, BYTES_PER_VALUE["fp32"])
+    row["activations"] = activation_bytes(model, T, batch_size)
     row["total"] = sum(row.values())
     return row
 
 
-def activation_bytes(config: LlamaConfig, seq_len: int, batch_size: int = 1) -> int:
+def activation_bytes(
+    config_or_model: Union[LlamaConfig, nn.Module], seq_len: int, batch_size: int = 1
+) -> int:
     """Bytes of the tensors autograd saves in one training forward (loss included) over
-    (batch_size, seq_len) token ids, fp32, counted on the meta device (no memory, any size).
-    A tensor saved by several operations counts once."""
-    model = build_meta_model(config)
+    (batch_size, seq_len) token ids, fp32, counted on the meta device (no memory, any size;
+    a model with weights is counted through a meta copy of its config). A tensor saved by
+    several operations counts once."""
+    model = _as_model(config_or_model)
+    if next(model.parameters()).device.type != "meta":
+        model = build_meta_model(model.config)
     seen: Dict[int, int] = {}
     params = {id(p) for p in model.parameters()}
 

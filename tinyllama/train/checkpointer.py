@@ -54,6 +54,7 @@ from tinyllama.train.cadence import Cadence
 from tinyllama.train.distributed import DistEnv
 from tinyllama.train.evaluator import Evaluator
 from tinyllama.train.nan_guard import NonFiniteLossError
+from tinyllama.train.parallel import Parallelism
 
 
 class Stateful(Protocol):
@@ -140,7 +141,7 @@ class Checkpointer:
 
     model: the unwrapped module (its weights go to model.safetensors; a LoRA model's adapters go
     to the PEFT files, with `base` naming its base: checkpoint.base_record), sharded in place when
-    `sharded`; optimizer: its AdamW; states / rank_states: see the module docstring (`states`
+    `parallel` (default: DDP over env's processes) is sharded; optimizer: its AdamW; states / rank_states: see the module docstring (`states`
     must hold "step" and "tokens"); evaluator: gives each checkpoint its validation loss, and
     takes it back on resume. Every rank calls maybe_save (gathering the per-rank states is
     collective); rank 0 writes all but the shards of a sharded model.
@@ -158,12 +159,13 @@ class Checkpointer:
         states: Mapping[str, Stateful],
         rank_states: Mapping[str, Stateful],
         base: Optional[dict] = None,
-        sharded: bool = False,
-        parallel: str = "ddp",
+        parallel: Optional[Parallelism] = None,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
         self.job, self.env, self.model, self.tokenizer = job, env, model, tokenizer
-        self.optimizer, self.sharded, self.parallel = optimizer, sharded, parallel
+        self.optimizer = optimizer
+        self.parallel = parallel or Parallelism("ddp", env.world_size)
+        self.sharded = self.parallel.sharded
         self.evaluator, self.states, self.rank_states = evaluator, states, rank_states
         self.base = base
         self.cadence = Cadence(job.checkpoint.every, job.train.max_steps)
@@ -199,7 +201,7 @@ class Checkpointer:
             train_state = {k: s.state_dict() for k, s in self.states.items()}
             if not self.sharded:
                 train_state["optimizer"] = self.optimizer.state_dict()
-            train_state.update(world_size=self.env.world_size, parallel=self.parallel, ranks=ranks)
+            train_state.update(world_size=self.env.world_size, parallel=self.parallel.name, ranks=ranks)
             meta = {
                 "tokens": train_state["tokens"],
                 "val_loss": self.evaluator.loss_at(step),

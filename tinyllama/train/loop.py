@@ -141,8 +141,7 @@ class Trainer:
             self.evaluator,
             self.optimizer,
             base=self.base,
-            sharded=self.parallel.sharded,
-            parallel=self.parallel.name,
+            parallel=self.parallel,
             states={
                 "step": Attribute(self, "step"),
                 "tokens": Attribute(self, "tokens"),

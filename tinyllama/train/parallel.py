@@ -33,7 +33,7 @@ from typing import ContextManager, Dict, List, Optional
 import torch
 from torch import nn
 
-from tinyllama.config import JobConfig, canonical_dtype, tp_problems
+from tinyllama.config import JobConfig
 from tinyllama.errors import ConfigError
 from tinyllama.train.distributed import DistEnv, wrap_ddp
 
@@ -72,9 +72,10 @@ class Parallelism:
     @staticmethod
     def plan(job: JobConfig, world_size: int) -> "Parallelism":
         """The parallelism job.train.parallel / train.tp ask for on `world_size` processes; one
-        ConfigError listing every problem (raised before anything is read or written)."""
+        ConfigError listing what the number of processes rules out (raised before anything is
+        read or written). What the config alone rules out is validate()'s (parallel_problems)."""
         train, tp = job.train, job.train.tp
-        problems = list(tp_problems(job.model, tp, "train.tp"))
+        problems: List[str] = []
         launch = "launch with torchrun --nproc_per_node=N (N >= 2)"
         if world_size == 1 and train.parallel == "fsdp":
             problems.append(
@@ -93,20 +94,6 @@ class Parallelism:
                 f"train.tp={tp} on {world_size} processes leaves a data-parallel degree of "
                 f"{world_size // tp}, which is sharded with FSDP: add train.parallel=fsdp"
             )
-        if train.parallel == "fsdp" or tp > 1:
-            chosen = "train.parallel=fsdp" if tp == 1 else f"train.tp={tp}"
-            if train.objective != "lm":
-                problems.append(
-                    f"{chosen} trains train.objective=lm (pretraining, SFT); "
-                    f"{train.objective} runs with train.parallel=ddp"
-                )
-            if job.finetune.lora.rank is not None:
-                problems.append(f"{chosen} does not train LoRA adapters: use train.parallel=ddp")
-            if canonical_dtype(train.precision) == "fp16":
-                problems.append(
-                    f"{chosen} trains in bf16 or fp32 (fp16 needs a gradient scaler over the "
-                    "shards): set train.precision=bf16 or fp32"
-                )
         if problems:
             raise ConfigError("invalid parallelism:\n  - " + "\n  - ".join(problems))
         return Parallelism(train.parallel if world_size > 1 else "ddp", world_size, tp)
