@@ -56,7 +56,12 @@ def run_training(
     parallel = Parallelism.plan(job, torchrun_world_size())  # refusals before anything is written
     env = setup_distributed(job.run.device, tp=parallel.tp)
     try:
-        return Trainer(job, env, overrides, on_eval, parallel).fit()
+        final = Trainer(job, env, overrides, on_eval, parallel).fit()
+        # Ranks leave together: gloo aborts a process ("terminate called without an active
+        # exception") that destroys its group while another still talks to it (rank 0 samples
+        # and writes the summary after the others are done).
+        env.barrier()
+        return final
     finally:
         teardown_distributed()
 
