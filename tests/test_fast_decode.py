@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from tinyllama import kernels
 from tinyllama.errors import ConfigError
 from tinyllama.fast_decode import FastDecoder
 from tinyllama.generate import generate, model_logits
@@ -59,6 +60,14 @@ def make_model(**overrides) -> LlamaForCausalLM:
     return model
 
 
+COMPILED = kernels.decode_unavailable()
+# Both steps where this machine builds the compiled one; NumPy alone (and a visible skip) where not.
+BACKENDS = [
+    "numpy",
+    pytest.param("compiled", marks=pytest.mark.skipif(COMPILED is not None, reason=f"{COMPILED}")),
+]
+
+
 def step_logits(model, step, prompt: torch.Tensor, new_tokens: torch.Tensor, mask=None, positions=None):
     """Logits after a prefill of `prompt` by the model (as generate runs it), then after each
     token of `new_tokens` (B, n) fed one at a time to `step`: a list of (B, V)."""
@@ -76,20 +85,24 @@ def model_step(model):
     return lambda *a: model_logits(model, *a)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_equal_the_model_forward(case):
+def test_logits_equal_the_model_forward(case, backend):
     model = make_model(**CASES[case])
     assert FastDecoder.supports(model)
+    if backend == "compiled" and FastDecoder.compiled_unsupported(model):
+        pytest.skip(FastDecoder.compiled_unsupported(model))
     g = torch.Generator().manual_seed(1)
     prompt, new = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)
     with torch.inference_mode():
         expected = step_logits(model, model_step(model), prompt, new)
-        got = step_logits(model, FastDecoder(model), prompt, new)
+        got = step_logits(model, FastDecoder(model, backend=backend), prompt, new)
     for i, (e, o) in enumerate(zip(expected, got)):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"{case}: step {i}")
 
 
-def test_left_padded_rows_equal_the_model_forward():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_rows_equal_the_model_forward(backend):
     model = make_model(num_key_value_heads=2)
     prompt = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
     new = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
@@ -98,9 +111,34 @@ def test_left_padded_rows_equal_the_model_forward():
     positions = (mask[:, :7].cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         expected = step_logits(model, model_step(model), prompt, new, mask, positions)
-        got = step_logits(model, FastDecoder(model), prompt, new, mask, positions)
+        got = step_logits(model, FastDecoder(model, backend=backend), prompt, new, mask, positions)
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(COMPILED is not None, reason=f"{COMPILED}")
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9, 17, 40])  # every tile shape the step uses, and remainders
+def test_a_compiled_row_does_not_depend_on_the_rows_beside_it(weights, rows):
+    """Each output is one chain of multiply-adds in a fixed order, whatever tile its row lands
+    in: decoding a row inside a batch gives the bits it gets alone (same cache, same token)."""
+    model = make_model(num_key_value_heads=2, vocab_size=200, intermediate_size=100)
+    g = torch.Generator().manual_seed(14)
+    prompt, new = torch.randint(0, 200, (rows, 6), generator=g), torch.randint(0, 200, (rows, 1), generator=g)
+    decoder = FastDecoder(model, weights, backend="compiled")
+    with torch.inference_mode():
+        cache = KVCache(model.config, rows, 8, dtype=torch.float32)
+        model_logits(model, prompt, None, None, cache)
+        alone, written = [], []
+        for r in range(rows):
+            row_cache = KVCache(model.config, rows, 8, dtype=torch.float32)
+            model_logits(model, prompt, None, None, row_cache)  # the same cache, then row r alone
+            row_cache.select_rows(torch.tensor([r]))
+            alone.append(decoder(new[r : r + 1], None, None, row_cache))
+            written.append(row_cache.values[1][:, :, 6])
+        together = decoder(new, None, None, cache)
+    assert torch.equal(together, torch.cat(alone))
+    assert torch.equal(cache.values[1][:, :, 6], torch.cat(written))  # the new position, in place
 
 
 def test_generate_gives_the_same_tokens_either_way():
@@ -197,10 +235,11 @@ def test_the_decoding_path_is_logged_by_name(caplog):
         generate(model, prompt, 3, temperature=0.0, fast=False)
         generate(model, prompt, 3, temperature=0.0, weights="int8")
         generate(model.to(torch.float64), prompt, 3, temperature=0.0)
-    assert [r.getMessage() for r in caplog.records] == [
-        "decoding steps run through fast_decode.FastDecoder (NumPy, packed float32 weights)",
+    step = "numpy" if COMPILED else "compiled"
+    assert [r.getMessage() for r in caplog.records if r.name == "tinyllama.generate"] == [
+        f"decoding steps run through fast_decode.FastDecoder ({step}, packed float32 weights)",
         "decoding steps run through the model's forward (fast=False)",
-        "decoding steps run through fast_decode.FastDecoder (NumPy, packed int8 weights)",
+        f"decoding steps run through fast_decode.FastDecoder ({step}, packed int8 weights)",
         "decoding steps run through the model's forward (weights not float32 on the CPU)",
     ]
 
@@ -244,7 +283,8 @@ def test_a_full_cache_grows_and_prompts_are_refused():
     ["mha", "gqa", "llama biases", "qwen2 q/k/v bias"],
 )
 @pytest.mark.parametrize("intermediate_size", [96, 100])  # 100: not a multiple of the kernel's 16
-def test_int8_weights_stay_close_to_float32(case, intermediate_size):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_weights_stay_close_to_float32(case, intermediate_size, backend):
     """int8 weight-only decoding: each weight is off by at most half its channel's step
     (max |w| / 254) and each product's input and output by bfloat16 rounding (2^-9 relative), so
     the logits move by a few parts in a thousand of their norm; 5% bounds that with room, and
@@ -255,12 +295,12 @@ def test_int8_weights_stay_close_to_float32(case, intermediate_size):
     prompt, new = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)
     with torch.inference_mode():
         expected = step_logits(model, model_step(model), prompt, new)
-        int8 = FastDecoder(model, "int8")
+        int8 = FastDecoder(model, "int8", backend=backend)
         got = step_logits(model, int8, prompt, new)
     for i, (e, o) in enumerate(zip(expected[1:], got[1:])):
         error = ((o - e).norm() / e.norm()).item()
         assert 0 < error < 0.05, f"{case}: step {i}: relative error {error:.2e}"
-    float32 = FastDecoder(model)
+    float32 = FastDecoder(model, backend=backend)
     assert int8.nbytes < 0.3 * float32.nbytes  # a byte per weight (and the scales), not four
 
 
@@ -284,10 +324,10 @@ def test_float32_blocks_follow_the_thread_count_and_int8_does_not():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one, int8 = FastDecoder.for_model(model), FastDecoder.for_model(model, "int8")
+        one, int8 = FastDecoder(model, backend="numpy"), FastDecoder.for_model(model, "int8")
         torch.set_num_threads(2)
-        two = FastDecoder.for_model(model)
-        assert two is not one and (one.parts, two.parts) == (2, 4)
+        two = FastDecoder(model, backend="numpy")
+        assert (one.parts, two.parts) == (2, 4)
         assert FastDecoder.for_model(model, "int8") is int8  # no blocks to repack
         assert torch.equal(
             generate(model, prompt, 6, temperature=0.0),
@@ -295,3 +335,41 @@ def test_float32_blocks_follow_the_thread_count_and_int8_does_not():
         )
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_kernel_load():
+    """kernels' build and load decided anew in the test, and again after it."""
+    kernels._load.cache_clear()
+    yield
+    kernels._load.cache_clear()
+
+
+def test_without_a_working_compiler_decoding_runs_in_numpy(monkeypatch, tmp_path, fresh_kernel_load, caplog):
+    model = make_model()
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(15))
+    expected = generate(model, prompt, 6, temperature=0.0, fast=False)
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # found, and fails on every source
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+    assert kernels.decode_unavailable() == "/bin/false failed on decode.c: no message"
+    assert FastDecoder(model).backend == "numpy"
+    with pytest.raises(ValueError, match="compiled decoding step cannot run this model: /bin/false failed"):
+        FastDecoder(model, backend="compiled")
+    assert torch.equal(generate(model, prompt, 6, temperature=0.0), expected)
+    assert not any(tmp_path.rglob("decode.so"))  # and no half-built library left behind
+    kernels._load.cache_clear()
+    monkeypatch.setenv("TINYLLAMA_KERNELS", "0")
+    assert kernels.decode_unavailable() == "TINYLLAMA_KERNELS=0"
+
+
+@pytest.mark.skipif(COMPILED is not None, reason=f"{COMPILED}")
+def test_the_compiled_step_is_built_once_into_the_cache(monkeypatch, tmp_path, fresh_kernel_load):
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path))
+    assert kernels.decode_library() is not None
+    built = list(tmp_path.rglob("decode.so"))
+    assert len(built) == 1 and built[0].parent.parent == tmp_path / "kernels"
+    stamp = built[0].stat().st_mtime_ns
+    kernels._load.cache_clear()
+    assert kernels.decode_library() is not None  # a second process finds it: no new build
+    assert built[0].stat().st_mtime_ns == stamp and list(tmp_path.rglob("decode.so")) == built

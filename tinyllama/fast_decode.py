@@ -1,10 +1,23 @@
-"""The decoding step of `generate` on CPU: the model's math in NumPy, weights packed for decoding.
+"""The decoding step of `generate` on CPU: the model's math on weights packed for decoding.
 
 `generate` runs the prompt through the model itself (a prefill is compute-bound: torch's GEMMs
 and attention kernels are the right tools), then feeds each new token here. One token per row
-makes every projection a matrix-vector product, so a step is bound by reading the weights from
-memory plus a fixed cost per op. `FastDecoder` cuts both, the way llama2.c's run.c sits beside
-its model.py (the measurements behind each point: BENCHMARKS.md, generation):
+makes every projection a matrix-vector product (or, for a batch, a product with a few rows), so
+a step is bound by reading the weights from memory plus a fixed cost per op. `FastDecoder` cuts
+both, the way llama2.c's run.c sits beside its model.py (the measurements behind each point:
+BENCHMARKS.md, generation and the decoding engine). It has two steps with one contract:
+
+The compiled step (backend "compiled", the default wherever it builds): tinyllama/kernels/
+decode.c, compiled on first use for the machine that runs it, does every layer and the head of a
+step in one call, its threads (torch's OpenMP pool) sharing each matrix product by panels of
+output columns and the attention by heads. Matrices are packed in its panel layout
+(`_Panels`): q/k/v in one matrix, gate/up interleaved so that SiLU is applied as the products
+finish; int8 weights are widened to float32 inside the product (only the weights are rounded).
+Each output is one chain of multiply-adds in a fixed order, so a row's logits are the same bits
+whatever rows share its batch. It knows RMSNorm and SiLU; `FastDecoder.compiled_unsupported`
+says when it does not apply (another norm or activation, no compiler: tinyllama/kernels).
+
+The NumPy step (backend "numpy": the fallback, and the readable version of the same math):
 
 - the ~20 small ops per layer (norms, RoPE, cache writes, attention, residuals) run in NumPy,
   whose cost per call on arrays this small is a fraction of a PyTorch op's (no dispatcher,
@@ -20,8 +33,8 @@ its model.py (the measurements behind each point: BENCHMARKS.md, generation):
   shared k/v head directly (no repeat_kv copy).
 
 `weights="int8"` (sample.weights) swaps the float32 matrices for int8 weight-only ones, one
-scale per output channel, multiplied by torch's `_weight_int8pack_mm`: a quarter of the bytes to
-read per token. Everything else stays float32.
+scale per output channel (in the NumPy step multiplied by torch's `_weight_int8pack_mm`): a
+quarter of the bytes to read per token. Everything else stays float32.
 
 The seam with the model: this path reads the model's modules and parameters and never changes
 them; it writes keys and values only through `KVCache.update_arrays`, into the same buffers the
@@ -39,7 +52,8 @@ then runs the model itself (it logs which path decodes at DEBUG level, logger ti
 Norms and activations other than RMSNorm and SiLU run as the model's own modules, on zero-copy
 tensor views.
 
-Threads: on the main thread the matrix products follow torch.set_num_threads (the column blocks
+Threads: the compiled step uses torch.get_num_threads() threads, from any thread. In the NumPy
+step, on the main thread the matrix products follow torch.set_num_threads (the column blocks
 are packed for the thread count, two per thread, and packed afresh when it changes); off it (the
 server's engine thread), where each of torch's OpenMP regions costs about a thread start, they
 run in NumPy's BLAS, as do the small attention products.
@@ -47,6 +61,7 @@ run in NumPy's BLAS, as do the small attention products.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import threading
@@ -59,6 +74,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinyllama import kernels
 from tinyllama.config import LORA_TARGETS, SAMPLE_WEIGHTS
 from tinyllama.model import KVCache
 from tinyllama.model.attention import Attention
@@ -88,6 +104,7 @@ class _Source:
 
 Sources = List[_Source]
 
+BACKENDS = ("auto", "compiled", "numpy")  # FastDecoder's step: see its __init__
 _SHARED_MATRIX = 2**17  # weights from which a float32 product is shared among torch's threads
 _INT8_BLOCK = 16  # the int8 kernel's input width must be a multiple of this
 
@@ -230,6 +247,194 @@ class _Matrix:
         return self.parts.nbytes
 
 
+def _quantize(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(C_out, C_in) float32 -> int8 weights and one float32 scale per output channel,
+    symmetric: scale = max |w| / 127 (a zero row gets the smallest normal scale, not 0)."""
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+class _Panels:
+    """Several projections side by side in the compiled step's layout (tinyllama/kernels/
+    decode.c): the joint matrix's output columns in panels of `tile`, stored (P, C_in, tile),
+    each panel read start to end for its columns; the last one padded with zero columns.
+
+    `glu`: the two projections (gate, up) interleaved panel by panel, 2q holding gate's columns
+    [q tile, (q + 1) tile) and 2q + 1 up's same columns, so that one thread computes both halves
+    of silu(gate) * up. int8: the same layout in int8, with one float32 scale per column (float32
+    arithmetic: only the weights are rounded)."""
+
+    def __init__(
+        self,
+        named: Sequence[Tuple[str, nn.Linear]],
+        weights: str,
+        sources: Sources,
+        tile: int,
+        glu: bool = False,
+    ) -> None:
+        linears = [linear for _, linear in named]
+        self.in_features = linears[0].in_features
+        self.glu = glu
+        if glu:
+            width = linears[0].out_features  # gate and up: one width
+            padded = -(-width // tile) * tile
+            chunk = np.arange(width)
+            columns = [(chunk // tile) * 2 * tile + chunk % tile + half * tile for half in (0, 1)]
+            self.out_features, total = width, 2 * padded
+        else:
+            starts = np.cumsum([0] + [linear.out_features for linear in linears])
+            columns = [np.arange(lo, hi) for lo, hi in zip(starts, starts[1:])]
+            self.out_features = int(starts[-1])
+            total = -(-self.out_features // tile) * tile
+        self.panels = total // tile
+        joint = torch.zeros(total, self.in_features)  # the joint matrix, (columns, C_in)
+        bias = np.zeros(total, dtype=np.float32) if linears[0].bias is not None else None
+        for linear, cols in zip(linears, columns):
+            joint[torch.from_numpy(cols)] = linear.weight.detach()
+            if bias is not None:
+                bias[cols] = linear.bias.detach().numpy()
+        self.int8 = weights == "int8"
+        self.scale = None
+        if self.int8:
+            qweight, scale = _quantize(joint)
+            self.scale = scale.numpy()
+            joint = qweight
+        # (columns, C_in) -> (P, C_in, tile): one copy into contiguous panels
+        self.w = np.ascontiguousarray(
+            joint.numpy().reshape(self.panels, tile, self.in_features).transpose(0, 2, 1)
+        )
+        self.bias = bias
+        for (name, linear), cols in zip(named, columns):
+            shape = tuple(linear.weight.shape)
+            if self.int8:
+                current = np.ascontiguousarray(linear.weight.detach().numpy())
+                sources.append(_Source(f"{name}.weight", shape, None, zlib.crc32(current)))
+            # Runs of rows that lie side by side in one panel: each compared as a view.
+            breaks = np.flatnonzero((np.diff(cols) != 1) | (cols[1:] % tile == 0)) + 1
+            for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(cols)]):
+                p, t = divmod(int(cols[lo]), tile)
+                rows = slice(lo, hi)
+                if not self.int8:
+                    sources.append(_Source(f"{name}.weight", shape, rows, self.w[p, :, t : t + hi - lo].T))
+                if bias is not None:
+                    sources.append(
+                        _Source(
+                            f"{name}.bias", (shape[0],), rows, bias[int(cols[lo]) : int(cols[lo]) + hi - lo]
+                        )
+                    )
+
+    def struct(self) -> "kernels.Matrix":
+        """This matrix as decode.c's tl_matrix (pointing into arrays this object keeps)."""
+        return kernels.Matrix(
+            w=self.w.ctypes.data,
+            scale=None if self.scale is None else self.scale.ctypes.data,
+            bias=None if self.bias is None else self.bias.ctypes.data,
+            k=self.in_features,
+            panels=self.panels,
+            n=self.out_features,
+            glu=int(self.glu),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed matrix (and its scales, if quantized)."""
+        return self.w.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+
+class _KernelModel:
+    """The whole model as decode.c's tl_model: packed matrices, the norm gains (the model's own
+    memory, read through views) and the sizes; `step` runs one decoding step through it."""
+
+    def __init__(self, model: nn.Module, weights: str, sources: Sources, library: ctypes.CDLL) -> None:
+        backbone, config = model.model, model.model.config
+        tile = library.tl_tile()
+        self.library = library
+        self.matrices: List[_Panels] = []
+        self.keep: List[Array] = []  # every array a pointer below points into
+        layers = (kernels.Layer * config.num_hidden_layers)()
+        for i, layer in enumerate(backbone.layers):
+            a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = _Panels(
+                [(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"], weights, sources, tile
+            )
+            o_proj = _Panels([(f"{a}.o_proj", attn.o_proj)], weights, sources, tile)
+            gate_up = _Panels(
+                [(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")],
+                weights,
+                sources,
+                tile,
+                glu=True,
+            )
+            down_proj = _Panels([(f"{m}.down_proj", mlp.down_proj)], weights, sources, tile)
+            self.matrices += [qkv, o_proj, gate_up, down_proj]
+            layers[i] = kernels.Layer(
+                input_layernorm=self._gain(
+                    f"model.layers.{i}.input_layernorm", layer.input_layernorm, sources
+                ),
+                post_attention_layernorm=self._gain(
+                    f"model.layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, sources
+                ),
+                qkv=qkv.struct(),
+                o_proj=o_proj.struct(),
+                gate_up=gate_up.struct(),
+                down_proj=down_proj.struct(),
+            )
+        lm_head = _Panels([("lm_head", model.lm_head)], weights, sources, tile)
+        self.matrices.append(lm_head)
+        self.layers = layers
+        self.model = kernels.Model(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            kv_heads=config.resolved_num_key_value_heads,
+            head_dim=config.resolved_head_dim,
+            vocab=config.vocab_size,
+            eps=backbone.norm.variance_epsilon,
+            scaling=config.resolved_head_dim**-0.5,
+            layer=layers,
+            norm=self._gain("model.norm", backbone.norm, sources),
+            lm_head=lm_head.struct(),
+        )
+        self.step = kernels.Step()
+        self.work = np.empty(0, dtype=np.float32)
+        self._pointers: Tuple = ()
+
+    def _gain(self, name: str, norm: nn.Module, sources: Sources) -> int:
+        weight = norm.weight.detach().numpy()  # the model's own memory: a view, not a copy
+        sources.append(_Source(f"{name}.weight", weight.shape, None, weight))
+        self.keep.append(weight)
+        return weight.ctypes.data
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Optional[Array], cache: KVCache) -> Array:
+        """x (B, C) embeddings, cos/sin (B|1, D), mask (B, past + 1) additive or None ->
+        logits (B, V); the step appends each layer's key and value to `cache`."""
+        B, past = x.shape[0], cache.get_seq_length()
+        buffers = [cache.append_arrays(i, 1) for i in range(len(self.layers))]
+        pointers = tuple(array.ctypes.data for pair in buffers for array in pair)
+        if pointers != self._pointers:  # the cache grew or changed rows: point at its buffers
+            self._keys = (ctypes.c_void_p * len(buffers))(*pointers[0::2])
+            self._values = (ctypes.c_void_p * len(buffers))(*pointers[1::2])
+            self._pointers = pointers
+        threads = torch.get_num_threads()
+        need = self.library.tl_workspace(ctypes.byref(self.model), B, past + 1, threads)
+        if self.work.size < need:
+            self.work = np.empty(max(need, 2 * self.work.size), dtype=np.float32)
+        logits = np.empty((B, self.model.vocab), dtype=np.float32)
+        step = self.step
+        step.batch, step.past, step.capacity, step.rope_rows = B, past, buffers[0][0].shape[2], cos.shape[0]
+        step.x, step.cos, step.sin = x.ctypes.data, cos.ctypes.data, sin.ctypes.data
+        step.mask = None if mask is None else mask.ctypes.data
+        step.keys, step.values = self._keys, self._values
+        step.logits, step.work = logits.ctypes.data, self.work.ctypes.data
+        self.library.tl_decode(ctypes.byref(self.model), ctypes.byref(step), threads)
+        return logits
+
+
 class _PackedLayer:
     """One decoder layer's weights in decoding layout; `prefix` is its parameter-name prefix."""
 
@@ -304,10 +509,32 @@ class FastDecoder:
             decoder = decoders[weights] = cls(model, weights)  # float32 blocks follow the threads
         return decoder
 
+    @staticmethod
+    def compiled_unsupported(model: nn.Module) -> Optional[str]:
+        """Why the compiled step (tinyllama/kernels) cannot run `model`, or None if it can: it
+        knows RMSNorm and SiLU only, and must be buildable on this machine."""
+        backbone = model.model
+        norms = [backbone.norm] + [
+            n for layer in backbone.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        if any(type(n) is not RMSNorm or n.variance_epsilon != backbone.norm.variance_epsilon for n in norms):
+            return "norms other than RMSNorm"
+        if any(type(layer.mlp.act_fn) is not nn.SiLU for layer in backbone.layers):
+            return "an activation other than SiLU"
+        return kernels.decode_unavailable()
+
     @torch.no_grad()
-    def __init__(self, model: nn.Module, weights: str = "float32") -> None:
+    def __init__(self, model: nn.Module, weights: str = "float32", backend: str = "auto") -> None:
+        """backend: "compiled" (tinyllama/kernels/decode.c, built on first use), "numpy", or
+        "auto": compiled where `compiled_unsupported` finds nothing against it, else NumPy."""
         if weights not in SAMPLE_WEIGHTS:
             raise ValueError(f"weights={weights!r}: expected one of {', '.join(SAMPLE_WEIGHTS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+        reason = self.compiled_unsupported(model) if backend != "numpy" else "backend=numpy"
+        if backend == "compiled" and reason is not None:
+            raise ValueError(f"the compiled decoding step cannot run this model: {reason}")
+        self.backend = "compiled" if reason is None else "numpy"
         self.weights = weights
         backbone = model.model
         self.config = config = backbone.config
@@ -317,8 +544,18 @@ class FastDecoder:
             _Source("model.embed_tokens.weight", self.embed_tokens.shape, None, self.embed_tokens)
         )
         self.rotary_emb = backbone.rotary_emb
-        # Column blocks per float32 matrix (None for int8, which has none).
-        self.parts: Optional[int] = _parts() if weights == "float32" else None
+        self.head_dim = config.resolved_head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.resolved_num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self._identity = _module_identity(model)
+        self._tables: Optional[Tuple[torch.Tensor, Array, Array]] = None
+        self.compiled: Optional[_KernelModel] = None
+        self.parts: Optional[int] = None  # column blocks per float32 matrix of the NumPy step
+        if self.backend == "compiled":
+            self.compiled = _KernelModel(model, weights, self._sources, kernels.decode_library())
+            return
+        self.parts = _parts() if weights == "float32" else None
         self.layers: List[_PackedLayer] = [
             _PackedLayer(layer, f"model.layers.{i}", weights, self._sources, self.parts or 1)
             for i, layer in enumerate(backbone.layers)
@@ -327,16 +564,12 @@ class FastDecoder:
         self.lm_head = _Matrix(
             [("lm_head", model.lm_head)], weights, self._sources, self.parts or 1
         )  # C -> V
-        self.head_dim = config.resolved_head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.resolved_num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self._identity = _module_identity(model)
-        self._tables: Optional[Tuple[torch.Tensor, Array, Array]] = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of the packed matrices (the embedding and norm gains are the model's own)."""
+        if self.compiled is not None:
+            return self.compiled.nbytes
         return (
             sum(
                 m.nbytes
@@ -411,6 +644,17 @@ class FastDecoder:
             )  # (B, 1, 1, S): broadcast over H_kv and G
         # Silent on float overflow, like torch (silu's exp(-x) reaching inf is even meant): a
         # diverged model shows in its logits, not as NumPy warnings.
+        if self.compiled is not None:
+            rows = cos.shape[0]
+            mask = None if mask is None else np.ascontiguousarray(mask.reshape(B, -1))
+            logits = self.compiled(
+                x,
+                np.ascontiguousarray(cos.reshape(rows, -1)),
+                np.ascontiguousarray(sin.reshape(rows, -1)),
+                mask,
+                cache,
+            )
+            return torch.from_numpy(logits)
         shared = threads_shared()
         with np.errstate(all="ignore"):
             for i, layer in enumerate(self.layers):

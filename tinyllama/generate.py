@@ -3,8 +3,8 @@
 One prefill pass of the model over the prompt fills the cache (its forward with
 logits_to_keep=1: the head runs on the last position only); each further step feeds one token
 per row, so a step costs one position, not a re-run of the prefix. On a CPU those steps run
-through fast_decode.py's FastDecoder (the same math in NumPy, weights packed for matrix-vector
-products); elsewhere through the model; a DEBUG line of the logger tinyllama.generate says which.
+through fast_decode.py's FastDecoder (the same math, compiled or in NumPy, on weights packed for
+decoding); elsewhere through the model; a DEBUG line of the logger tinyllama.generate says which.
 The cache is sized for prompt + max_new_tokens up front and written in place, and the loop keeps
 per-token Python work to a handful of tensor ops (no mask rebuilds, no host syncs except the EOS
 check).
@@ -63,7 +63,7 @@ def generate(
     draw other numbers than they would have, so a sampled row depends on when the rows beside it
     end (always in the same way for the same inputs).
     attention_mask (B, T): 1 for real tokens, 0 for left padding.
-    fast: after the prompt, run each step through fast_decode.py (the same math in NumPy, weights
+    fast: after the prompt, run each step through fast_decode.py (the same math, compiled or in NumPy, weights
     packed for decoding; float32 CPU models); False runs the model's own forward at every step.
     num_return_sequences: continuations sampled per prompt. The prompts are prefilled once and
     their cache copied to each continuation's row, so G samples of one prompt cost one prefill
@@ -224,13 +224,18 @@ def check_weights(model: nn.Module, fast: bool, weights: str) -> None:
 
 def decoding_step(model: nn.Module, fast: bool, weights: str = "float32") -> Callable[..., torch.Tensor]:
     """What runs each step after the prefill, logged by name: fast_decode's FastDecoder (the
-    model's math in NumPy, weights packed for decoding, in `weights`) where it supports the model
+    model's math, compiled or in NumPy, on weights packed for decoding in `weights`) where it supports the model
     and `fast` allows it, else the model's own forward (GPUs, other dtypes, parts that path does
     not know)."""
     reason = FastDecoder.unsupported(model) if fast else "fast=False"
     if reason is None:
-        logger.debug("decoding steps run through fast_decode.FastDecoder (NumPy, packed %s weights)", weights)
-        return FastDecoder.for_model(model, weights)
+        decoder = FastDecoder.for_model(model, weights)
+        logger.debug(
+            "decoding steps run through fast_decode.FastDecoder (%s, packed %s weights)",
+            decoder.backend,
+            weights,
+        )
+        return decoder
     logger.debug("decoding steps run through the model's forward (%s)", reason)
     return functools.partial(model_logits, model)
 

@@ -83,7 +83,17 @@ class KVCache:
         the model's forward and that step can take turns on one cache. Returns the filled part,
         (B, H_kv, past + T, D) views. The buffers must be float32 on the CPU."""
         start = self.lengths[layer_idx]
-        end = start + key_states.shape[2]
+        keys, values = self.append_arrays(layer_idx, key_states.shape[2])
+        end = self.lengths[layer_idx]
+        keys[:, :, start:end], values[:, :, start:end] = key_states, value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+    def append_arrays(self, layer_idx: int, n: int) -> Tuple["np.ndarray", "np.ndarray"]:
+        """Room for `n` more positions in one layer, counted as written: returns its whole
+        key and value buffers (B, H_kv, capacity, D) as float32 NumPy views, whose positions
+        [old length, old length + n) the caller fills now (update_arrays, or the compiled
+        decoding step of tinyllama.kernels, which writes them itself)."""
+        end = self.lengths[layer_idx] + n
         views = self._arrays[layer_idx]
         # The views are made once per buffer (a step calls this for every layer): remade when
         # the buffer was replaced (grown, rows selected) or cannot hold `end` positions.
@@ -105,10 +115,8 @@ class KVCache:
                 self.keys[layer_idx].numpy(),
                 self.values[layer_idx].numpy(),
             )
-        keys, values = views[2], views[3]
-        keys[:, :, start:end], values[:, :, start:end] = key_states, value_states
         self.lengths[layer_idx] = end
-        return keys[:, :, :end], values[:, :, :end]
+        return views[2], views[3]
 
     def repeat_interleave(self, repeats: int) -> None:
         """Make each row `repeats` adjacent rows (B -> B x repeats), cached positions and all: one
