@@ -8,12 +8,12 @@ for each vocabulary size given. transformers' model is loaded from our Hugging F
 the same weights, so both run identical math; the script checks they produce the same tokens.
 
 - decode: greedy, 256 new tokens after an 8-token prompt (no EOS stop), tokens / second; ours
-  as `generate` runs by default (tinyllama/fast_decode.py: the model's math in NumPy, weights
-  packed for decoding) and with `fast=False` (the model's own forward at every step);
+  as `generate` runs by default (tinyllama/fast_decode.py: the model's math on weights packed
+  for decoding, in its compiled step where this machine builds it) and with `fast=False` (the model's own forward at every step);
 - prefill: one 256-token prompt and its first new token, prompt tokens / second;
 - matvec bounds: the matrix-vector products of one decoding step alone, as tokens / second:
   torch's, in nn.Linear's (C_out, C_in) layout, and NumPy's in the packed (C_in, C_out) layout
-  fast_decode uses. At batch 1 decoding streams every weight from memory once per token, so
+  of fast_decode's NumPy step. At batch 1 decoding streams every weight from memory once per token, so
   these bound what the two implementations reach here.
 
 --threads applies to both torch and NumPy's BLAS (threadpoolctl), for both libraries' runs.
@@ -94,7 +94,7 @@ def bench_vocab(vocab_size: int, n_rounds: int) -> Dict[str, float]:
             for m, x in zip(linears, inputs):
                 m(x)
 
-    packed = FastDecoder(ours)
+    packed = FastDecoder(ours, backend="numpy")
     packed_weights = [
         m for layer in packed.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)
     ]

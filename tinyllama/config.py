@@ -796,11 +796,12 @@ class ServeConfig:
     model_id: Optional[str] = None
     """The model's id in /v1/models and the `model` field requests must name; None: the run folder's name."""
     threads: Optional[int] = None
-    """torch threads on a CPU (the prefill, int8 products); None: one fewer than the cores this
-    process may use (at least 1). The HTTP side needs a core of its own: with every core in
-    torch's thread pool, each product waits whenever the event loop holds one of them
-    (BENCHMARKS.md, serving). The engine's float32 decoding steps run in NumPy's BLAS
-    (fast_decode: off the main thread), which OPENBLAS_NUM_THREADS governs."""
+    """torch threads on a CPU (the prefill, and the compiled decoding step's threads); None: one
+    fewer than the cores this process may use (at least 1). The HTTP side needs a core of its
+    own: with every core in torch's thread pool, each product waits whenever the event loop
+    holds one of them (BENCHMARKS.md, serving). Where the decoding step runs in NumPy (no
+    compiler), its float32 products run in NumPy's BLAS off the main thread, which
+    OPENBLAS_NUM_THREADS governs."""
 
 
 def serve_problems(s: ServeConfig) -> List[str]:
