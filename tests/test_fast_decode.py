@@ -141,6 +141,20 @@ def test_a_compiled_row_does_not_depend_on_the_rows_beside_it(weights, rows):
     assert torch.equal(cache.values[1][:, :, 6], torch.cat(written))  # the new position, in place
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cache_of_other_rows_is_refused_and_left_as_it_was(backend):
+    model = make_model(num_key_value_heads=2)
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(16))
+    with torch.inference_mode():
+        cache = KVCache(model.config, 2, 8, dtype=torch.float32)
+        model_logits(model, prompt, None, None, cache)
+        before = [k.clone() for k in cache.keys]
+        with pytest.raises(ValueError):
+            FastDecoder(model, backend=backend)(prompt[:1, -1:], None, None, cache)  # 1 row, cache of 2
+    if backend == "compiled":  # (NumPy fails on the shapes only after writing the first layer)
+        assert cache.lengths == [5, 5] and all(torch.equal(a, b) for a, b in zip(cache.keys, before))
+
+
 def test_generate_gives_the_same_tokens_either_way():
     model = make_model(num_key_value_heads=2)
     with torch.no_grad():

@@ -399,6 +399,7 @@ class _KernelModel:
         self.step = kernels.Step()
         self.work = np.empty(0, dtype=np.float32)
         self._pointers: Tuple = ()
+        self._lock = threading.Lock()
 
     def _gain(self, name: str, norm: nn.Module, sources: Sources) -> int:
         weight = norm.weight.detach().numpy()  # the model's own memory: a view, not a copy
@@ -414,24 +415,30 @@ class _KernelModel:
         """x (B, C) embeddings, cos/sin (B|1, D), mask (B, past + 1) additive or None ->
         logits (B, V); the step appends each layer's key and value to `cache`."""
         B, past = x.shape[0], cache.get_seq_length()
-        buffers = [cache.append_arrays(i, 1) for i in range(len(self.layers))]
-        pointers = tuple(array.ctypes.data for pair in buffers for array in pair)
-        if pointers != self._pointers:  # the cache grew or changed rows: point at its buffers
-            self._keys = (ctypes.c_void_p * len(buffers))(*pointers[0::2])
-            self._values = (ctypes.c_void_p * len(buffers))(*pointers[1::2])
-            self._pointers = pointers
-        threads = torch.get_num_threads()
-        need = self.library.tl_workspace(ctypes.byref(self.model), B, past + 1, threads)
-        if self.work.size < need:
-            self.work = np.empty(max(need, 2 * self.work.size), dtype=np.float32)
-        logits = np.empty((B, self.model.vocab), dtype=np.float32)
-        step = self.step
-        step.batch, step.past, step.capacity, step.rope_rows = B, past, buffers[0][0].shape[2], cos.shape[0]
-        step.x, step.cos, step.sin = x.ctypes.data, cos.ctypes.data, sin.ctypes.data
-        step.mask = None if mask is None else mask.ctypes.data
-        step.keys, step.values = self._keys, self._values
-        step.logits, step.work = logits.ctypes.data, self.work.ctypes.data
-        self.library.tl_decode(ctypes.byref(self.model), ctypes.byref(step), threads)
+        expected, got = (B, self.model.kv_heads, self.model.head_dim), cache.shape[:2] + cache.shape[3:]
+        if got != expected:  # checked before anything is written: C reads what it is pointed at
+            raise ValueError(f"the cache holds (B, H_kv, D) = {got}; this step needs {expected}")
+        with self._lock:  # one step at a time: the step's struct and scratch memory are shared
+            buffers = [cache.append_arrays(i, 1) for i in range(len(self.layers))]
+            pointers = tuple(array.ctypes.data for pair in buffers for array in pair)
+            capacity = tuple(keys.shape[2] for keys, _ in buffers)
+            if (pointers, capacity) != self._pointers:  # the cache grew or changed rows
+                self._keys = (ctypes.c_void_p * len(buffers))(*pointers[0::2])
+                self._values = (ctypes.c_void_p * len(buffers))(*pointers[1::2])
+                self._capacity = (ctypes.c_int32 * len(buffers))(*capacity)
+                self._pointers = (pointers, capacity)
+            threads = torch.get_num_threads()
+            need = self.library.tl_workspace(ctypes.byref(self.model), B, past + 1, threads)
+            if self.work.size < need:
+                self.work = np.empty(max(need, 2 * self.work.size), dtype=np.float32)
+            logits = np.empty((B, self.model.vocab), dtype=np.float32)
+            step = self.step
+            step.batch, step.past, step.rope_rows, step.capacity = B, past, cos.shape[0], self._capacity
+            step.x, step.cos, step.sin = x.ctypes.data, cos.ctypes.data, sin.ctypes.data
+            step.mask = None if mask is None else mask.ctypes.data
+            step.keys, step.values = self._keys, self._values
+            step.logits, step.work = logits.ctypes.data, self.work.ctypes.data
+            self.library.tl_decode(ctypes.byref(self.model), ctypes.byref(step), threads)
         return logits
 
 

@@ -174,8 +174,8 @@ class Step(ctypes.Structure):
     _fields_ = [
         ("batch", ctypes.c_int32),
         ("past", ctypes.c_int32),
-        ("capacity", ctypes.c_int32),
         ("rope_rows", ctypes.c_int32),
+        ("capacity", ctypes.POINTER(ctypes.c_int32)),
         ("x", ctypes.c_void_p),
         ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),

@@ -133,11 +133,12 @@ typedef struct {
 } tl_model;
 
 typedef struct {
-    int32_t batch, past, capacity, rope_rows; /* rope_rows: 1 (shared by all rows) or batch */
+    int32_t batch, past, rope_rows; /* rope_rows: 1 (shared by all rows) or batch */
+    const int32_t *capacity;        /* per layer: positions its cache buffers hold */
     float *x;                                 /* (batch, hidden): embeddings in, overwritten */
     const float *cos, *sin; /* (rope_rows, head_dim); sin with rotate_half's sign in its first half */
     const float *mask;      /* (batch, past + 1) additive, or NULL */
-    float *const *keys;     /* per layer: (batch, kv_heads, capacity, head_dim), keys after RoPE */
+    float *const *keys;     /* per layer: (batch, kv_heads, capacity[layer], head_dim), after RoPE */
     float *const *values;
     float *logits; /* (batch, vocab) */
     float *work;   /* tl_workspace floats */
@@ -297,8 +298,8 @@ static void attention_task(const tl_model *m, const tl_step *s, int l, int b, in
     const float *row = qkv + (size_t)b * ld_qkv;
     const int rope_row = s->rope_rows == 1 ? 0 : b;
     const float *cos = s->cos + (size_t)rope_row * D, *sin = s->sin + (size_t)rope_row * D;
-    float *keys = s->keys[l] + ((size_t)b * H_kv + kvh) * s->capacity * D;
-    float *values = s->values[l] + ((size_t)b * H_kv + kvh) * s->capacity * D;
+    float *keys = s->keys[l] + ((size_t)b * H_kv + kvh) * s->capacity[l] * D;
+    float *values = s->values[l] + ((size_t)b * H_kv + kvh) * s->capacity[l] * D;
     const float *v_new = row + (size_t)(H + H_kv + kvh) * D;
     rope(row + (size_t)h * D, cos, sin, D, q);
     rope(row + (size_t)(H + kvh) * D, cos, sin, D, k_new);
