@@ -367,7 +367,12 @@ def test_without_a_working_compiler_decoding_runs_in_numpy(monkeypatch, tmp_path
     monkeypatch.setenv("CC", "false")  # found, and fails on every source
     monkeypatch.setattr(kernels.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
     assert kernels.decode_unavailable() == "/bin/false failed on decode.c: no message"
-    assert FastDecoder(model).backend == "numpy"
+    with caplog.at_level(logging.INFO, logger="tinyllama.kernels"):
+        assert FastDecoder(model).backend == "numpy"
+        FastDecoder(model)
+    assert [r.getMessage() for r in caplog.records if r.name == "tinyllama.kernels"] == [
+        "CPU decoding runs in NumPy, without the compiled step: /bin/false failed on decode.c: no message"
+    ]  # once, not per decoder
     with pytest.raises(ValueError, match="compiled decoding step cannot run this model: /bin/false failed"):
         FastDecoder(model, backend="compiled")
     assert torch.equal(generate(model, prompt, 6, temperature=0.0), expected)

@@ -528,7 +528,9 @@ class FastDecoder:
             return "norms other than RMSNorm"
         if any(type(layer.mlp.act_fn) is not nn.SiLU for layer in backbone.layers):
             return "an activation other than SiLU"
-        return kernels.decode_unavailable()
+        if kernels.decode_library() is None:  # (logged once, at INFO: why it is not built)
+            return kernels.decode_unavailable()
+        return None
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, weights: str = "float32", backend: str = "auto") -> None:

@@ -114,11 +114,14 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     return library, ""
 
 
+_told: set = set()  # the reasons already logged: one INFO line per reason and process
+
+
 def decode_library() -> Optional[ctypes.CDLL]:
     """The compiled decoding step, or None where it cannot be built here (decode_unavailable)."""
     library, reason = _load()
-    if library is None and not getattr(_load, "warned", False):
-        _load.warned = True  # type: ignore[attr-defined]
+    if library is None and reason not in _told:
+        _told.add(reason)
         logger.info("CPU decoding runs in NumPy, without the compiled step: %s", reason)
     return library
 
