@@ -11,8 +11,9 @@ generation loop that knows its total length makes one of that size up front:
     out = model(prompt_ids, past_key_values=cache, use_cache=True)      # prefill
     out = model(next_ids, past_key_values=out.past_key_values, use_cache=True)  # one token at a time
 
-Writers go through `update` (tensors: the attention layers) or `update_arrays` (NumPy arrays:
-fast_decode.py's decoding step on CPU); `select_rows`, `repeat_interleave` and `keep_columns`
+Writers go through `update` (tensors: the attention layers), `update_arrays` (NumPy arrays:
+fast_decode.py's NumPy step on CPU) or `append_arrays` (room for the compiled step, which
+writes the buffers itself); `select_rows`, `repeat_interleave` and `keep_columns`
 reshape a batch (rows leaving, samples of one prompt, padding cut), and the serving engine fills a
 fresh cache from two others when requests join.
 """
