@@ -39,8 +39,8 @@ quarter of the bytes to read per token. Everything else stays float32.
 The seam with the model: this path reads the model's modules and parameters and never changes
 them; it writes keys and values only where KVCache hands it room (`update_arrays` for the
 NumPy step, `append_arrays` for the compiled one, which writes the new position itself), into
-the same buffers the model's forward fills, so the two take turns on one cache. Its logits equal the model's forward
-up to float rounding (tests/test_fast_decode.py: that equality is this module's contract).
+the same buffers the model's forward fills, so the two take turns on one cache. Its logits
+equal the model's forward up to float rounding (tests/test_fast_decode.py: that equality is this module's contract).
 
 The packed copy is kept beside the model (not on it) and reused while the model still holds
 exactly what was packed: `FastDecoder.matches` compares every packed array with the parameter it
@@ -144,6 +144,18 @@ def _numpy_fn(name: str, module: nn.Module, sources: Sources) -> Callable[[Array
     return functools.partial(_through_module, module)
 
 
+def _quantize(
+    weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(C_out, C_in) float32 -> int8 weights and one scale per output channel (in
+    `scale_dtype`), symmetric: scale = max |w| / 127. The weights are rounded against the scale
+    as stored, so that its own rounding is absorbed; a zero row gets the smallest normal scale,
+    not 0 (the clamp also catches a scale that rounded down)."""
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    qweight = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return qweight, scale
+
+
 class _Matrix:
     """Several projections applied side by side to one input, x (B, C_in) -> (B, sum of C_out),
     plus their joint bias (q/k/v and gate/up always share one bias setting).
@@ -177,10 +189,7 @@ class _Matrix:
         self.int8 = weights == "int8"
         if self.int8:
             weight = torch.cat([linear.weight.detach() for _, linear in named])  # (C_out, C_in)
-            scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()
-            # Rounded against the bfloat16 scale the kernel multiplies by, so that rounding of
-            # the scale is absorbed; the clamp catches a scale that rounded down.
-            qweight = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+            qweight, scale = _quantize(weight, torch.bfloat16)  # the kernel's scale dtype
             self.padded_in = -(-self.in_features // _INT8_BLOCK) * _INT8_BLOCK
             if self.padded_in != self.in_features:
                 qweight = torch.nn.functional.pad(qweight, (0, self.padded_in - self.in_features))
@@ -246,13 +255,6 @@ class _Matrix:
         if self.int8:
             return self.qweight.numel() + 2 * self.scale.numel()
         return self.parts.nbytes
-
-
-def _quantize(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(C_out, C_in) float32 -> int8 weights and one float32 scale per output channel,
-    symmetric: scale = max |w| / 127 (a zero row gets the smallest normal scale, not 0)."""
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 class _Panels:
@@ -383,7 +385,7 @@ class _KernelModel:
             )
         lm_head = _Panels([("lm_head", model.lm_head)], weights, sources, tile)
         self.matrices.append(lm_head)
-        self.layers = layers
+        self.layers = layers  # kept: self.model points into it
         self.model = kernels.Model(
             layers=config.num_hidden_layers,
             hidden=config.hidden_size,
@@ -416,11 +418,8 @@ class _KernelModel:
         """x (B, C) embeddings, cos/sin (B|1, D), mask (B, past + 1) additive or None ->
         logits (B, V); the step appends each layer's key and value to `cache`."""
         B, past = x.shape[0], cache.get_seq_length()
-        expected, got = (B, self.model.kv_heads, self.model.head_dim), cache.shape[:2] + cache.shape[3:]
-        if got != expected:  # checked before anything is written: C reads what it is pointed at
-            raise ValueError(f"the cache holds (B, H_kv, D) = {got}; this step needs {expected}")
         with self._lock:  # one step at a time: the step's struct and scratch memory are shared
-            buffers = [cache.append_arrays(i, 1) for i in range(len(self.layers))]
+            buffers = [cache.append_arrays(i, 1) for i in range(self.model.layers)]
             pointers = tuple(array.ctypes.data for pair in buffers for array in pair)
             capacity = tuple(keys.shape[2] for keys, _ in buffers)
             if (pointers, capacity) != self._pointers:  # the cache grew or changed rows
@@ -643,6 +642,9 @@ class FastDecoder:
                 f"FastDecoder continues a prompt one token per row; got {T} tokens and a cache "
                 f"of {past}: run the prompt through the model with this cache first"
             )
+        expected, got = (B, self.num_key_value_heads, self.head_dim), cache.shape[:2] + cache.shape[3:]
+        if got != expected:  # before anything is written (the compiled step reads what it is given)
+            raise ValueError(f"the cache holds (B, H_kv, D) = {got}; this step needs {expected}")
         x = self.embed_tokens[input_ids.numpy()[:, 0]]  # (B, C)
         positions = None if position_ids is None else position_ids.numpy()  # (B, 1)
         cos, sin = self._cos_sin(positions, past)  # (B|1, 1, 2, D/2): one table for every head
@@ -652,8 +654,6 @@ class FastDecoder:
             mask = np.where(
                 attention_mask.numpy()[:, None, None, :] > 0, np.float32(0), np.finfo(np.float32).min
             )  # (B, 1, 1, S): broadcast over H_kv and G
-        # Silent on float overflow, like torch (silu's exp(-x) reaching inf is even meant): a
-        # diverged model shows in its logits, not as NumPy warnings.
         if self.compiled is not None:
             rows = cos.shape[0]
             mask = None if mask is None else np.ascontiguousarray(mask.reshape(B, -1))
@@ -665,6 +665,8 @@ class FastDecoder:
                 cache,
             )
             return torch.from_numpy(logits)
+        # Silent on float overflow, like torch (silu's exp(-x) reaching inf is even meant): a
+        # diverged model shows in its logits, not as NumPy warnings.
         shared = threads_shared()
         with np.errstate(all="ignore"):
             for i, layer in enumerate(self.layers):

@@ -63,8 +63,9 @@ def generate(
     draw other numbers than they would have, so a sampled row depends on when the rows beside it
     end (always in the same way for the same inputs).
     attention_mask (B, T): 1 for real tokens, 0 for left padding.
-    fast: after the prompt, run each step through fast_decode.py (the same math, compiled or in NumPy, weights
-    packed for decoding; float32 CPU models); False runs the model's own forward at every step.
+    fast: after the prompt, run each step through fast_decode.py (the same math, compiled or in
+    NumPy, on weights packed for decoding; float32 CPU models); False runs the model's own
+    forward at every step.
     num_return_sequences: continuations sampled per prompt. The prompts are prefilled once and
     their cache copied to each continuation's row, so G samples of one prompt cost one prefill
     (GRPO's rollouts); the rows come out grouped, prompt 0's G first.
@@ -224,9 +225,9 @@ def check_weights(model: nn.Module, fast: bool, weights: str) -> None:
 
 def decoding_step(model: nn.Module, fast: bool, weights: str = "float32") -> Callable[..., torch.Tensor]:
     """What runs each step after the prefill, logged by name: fast_decode's FastDecoder (the
-    model's math, compiled or in NumPy, on weights packed for decoding in `weights`) where it supports the model
-    and `fast` allows it, else the model's own forward (GPUs, other dtypes, parts that path does
-    not know)."""
+    model's math, compiled or in NumPy, on weights packed for decoding in `weights`) where it
+    supports the model and `fast` allows it, else the model's own forward (GPUs, other dtypes,
+    parts that path does not know)."""
     reason = FastDecoder.unsupported(model) if fast else "fast=False"
     if reason is None:
         decoder = FastDecoder.for_model(model, weights)

@@ -45,8 +45,9 @@ def cache_root() -> Path:
 
 def _compiler() -> Optional[str]:
     for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -82,10 +83,10 @@ def _build(compiler: str) -> Tuple[Optional[Path], str]:
                 )
                 if result.returncode == 0:
                     break
-            if result.returncode != 0:
-                raise RuntimeError(result.stderr.strip().splitlines()[-1:] or ["no message"])
+            if result.returncode != 0:  # raised, so that building_folder drops the attempt
+                raise RuntimeError((result.stderr.strip().splitlines() or ["no message"])[-1])
     except RuntimeError as error:
-        return None, f"{compiler} failed on {SOURCE.name}: {error.args[0][0]}"
+        return None, f"{compiler} failed on {SOURCE.name}: {error}"
     except Exception as error:  # a folder we may not write, a full disk: decode without the kernel
         if not (folder / LIBRARY).is_file():
             return None, f"could not build {SOURCE.name} in {folder}: {error}"

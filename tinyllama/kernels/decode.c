@@ -246,8 +246,6 @@ static void matmul(const tl_matrix *m, int batch, const float *x, int ldx, float
 #undef TILES
 }
 
-static int output_panels(const tl_matrix *m) { return m->glu ? m->panels / 2 : m->panels; }
-
 /* ---- threads -------------------------------------------------------------------------- */
 
 /* The threads are OpenMP's. Built with -fopenmp, this library needs libgomp.so.1, and where torch
@@ -282,13 +280,29 @@ static void rope(const float *x, const float *cos, const float *sin, int d, floa
 
 static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-/* Floats of the shared scratch memory a step needs (tl_step.work). */
+/* Where a step's scratch memory (tl_step.work) puts what: the shared q/k/v, attention and MLP
+ * rows, then each thread's own normed rows, scores and rotated query and key. Row widths of
+ * the shared parts are what their matrices write (padded to whole panels). */
+typedef struct {
+    size_t ld_qkv, ld_attn, ld_act; /* floats per row */
+    size_t scores;                  /* floats of one thread's scores (whole vectors) */
+    size_t private;                 /* floats per thread */
+} workspace_layout;
+
+static workspace_layout layout_of(const tl_model *m, int batch, int positions) {
+    workspace_layout w;
+    w.ld_qkv = round_up((size_t)(m->heads + 2 * m->kv_heads) * m->head_dim, TILE);
+    w.ld_attn = (size_t)m->heads * m->head_dim;
+    w.ld_act = round_up(m->layers ? (size_t)m->layer[0].gate_up.n : 0, TILE);
+    w.scores = round_up((size_t)positions, VL);
+    w.private = round_up((size_t)batch * m->hidden + w.scores + 2 * (size_t)m->head_dim, 16);
+    return w;
+}
+
+/* Floats of the scratch memory a step of `batch` rows over `positions` positions needs. */
 size_t tl_workspace(const tl_model *m, int batch, int positions, int threads) {
-    size_t qkv = round_up((size_t)(m->heads + 2 * m->kv_heads) * m->head_dim, TILE);
-    size_t attn = (size_t)m->heads * m->head_dim;
-    size_t act = round_up((size_t)m->layers ? (size_t)m->layer[0].gate_up.n : 0, TILE);
-    size_t private = (size_t)batch * m->hidden + round_up((size_t)positions, VL) + 2 * (size_t)m->head_dim;
-    return (size_t)batch * (qkv + attn + act) + (size_t)threads * round_up(private, 16);
+    workspace_layout w = layout_of(m, batch, positions);
+    return (size_t)batch * (w.ld_qkv + w.ld_attn + w.ld_act) + (size_t)threads * w.private;
 }
 
 static void attention_task(const tl_model *m, const tl_step *s, int l, int b, int h, const float *qkv,
@@ -356,52 +370,38 @@ static void attention_task(const tl_model *m, const tl_step *s, int l, int b, in
     }
 }
 
+/* This thread's share of a product: a contiguous run of the matrix's (output) panels. */
+static void share(const tl_matrix *m, int tid, int threads, int batch, const float *x, int ldx, float *y,
+                  int ldy, int mode) {
+    long panels = m->glu ? m->panels / 2 : m->panels;
+    matmul(m, batch, x, ldx, y, ldy, mode, (int)(panels * tid / threads), (int)(panels * (tid + 1) / threads));
+}
+
 static void run_step(const tl_model *m, const tl_step *s, int tid, int threads) {
     const int B = s->batch, C = m->hidden, D = m->head_dim;
-    const size_t ld_qkv = round_up((size_t)(m->heads + 2 * m->kv_heads) * D, TILE);
-    const size_t ld_attn = (size_t)m->heads * D;
-    const size_t ld_act = round_up(m->layers ? (size_t)m->layer[0].gate_up.n : 0, TILE);
-    float *qkv = s->work, *attn = qkv + B * ld_qkv, *act = attn + B * ld_attn;
-    size_t private = round_up((size_t)B * C + round_up((size_t)s->past + 1, VL) + 2 * (size_t)D, 16);
-    float *h = act + B * ld_act + (size_t)tid * private; /* this thread's normed rows */
-    float *scores = h + (size_t)B * C, *q = scores + round_up((size_t)s->past + 1, VL), *k_new = q + D;
+    const workspace_layout w = layout_of(m, B, s->past + 1);
+    float *qkv = s->work, *attn = qkv + B * w.ld_qkv, *act = attn + B * w.ld_attn;
+    float *h = act + B * w.ld_act + (size_t)tid * w.private; /* this thread's normed rows */
+    float *scores = h + (size_t)B * C, *q = scores + w.scores, *k_new = q + D;
     float *x = s->x;
-#define SHARE(P, lo, hi) int lo = (int)((long)(P) * tid / threads), hi = (int)((long)(P) * (tid + 1) / threads)
     for (int l = 0; l < m->layers; l++) {
         const tl_layer *L = &m->layer[l];
         rms_norm(x, L->input_layernorm, m->eps, B, C, h);
-        {
-            SHARE(output_panels(&L->qkv), p0, p1);
-            matmul(&L->qkv, B, h, C, qkv, (int)ld_qkv, STORE, p0, p1);
-        }
+        share(&L->qkv, tid, threads, B, h, C, qkv, (int)w.ld_qkv, STORE);
         BARRIER();
         for (int task = tid; task < B * m->heads; task += threads)
-            attention_task(m, s, l, task / m->heads, task % m->heads, qkv, ld_qkv, attn, scores, q, k_new);
+            attention_task(m, s, l, task / m->heads, task % m->heads, qkv, w.ld_qkv, attn, scores, q, k_new);
         BARRIER();
-        {
-            SHARE(output_panels(&L->o_proj), p0, p1);
-            matmul(&L->o_proj, B, attn, (int)ld_attn, x, C, ADD, p0, p1);
-        }
+        share(&L->o_proj, tid, threads, B, attn, (int)w.ld_attn, x, C, ADD);
         BARRIER();
         rms_norm(x, L->post_attention_layernorm, m->eps, B, C, h);
-        {
-            SHARE(output_panels(&L->gate_up), p0, p1);
-            matmul(&L->gate_up, B, h, C, act, (int)ld_act, STORE, p0, p1);
-        }
+        share(&L->gate_up, tid, threads, B, h, C, act, (int)w.ld_act, STORE);
         BARRIER();
-        {
-            SHARE(output_panels(&L->down_proj), p0, p1);
-            matmul(&L->down_proj, B, act, (int)ld_act, x, C, ADD, p0, p1);
-        }
+        share(&L->down_proj, tid, threads, B, act, (int)w.ld_act, x, C, ADD);
         BARRIER();
     }
     rms_norm(x, m->norm, m->eps, B, C, h);
-    {
-        SHARE(output_panels(&m->lm_head), p0, p1);
-        matmul(&m->lm_head, B, h, C, s->logits, m->vocab, STORE, p0, p1);
-    }
-    BARRIER();
-#undef SHARE
+    share(&m->lm_head, tid, threads, B, h, C, s->logits, m->vocab, STORE); /* the region's end waits */
 }
 
 /* One decoding step on `threads` threads (the caller among them). Returns the threads used. */

@@ -141,9 +141,9 @@ class Checkpointer:
 
     model: the unwrapped module (its weights go to model.safetensors; a LoRA model's adapters go
     to the PEFT files, with `base` naming its base: checkpoint.base_record), sharded in place when
-    `parallel` (default: DDP over env's processes) is sharded; optimizer: its AdamW; states / rank_states: see the module docstring (`states`
-    must hold "step" and "tokens"); evaluator: gives each checkpoint its validation loss, and
-    takes it back on resume. Every rank calls maybe_save (gathering the per-rank states is
+    `parallel` (default: DDP over env's processes) shards it; optimizer: its AdamW; states /
+    rank_states: see the module docstring (`states` must hold "step" and "tokens"); evaluator:
+    gives each checkpoint its validation loss, and takes it back on resume. Every rank calls maybe_save (gathering the per-rank states is
     collective); rank 0 writes all but the shards of a sharded model.
     """
 
@@ -165,7 +165,6 @@ class Checkpointer:
         self.job, self.env, self.model, self.tokenizer = job, env, model, tokenizer
         self.optimizer = optimizer
         self.parallel = parallel or Parallelism("ddp", env.world_size)
-        self.sharded = self.parallel.sharded
         self.evaluator, self.states, self.rank_states = evaluator, states, rank_states
         self.base = base
         self.cadence = Cadence(job.checkpoint.every, job.train.max_steps)
@@ -188,7 +187,7 @@ class Checkpointer:
         if self.env.any(not bool(local)):
             raise NonFiniteLossError(f"weights at step {step} are not finite: not saving them")
         ranks = self.env.all_gather_object({k: s.state_dict() for k, s in self.rank_states.items()})
-        if self.sharded:
+        if self.parallel.sharded:
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
             shards = {"model": model_state, "optimizer": optimizer_state}
 
@@ -199,7 +198,7 @@ class Checkpointer:
                 dcp.save(shards, checkpoint_id=str(self.env.broadcast_object(None)))
         if self.env.is_main:
             train_state = {k: s.state_dict() for k, s in self.states.items()}
-            if not self.sharded:
+            if not self.parallel.sharded:
                 train_state["optimizer"] = self.optimizer.state_dict()
             train_state.update(world_size=self.env.world_size, parallel=self.parallel.name, ranks=ranks)
             meta = {
@@ -217,7 +216,7 @@ class Checkpointer:
                 meta,
                 train_state,
                 base=self.base,
-                shards=write_shards if self.sharded else None,
+                shards=write_shards if self.parallel.sharded else None,
             )
         self.env.barrier()
         return self.root / f"step_{step}"
@@ -235,7 +234,7 @@ class Checkpointer:
         elif ckpt.adapter is not None:  # the base is init_from's, loaded already: the adapters alone
             set_adapter_weights(self.model, ckpt.adapter.tensors)
             self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
-        elif self.sharded:  # whole tensors (a DDP run's) into this run's shards
+        elif self.parallel.sharded:  # whole tensors (a DDP run's) into this run's shards
             whole = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, ckpt.model_state, options=whole)
             named = optimizer_state_by_name(ckpt.train_state["optimizer"], self.optimizer, self.model)

@@ -4,8 +4,8 @@ the ones that did better than their group (tinyllama/train/grpo_loss.py holds th
 One micro-batch (`next_batch`) is a rollout: train.batch_size prompts of this rank in one
 left-padded batch, each prefilled once and continued G = grpo.num_generations times by
 `generate` with the KV cache (on a CPU its decoding steps run through fast_decode's compiled
-packed-weight step) at grpo.temperature / grpo.top_p, each completion stopped at `<|end|>` and masked
-after it. The rewards (tinyllama/rewards.py) score the decoded completions; their weighted sum
+packed-weight step) at grpo.temperature / grpo.top_p, each completion stopped at `<|end|>` and
+masked after it. The rewards (tinyllama/rewards.py) score the decoded completions; their weighted sum
 gives the group-relative advantages. With grpo.dynamic_sampling (DAPO) the groups whose rewards
 are all equal are dropped and more prompts are sampled to fill the batch with groups that carry
 a signal. With grpo.num_iterations > 1 the same rollouts serve that many
