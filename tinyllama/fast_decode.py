@@ -259,8 +259,9 @@ class _Matrix:
 
 class _Panels:
     """Several projections side by side in the compiled step's layout (tinyllama/kernels/
-    decode.c): the joint matrix's output columns in panels of `tile`, stored (P, C_in, tile),
-    each panel read start to end for its columns; the last one padded with zero columns.
+    decode.c): the joint matrix's output columns in panels of `tile`, the last one padded with
+    zero columns, each panel stored as strips of `vector` columns for all inputs: (P * tile /
+    vector, C_in, vector), every strip read start to end.
 
     `glu`: the two projections (gate, up) interleaved panel by panel, 2q holding gate's columns
     [q tile, (q + 1) tile) and 2q + 1 up's same columns, so that one thread computes both halves
@@ -273,6 +274,7 @@ class _Panels:
         weights: str,
         sources: Sources,
         tile: int,
+        vector: int,
         glu: bool = False,
     ) -> None:
         linears = [linear for _, linear in named]
@@ -302,9 +304,9 @@ class _Panels:
             qweight, scale = _quantize(joint)
             self.scale = scale.numpy()
             joint = qweight
-        # (columns, C_in) -> (P, C_in, tile): one copy into contiguous panels
+        # (columns, C_in) -> (strips, C_in, vector): one copy into contiguous strips
         self.w = np.ascontiguousarray(
-            joint.numpy().reshape(self.panels, tile, self.in_features).transpose(0, 2, 1)
+            joint.numpy().reshape(total // vector, vector, self.in_features).transpose(0, 2, 1)
         )
         self.bias = bias
         for (name, linear), cols in zip(named, columns):
@@ -312,10 +314,10 @@ class _Panels:
             if self.int8:
                 current = np.ascontiguousarray(linear.weight.detach().numpy())
                 sources.append(_Source(f"{name}.weight", shape, None, zlib.crc32(current)))
-            # Runs of rows that lie side by side in one panel: each compared as a view.
-            breaks = np.flatnonzero((np.diff(cols) != 1) | (cols[1:] % tile == 0)) + 1
+            # Runs of rows that lie side by side in one strip: each compared as a view.
+            breaks = np.flatnonzero((np.diff(cols) != 1) | (cols[1:] % vector == 0)) + 1
             for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(cols)]):
-                p, t = divmod(int(cols[lo]), tile)
+                p, t = divmod(int(cols[lo]), vector)
                 rows = slice(lo, hi)
                 if not self.int8:
                     sources.append(_Source(f"{name}.weight", shape, rows, self.w[p, :, t : t + hi - lo].T))
@@ -350,7 +352,7 @@ class _KernelModel:
 
     def __init__(self, model: nn.Module, weights: str, sources: Sources, library: ctypes.CDLL) -> None:
         backbone, config = model.model, model.model.config
-        tile = library.tl_tile()
+        tile, vector = library.tl_tile(), library.tl_vector()
         self.library = library
         self.matrices: List[_Panels] = []
         self.keep: List[Array] = []  # every array a pointer below points into
@@ -359,17 +361,18 @@ class _KernelModel:
             a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _Panels(
-                [(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"], weights, sources, tile
+                [(f"{a}.{p}_proj", getattr(attn, f"{p}_proj")) for p in "qkv"], weights, sources, tile, vector
             )
-            o_proj = _Panels([(f"{a}.o_proj", attn.o_proj)], weights, sources, tile)
+            o_proj = _Panels([(f"{a}.o_proj", attn.o_proj)], weights, sources, tile, vector)
             gate_up = _Panels(
                 [(f"{m}.{p}_proj", getattr(mlp, f"{p}_proj")) for p in ("gate", "up")],
                 weights,
                 sources,
                 tile,
+                vector,
                 glu=True,
             )
-            down_proj = _Panels([(f"{m}.down_proj", mlp.down_proj)], weights, sources, tile)
+            down_proj = _Panels([(f"{m}.down_proj", mlp.down_proj)], weights, sources, tile, vector)
             self.matrices += [qkv, o_proj, gate_up, down_proj]
             layers[i] = kernels.Layer(
                 input_layernorm=self._gain(
@@ -383,7 +386,7 @@ class _KernelModel:
                 gate_up=gate_up.struct(),
                 down_proj=down_proj.struct(),
             )
-        lm_head = _Panels([("lm_head", model.lm_head)], weights, sources, tile)
+        lm_head = _Panels([("lm_head", model.lm_head)], weights, sources, tile, vector)
         self.matrices.append(lm_head)
         self.layers = layers  # kept: self.model points into it
         self.model = kernels.Model(

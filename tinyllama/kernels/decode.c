@@ -7,9 +7,13 @@
  * costs one here, and the threads (OpenMP's, see below) share every matrix product and the
  * attention heads, meeting at four barriers per layer.
  *
- * Matrices are stored in panels: (P, K, TILE), panel p holding output columns
- * [p * TILE, (p + 1) * TILE) of the joint matrix for all K inputs, so that one panel is read
- * start to end while TILE accumulators per row stay in registers. A thread owns whole panels.
+ * Matrices are stored in panels of TILE output columns, panel p holding columns
+ * [p * TILE, (p + 1) * TILE) of the joint matrix, each panel as NV strips (K, VL): one vector of
+ * columns for all K inputs, one after the other. A thread owns whole panels. A tile of one row
+ * reads a panel's NV strips side by side (NV accumulators); a tile of many rows reads one strip
+ * at a time, which is still one sequential stream of memory: with the strips interleaved
+ * (K, TILE) it would read every fourth cache line, and each pass over a panel would wait on
+ * memory instead of the hardware prefetcher keeping ahead of it.
  * gate_up interleaves gate and up panels (2q: gate, 2q + 1: up, same columns) so that the
  * thread that computes a column's gate also has its up and applies SiLU at once.
  *
@@ -39,6 +43,10 @@
 #define NV 4 /* vectors per panel row */
 #define RB ACC /* at most this many rows per tile */
 #define TILE (VL * NV)
+#define LINE 16      /* floats per 64-byte cache line */
+#define PREFETCH 64  /* float32 weight vectors ahead of the product, per strip (4 KiB at VL 16):
+                      * further ahead than the hardware prefetcher runs by itself (int8's strips,
+                      * a quarter the bytes, keep up without) */
 
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
@@ -112,7 +120,7 @@ static inline float dot(const float *a, const float *b, int n) {
 /* ---- the model, as Python packs it ------------------------------------------------------ */
 
 typedef struct {
-    const void *w;        /* (panels, k, TILE): float32, or int8 where scale is set */
+    const void *w;        /* (panels, NV, k, VL): float32, or int8 where scale is set */
     const float *scale;   /* int8: one per output column, (panels * TILE); NULL for float32 */
     const float *bias;    /* (panels * TILE), or NULL */
     int32_t k, panels, n; /* input width, panels, real output columns */
@@ -157,10 +165,10 @@ static inline __attribute__((always_inline)) void panel_product(const tl_matrix 
         for (int v = 0; v < nv; v++) acc[r][v] = (vf){0};
     const size_t k = (size_t)m->k;
     if (m->scale) {
-        const int8_t *w = (const int8_t *)m->w + (size_t)p * k * TILE + v0 * VL;
-        for (size_t i = 0; i < k; i++, w += TILE) {
+        const int8_t *w = (const int8_t *)m->w + ((size_t)p * NV + v0) * k * VL;
+        for (size_t i = 0; i < k; i++, w += VL) {
             vf wv[NV];
-            for (int v = 0; v < nv; v++) wv[v] = load_i8(w + v * VL);
+            for (int v = 0; v < nv; v++) wv[v] = load_i8(w + v * k * VL);
             for (int r = 0; r < rows; r++) {
                 vf xr = splat(x[r * ldx + i]);
                 for (int v = 0; v < nv; v++) acc[r][v] += xr * wv[v];
@@ -171,10 +179,11 @@ static inline __attribute__((always_inline)) void panel_product(const tl_matrix 
             for (int r = 0; r < rows; r++) acc[r][v] *= s;
         }
     } else {
-        const float *w = (const float *)m->w + (size_t)p * k * TILE + v0 * VL;
-        for (size_t i = 0; i < k; i++, w += TILE) {
+        const float *w = (const float *)m->w + ((size_t)p * NV + v0) * k * VL;
+        for (size_t i = 0; i < k; i++, w += VL) {
             vf wv[NV];
-            for (int v = 0; v < nv; v++) wv[v] = load_f(w + v * VL);
+            for (int v = 0; v < nv; v++) __builtin_prefetch(w + v * k * VL + PREFETCH * VL);
+            for (int v = 0; v < nv; v++) wv[v] = load_f(w + v * k * VL);
             for (int r = 0; r < rows; r++) {
                 vf xr = splat(x[r * ldx + i]);
                 for (int v = 0; v < nv; v++) acc[r][v] += xr * wv[v];
@@ -230,20 +239,22 @@ static inline __attribute__((always_inline)) void panels_rows(const tl_matrix *m
     }
 }
 
-/* Tiles of ACC accumulators: many rows share each weight read (ACC rows x 1 vector, then half
- * as many rows x 2), a few rows take whole panel rows (1 x NV: enough independent chains to
- * hide the multiply-add latency). */
+/* Tiles of ACC accumulators: many rows share each weight read (ACC / 2 rows x 2 vectors, then
+ * a quarter as many rows x 4), a single row takes whole panel rows (1 x NV: enough independent
+ * chains to hide the multiply-add latency). A tile of ACC rows x 1 vector, loading each weight
+ * once for more rows, measured slower: it loads a broadcast input per multiply-add. */
 static void matmul(const tl_matrix *m, int batch, const float *x, int ldx, float *y, int ldy, int mode, int p0,
                    int p1) {
-    int r = 0;
+    for (int p = p0; p < p1; p++) { /* every row of a panel while it is in the cache */
+        int r = 0;
 #define TILES(R, N)                                                                                   \
     for (; r + (R) <= batch; r += (R))                                                                \
-        panels_rows(m, p0, p1, x + (size_t)r * ldx, ldx, y + (size_t)r * ldy, ldy, mode, (R), (N));
-    TILES(ACC, 1)
-    TILES(ACC / 2, 2)
-    TILES(ACC / 4, 4)
-    TILES(1, NV)
+        panels_rows(m, p, p + 1, x + (size_t)r * ldx, ldx, y + (size_t)r * ldy, ldy, mode, (R), (N));
+        TILES(ACC / 2, 2)
+        TILES(ACC / 4, 4)
+        TILES(1, NV)
 #undef TILES
+    }
 }
 
 /* ---- threads -------------------------------------------------------------------------- */
@@ -324,7 +335,17 @@ static void attention_task(const tl_model *m, const tl_step *s, int l, int b, in
         memcpy(values + (size_t)past * D, v_new, sizeof(float) * D);
     }
     const float *mask = s->mask ? s->mask + (size_t)b * S : NULL;
-    for (int t = 0; t < past; t++) scores[t] = dot(q, keys + (size_t)t * D, D) * m->scaling;
+    /* Each (row, head) reads its own stretch of the cache, which the hardware prefetcher has
+     * not seen coming: fetch the keys a few positions ahead, and the values (read after the
+     * softmax) while the scores are computed. */
+    for (int t = 0; t < past; t++) {
+        const float *key = keys + (size_t)t * D, *value = values + (size_t)t * D;
+        for (int line = 0; line < D; line += LINE) {
+            __builtin_prefetch(key + 8 * D + line);
+            __builtin_prefetch(value + line);
+        }
+        scores[t] = dot(q, key, D) * m->scaling;
+    }
     scores[past] = dot(q, k_new, D) * m->scaling;
     if (mask)
         for (int t = 0; t < S; t++) scores[t] += mask[t];
@@ -424,6 +445,7 @@ int tl_decode(const tl_model *m, const tl_step *s, int threads) {
     return 1;
 }
 
-/* The layout Python packs for: output columns per panel. */
+/* The layout Python packs for: output columns per panel, and per strip of a panel. */
 int tl_tile(void) { return TILE; }
+int tl_vector(void) { return VL; }
 
