@@ -161,3 +161,14 @@ def test_rope_scaling_can_be_set_from_the_command_line():
     assert job.model.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ConfigError, match="rope_scaling=5: must be a mapping"):
         to_job(_compose(overrides=["model.rope_scaling=5"]))
+
+
+def test_bad_serve_settings_are_reported_at_once():
+    cfg = _compose(
+        "serve",
+        ["serve.port=70000", "serve.max_batch=0", "serve.stream_interval=-0.1", "serve.threads=0"],
+    )
+    with pytest.raises(ConfigError) as e:
+        to_job(cfg)
+    for key in ("serve.port=70000", "serve.max_batch=0", "serve.stream_interval=-0.1", "serve.threads=0"):
+        assert key in str(e.value)

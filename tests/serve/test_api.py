@@ -85,6 +85,28 @@ def test_streamed_reply_equals_the_whole_one_and_ends_with_done(client, live, ta
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
+def test_a_reply_gathered_between_writes_still_streams_one_event_per_token(taught, start_server):
+    """With serve.stream_interval, tokens decoded between two writes go out in one write, each
+    still its own server-sent event: the same text and events, in fewer network chunks."""
+    model, tok = taught
+    server = start_server(model, tok, "taught")
+    try:
+        server.served.stream_interval = 1.0  # longer than the whole reply takes to decode
+        body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            chunks = list(r.iter_raw())
+        events = [e for e in b"".join(chunks).split(b"\n\n") if e.strip()]
+        assert events[-1] == b"data: [DONE]"
+        pieces = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
+        assert len(pieces) == 48  # one event per token (the taught model writes no stray bytes)
+        # the first token went at once, the others after the interval in one write
+        assert len(chunks) <= 3 < len(events)
+        whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert "".join(pieces) == whole.json()["choices"][0]["text"]
+    finally:
+        server.close()
+
+
 def test_length_limit_n_seed_and_stop(client):
     messages = [{"role": "user", "content": "Tell me a story."}]
     r = client.chat.completions.create(model="taught", messages=messages, max_tokens=3, temperature=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from tinyllama.chat_template import ROLES, apply_chat_template, end_of_turn_id, missing_pieces
+from tinyllama.config import ServeConfig
 from tinyllama.sample import TextStream
 from tinyllama.serve.engine import Engine, SamplingParams
 from tinyllama.serve.engine import Request as EngineRequest
@@ -90,6 +92,7 @@ class ServedModel:
     created: int
     default_max_tokens: int = 256
     conversations: bool = True
+    stream_interval: float = ServeConfig.stream_interval
 
     @property
     def context(self) -> int:
@@ -274,8 +277,9 @@ async def _respond(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     texts = ["" for _ in range(run.choices)]
-    async for choice, delta, _ in run.events(request):
-        texts[choice] += delta
+    async for events in run.events(request):
+        for choice, delta, _ in events:
+            texts[choice] += delta
     if "error" in run.finish:
         raise APIError("decoding failed on the server; see its log", status=500)
     choices = []
@@ -310,18 +314,72 @@ async def _sse(run: "_Run", meta: Dict[str, Any], chat: bool, include_usage: boo
         return "data: " + json.dumps({**meta, "object": kind, "choices": [entry]}) + "\n\n"
 
     if chat:
-        for i in range(run.choices):
-            yield chunk(i, None, None, first=True)
-    async for choice, delta, finish in run.events(None):
-        if finish == "error":
-            error = {"message": "decoding failed on the server; see its log", "type": "server_error"}
-            yield "data: " + json.dumps({"error": error}) + "\n\n"
+        yield "".join(chunk(i, None, None, first=True) for i in range(run.choices))
+    failed = False
+    async for events in run.events(None, every=run.served.stream_interval):
+        # one event per token, the events that arrived together sent in one write
+        out = []
+        for choice, delta, finish in events:
+            if finish == "error":
+                error = {"message": "decoding failed on the server; see its log", "type": "server_error"}
+                out.append("data: " + json.dumps({"error": error}) + "\n\n")
+                failed = True
+                break
+            if delta or finish:
+                out.append(chunk(choice, delta, finish))
+        if out:
+            yield "".join(out)
+        if failed:
             break
-        if delta or finish:
-            yield chunk(choice, delta, finish)
     if include_usage:
         yield "data: " + json.dumps({**meta, "object": kind, "choices": [], "usage": run.usage()}) + "\n\n"
     yield "data: [DONE]\n\n"
+
+
+class _Inbox:
+    """What the engine's thread hands one request's coroutine: items put from that thread and
+    drained on the event loop. The loop is woken (call_soon_threadsafe, a system call) only when
+    the coroutine waits on an empty inbox, not for every token: a reply gathering tokens for
+    serve.stream_interval costs no wake-up while it gathers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: List[Any] = []
+        self._lock = threading.Lock()
+        self._waiter: Optional[asyncio.Future] = None
+
+    def put(self, item: Any) -> None:
+        """Add an item (from any thread), waking the coroutine if it waits."""
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    async def wait(self, timeout: float) -> bool:
+        """True once there is something to drain; False after `timeout` seconds of nothing."""
+        with self._lock:
+            if self._items:
+                return True
+            self._waiter = waiter = self._loop.create_future()
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        with self._lock:
+            self._waiter = None
+            return bool(self._items)
+
+    def drain(self) -> List[Any]:
+        """Everything put since the last drain, oldest first."""
+        with self._lock:
+            items, self._items = self._items, []
+        return items
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():  # a wait that timed out has cancelled its future
+        waiter.set_result(None)
 
 
 class _Run:
@@ -338,46 +396,59 @@ class _Run:
         self.tokens = [0] * self.choices
         self.finish: List[Optional[str]] = [None] * self.choices
 
-    async def events(self, http: Optional[Request]) -> AsyncIterator[Tuple[int, str, Optional[str]]]:
-        """(choice, new text, finish_reason or None) as the engine decodes; cancels the rows when
-        the consumer stops early (a client gone mid-stream) or `http` reports a disconnect."""
+    async def events(
+        self, http: Optional[Request], every: float = 0.0
+    ) -> AsyncIterator[List[Tuple[int, str, Optional[str]]]]:
+        """Lists of (choice, new text, finish_reason or None) as the engine decodes: all that
+        arrived since the consumer last asked, so that a consumer slower than the engine (a loaded
+        server with many sockets to write to) takes many tokens per write and a fast one takes
+        each token as it comes. Cancels the rows when the consumer stops early (a client gone
+        mid-stream) or `http` reports a disconnect."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = _Inbox(loop)
         requests = []
         for p, prompt in enumerate(self.prompts):
             offset = p * self.params.n
 
             def emit(choice, token, finish, offset=offset):
-                loop.call_soon_threadsafe(queue.put_nowait, (offset + choice, token, finish))
+                inbox.put((offset + choice, token, finish))
 
             requests.append(EngineRequest(prompt, self.params, emit))
         for r in requests:
             self.served.engine.submit(r)
         open_choices = self.choices
+        last = -every  # the first tokens go at once
         try:
             while open_choices:
-                try:
-                    choice, token, finish = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                wait = last + every - loop.time()
+                if wait > 0:  # the previous batch left less than `every` ago: gather what comes
+                    await asyncio.sleep(wait)
+                if not await inbox.wait(timeout=1.0):
                     if http is not None and await http.is_disconnected():
                         return
                     continue
-                if self.finish[choice] is not None:
-                    continue  # a choice cut at a stop string: the engine's last tokens are dropped
-                text = self.texts[choice]
-                delta = ""
-                if token is not None:
-                    self.tokens[choice] += 1
-                    if token not in self.end_ids:  # the end-of-turn piece is not part of the reply
-                        delta = text.push(token)
-                if text.stopped:
-                    finish = "stop"
-                    requests[choice // self.params.n].cancel(choice % self.params.n)
-                if finish is not None:
-                    delta += text.finish()
-                    self.finish[choice] = finish
-                    open_choices -= 1
-                yield choice, delta, finish
+                events = []
+                arrived = inbox.drain()
+                for choice, token, finish in arrived:
+                    if self.finish[choice] is not None:
+                        continue  # a choice cut at a stop string: the engine's last tokens are dropped
+                    text = self.texts[choice]
+                    delta = ""
+                    if token is not None:
+                        self.tokens[choice] += 1
+                        if token not in self.end_ids:  # the end-of-turn piece is not part of the reply
+                            delta = text.push(token)
+                    if text.stopped:
+                        finish = "stop"
+                        requests[choice // self.params.n].cancel(choice % self.params.n)
+                    if finish is not None:
+                        delta += text.finish()
+                        self.finish[choice] = finish
+                        open_choices -= 1
+                    events.append((choice, delta, finish))
+                if events:
+                    last = loop.time()
+                    yield events
         finally:
             if open_choices:
                 for r in requests:

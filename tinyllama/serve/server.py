@@ -69,6 +69,7 @@ def run_serve(job, out: TextIO = sys.stdout, on_ready: Optional[Callable[[str], 
             int(Path(ckpt.path).stat().st_mtime),
             s.max_new_tokens,
             conversations=is_chat(ckpt.job.data),
+            stream_interval=s.stream_interval,
         )
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
