@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="serve.threads (default: the stage's)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="another override for the server"
+    )
     args = parser.parse_args()
     if not Path(args.run).exists():
         sys.exit(
@@ -108,6 +111,7 @@ def main() -> None:
     command += [f"serve.max_batch={args.max_batch}", "hydra.run.dir=.", "hydra.output_subdir=null"]
     if args.threads is not None:
         command.append(f"serve.threads={args.threads}")
+    command += args.set
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -118,6 +122,7 @@ def main() -> None:
         print(
             f"{args.requests} requests per client, {args.max_tokens} new tokens each, "
             f"serve.threads={'default' if args.threads is None else args.threads}"
+            + "".join(f", {o}" for o in args.set)
         )
         bench(url, args)
     finally:

@@ -166,6 +166,33 @@ def test_generate_gives_the_same_tokens_either_way():
         assert torch.equal(fast, slow), kwargs
 
 
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("hidden", [48, 40])  # whole strips of columns, and strips cut part-way
+def test_a_change_to_any_one_weight_is_seen(weights, hidden):
+    """matches() compares the packed copy run by run (whole strips, parts of strips, biases):
+    one changed value in any packed parameter, wherever it falls, makes the decoder stale (the
+    norm gains and the embedding are read where they are, never copied)."""
+    model = make_model(
+        model_type="qwen2", num_key_value_heads=2, hidden_size=hidden, intermediate_size=2 * hidden + 8
+    )
+    decoder = FastDecoder(model, weights)
+    assert decoder.matches(model)
+    g = torch.Generator().manual_seed(0)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    packed = [(f"{name}.{n}", p) for name, m in linears for n, p in m.named_parameters()]
+    assert len(packed) == 2 * (7 + 3) + 1  # per layer 7 weights and 3 biases (q, k, v), and the head
+    for name, p in packed:
+        for _ in range(3):
+            i = int(torch.randint(0, p.numel(), (1,), generator=g))
+            before = p.view(-1)[i].item()
+            with torch.no_grad():
+                p.view(-1)[i] = before + 0.5
+            assert not decoder.matches(model), (name, i)
+            with torch.no_grad():
+                p.view(-1)[i] = before
+    assert decoder.matches(model)
+
+
 def test_packed_weights_follow_weight_changes():
     model = make_model()
     prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(6))

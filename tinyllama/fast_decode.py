@@ -105,6 +105,26 @@ class _Source:
 
 Sources = List[_Source]
 
+
+def _runs(columns: Array, vector: int) -> List[Tuple[int, int, int, int]]:
+    """A projection's rows as runs that lie side by side in the packed strips, for comparing
+    each run as one view: (lo, hi, strip, column) for rows [lo, hi) starting at that column of
+    that strip. `columns`: each row's column in the joint matrix. A run is either part of one
+    strip or whole strips one after another."""
+    breaks = np.flatnonzero((np.diff(columns) != 1) | (columns[1:] % vector == 0)) + 1
+    runs: List[Tuple[int, int, int, int]] = []
+    for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(columns)]):
+        strip, t = divmod(int(columns[lo]), vector)
+        if runs:
+            lo0, hi0, strip0, t0 = runs[-1]
+            whole = t == 0 and hi - lo == vector and t0 == 0 and (hi0 - lo0) % vector == 0
+            if whole and hi0 == lo and strip0 + (hi0 - lo0) // vector == strip:
+                runs[-1] = (lo0, hi, strip0, 0)
+                continue
+        runs.append((lo, hi, strip, t))
+    return runs
+
+
 BACKENDS = ("auto", "compiled", "numpy")  # FastDecoder's step: see its __init__
 _SHARED_MATRIX = 2**17  # weights from which a float32 product is shared among torch's threads
 _INT8_BLOCK = 16  # the int8 kernel's input width must be a multiple of this
@@ -314,13 +334,14 @@ class _Panels:
             if self.int8:
                 current = np.ascontiguousarray(linear.weight.detach().numpy())
                 sources.append(_Source(f"{name}.weight", shape, None, zlib.crc32(current)))
-            # Runs of rows that lie side by side in one strip: each compared as a view.
-            breaks = np.flatnonzero((np.diff(cols) != 1) | (cols[1:] % vector == 0)) + 1
-            for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(cols)]):
-                p, t = divmod(int(cols[lo]), vector)
+            for lo, hi, strip, t in _runs(cols, vector):
                 rows = slice(lo, hi)
                 if not self.int8:
-                    sources.append(_Source(f"{name}.weight", shape, rows, self.w[p, :, t : t + hi - lo].T))
+                    if t == 0 and (hi - lo) % vector == 0:  # whole strips, one after another
+                        packed = self.w[strip : strip + (hi - lo) // vector].transpose(0, 2, 1)
+                    else:  # part of one strip
+                        packed = self.w[strip, :, t : t + hi - lo].T
+                    sources.append(_Source(f"{name}.weight", shape, rows, packed))
                 if bias is not None:
                     sources.append(
                         _Source(
@@ -620,6 +641,8 @@ class FastDecoder:
             if source.rows is not None:
                 current = current[source.rows]
             packed = torch.from_numpy(source.packed)
+            if packed.dim() == 3:  # whole strips (strips, vector, C_in): the rows seen the same way
+                current = current.reshape(packed.shape)
             shared = current.data_ptr() == packed.data_ptr() and current.stride() == packed.stride()
             # torch.equal: no temporary array, threaded (np.array_equal builds a boolean copy)
             if not (shared or torch.equal(current, packed)):
