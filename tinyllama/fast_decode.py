@@ -94,8 +94,9 @@ _DECODERS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, FastDecoder]]" = weak
 @dataclass(frozen=True)
 class _Source:
     """Where a packed array came from: the parameter `name` (of `shape`), its rows `rows` (all
-    of them if None), held here as `packed` (an array laid out as those rows) or, for a
-    quantized copy, as the CRC-32 of their float32 bytes: what FastDecoder.matches compares."""
+    of them if None), held here as `packed` (a view laid out as those rows, or for whole strips
+    as (strips, vector, C_in), those rows in groups of `vector`) or, for a quantized copy, as the
+    CRC-32 of their float32 bytes: what FastDecoder.matches compares."""
 
     name: str
     shape: Tuple[int, ...]
@@ -118,7 +119,7 @@ def _runs(columns: Array, vector: int) -> List[Tuple[int, int, int, int]]:
         if runs:
             lo0, hi0, strip0, t0 = runs[-1]
             whole = t == 0 and hi - lo == vector and t0 == 0 and (hi0 - lo0) % vector == 0
-            if whole and hi0 == lo and strip0 + (hi0 - lo0) // vector == strip:
+            if whole and strip0 + (hi0 - lo0) // vector == strip:
                 runs[-1] = (lo0, hi, strip0, 0)
                 continue
         runs.append((lo, hi, strip, t))

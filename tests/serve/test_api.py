@@ -5,10 +5,12 @@ clients all get their replies."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,20 +93,46 @@ def test_a_reply_gathered_between_writes_still_streams_one_event_per_token(taugh
     model, tok = taught
     server = start_server(model, tok, "taught")
     try:
-        server.served.stream_interval = 1.0  # longer than the whole reply takes to decode
+        server.served.stream_interval = 2.0  # longer than the whole reply takes to decode
         body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": True}
+        chunks, arrived = [], []
+        start = time.perf_counter()
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-            chunks = list(r.iter_raw())
+            for chunk in r.iter_raw():
+                chunks.append(chunk)
+                arrived.append(time.perf_counter() - start)
         events = [e for e in b"".join(chunks).split(b"\n\n") if e.strip()]
         assert events[-1] == b"data: [DONE]"
         pieces = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
         assert len(pieces) == 48  # one event per token (the taught model writes no stray bytes)
         # the first token went at once, the others after the interval in one write
         assert len(chunks) <= 3 < len(events)
+        assert arrived[0] < 1.5 <= arrived[-1]
         whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
         assert "".join(pieces) == whole.json()["choices"][0]["text"]
     finally:
         server.close()
+
+
+def test_the_inbox_wakes_its_waiting_reply_when_the_engine_puts():
+    """The engine's thread puts tokens; a reply waiting on an empty inbox is woken at once (not
+    at its timeout), one that finds items does not wait, and one that waits in vain times out."""
+    from tinyllama.serve.api import _Inbox
+
+    async def scenario():
+        inbox = _Inbox(asyncio.get_running_loop())
+        assert not await inbox.wait(timeout=0.05)  # nothing came
+        threading.Timer(0.05, inbox.put, args=("a",)).start()
+        start = time.perf_counter()
+        assert await inbox.wait(timeout=10.0)
+        woken = time.perf_counter() - start
+        inbox.put("b")
+        assert await inbox.wait(timeout=10.0)  # already there
+        return woken, inbox.drain(), inbox.drain()
+
+    woken, items, again = asyncio.run(scenario())
+    assert woken < 5.0  # woken by the put, far before the 10 s timeout
+    assert items == ["a", "b"] and again == []
 
 
 def test_length_limit_n_seed_and_stop(client):

@@ -9,11 +9,11 @@
  *
  * Matrices are stored in panels of TILE output columns, panel p holding columns
  * [p * TILE, (p + 1) * TILE) of the joint matrix, each panel as NV strips (K, VL): one vector of
- * columns for all K inputs, one after the other. A thread owns whole panels. A tile of one row
- * reads a panel's NV strips side by side (NV accumulators); a tile of many rows reads one strip
- * at a time, which is still one sequential stream of memory: with the strips interleaved
- * (K, TILE) it would read every fourth cache line, and each pass over a panel would wait on
- * memory instead of the hardware prefetcher keeping ahead of it.
+ * columns for all K inputs, one after the other. A thread owns whole panels. A tile reads the
+ * strips it needs side by side (one row: all NV; 8 rows: 2 at a time), each one sequential
+ * stream of memory: with the strips interleaved, (K, TILE), a tile of 1 or 2 vectors would read
+ * every fourth or second cache line, and each pass over a panel would wait on memory instead of
+ * the hardware prefetcher keeping ahead of it.
  * gate_up interleaves gate and up panels (2q: gate, 2q + 1: up, same columns) so that the
  * thread that computes a column's gate also has its up and applies SiLU at once.
  *
@@ -41,7 +41,7 @@
 #define ACC 8
 #endif
 #define NV 4 /* vectors per panel row */
-#define RB ACC /* at most this many rows per tile */
+#define RB (ACC / 2) /* at most this many rows per tile */
 #define TILE (VL * NV)
 #define LINE 16      /* floats per 64-byte cache line */
 #define PREFETCH 64  /* float32 weight vectors ahead of the product, per strip (4 KiB at VL 16):
@@ -240,9 +240,9 @@ static inline __attribute__((always_inline)) void panels_rows(const tl_matrix *m
 }
 
 /* Tiles of ACC accumulators: many rows share each weight read (ACC / 2 rows x 2 vectors, then
- * a quarter as many rows x 4), a single row takes whole panel rows (1 x NV: enough independent
- * chains to hide the multiply-add latency). A tile of ACC rows x 1 vector, loading each weight
- * once for more rows, measured slower: it loads a broadcast input per multiply-add. */
+ * ACC / 4 rows x 4), a single row takes whole panel rows (1 x NV: enough independent chains to
+ * hide the multiply-add latency). A tile of ACC rows x 1 vector, loading each weight once for
+ * more rows, measured slower: it loads a broadcast input per multiply-add. */
 static void matmul(const tl_matrix *m, int batch, const float *x, int ldx, float *y, int ldy, int mode, int p0,
                    int p1) {
     for (int p = p0; p < p1; p++) { /* every row of a panel while it is in the cache */

@@ -6,8 +6,10 @@
     GET  /health                 liveness, and the engine's load
     GET  /                       the chat page (tinyllama/serve/page.html)
 
-Every request becomes an engine `Request` (one row per choice); its tokens come back through an
-asyncio queue and are turned into text by `sample.TextStream` (the chat stage's too). Bad requests get OpenAI's error object,
+Every request becomes an engine `Request` (one row per choice); its tokens come back from the
+engine's thread through an `_Inbox` and are turned into text by `sample.TextStream` (the chat
+stage's too); a streamed reply writes what `serve.stream_interval` gathered in one write, one
+server-sent event per token. Bad requests get OpenAI's error object,
 `{"error": {"message", "type", "param", "code"}}`, with status 400 (404 for an unknown model or
 route), and the server goes on serving. A streamed request whose client goes away is cancelled,
 which frees its rows before the engine's next step.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
@@ -366,8 +369,10 @@ class _Inbox:
             await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             pass
+        finally:  # also when cancelled (a client gone): put() then wakes no one
+            with self._lock:
+                self._waiter = None
         with self._lock:
-            self._waiter = None
             return bool(self._items)
 
     def drain(self) -> List[Any]:
@@ -400,10 +405,10 @@ class _Run:
         self, http: Optional[Request], every: float = 0.0
     ) -> AsyncIterator[List[Tuple[int, str, Optional[str]]]]:
         """Lists of (choice, new text, finish_reason or None) as the engine decodes: all that
-        arrived since the consumer last asked, so that a consumer slower than the engine (a loaded
-        server with many sockets to write to) takes many tokens per write and a fast one takes
-        each token as it comes. Cancels the rows when the consumer stops early (a client gone
-        mid-stream) or `http` reports a disconnect."""
+        arrived since the consumer last asked, and no sooner than `every` seconds after the
+        previous list (the first comes as soon as there is something), so that a streamed reply
+        writes what that time gathered at once. Cancels the rows when the consumer stops early (a
+        client gone mid-stream) or `http` reports a disconnect."""
         loop = asyncio.get_running_loop()
         inbox = _Inbox(loop)
         requests = []
@@ -417,7 +422,7 @@ class _Run:
         for r in requests:
             self.served.engine.submit(r)
         open_choices = self.choices
-        last = -every  # the first tokens go at once
+        last = -math.inf  # the first tokens go at once
         try:
             while open_choices:
                 wait = last + every - loop.time()
