@@ -5,7 +5,7 @@
  * over the KV cache, o_proj, SwiGLU MLP, residuals, the final norm and the head. Python packs
  * the weights and calls `tl_decode` once per step: what costs a NumPy path ~20 calls per layer
  * costs one here, and the threads (OpenMP's, see below) share every matrix product and the
- * attention heads, meeting at four barriers per layer.
+ * attention heads, meeting at five barriers per layer.
  *
  * Matrices are stored in panels of TILE output columns, panel p holding columns
  * [p * TILE, (p + 1) * TILE) of the joint matrix, each panel as NV strips (K, VL): one vector of
