@@ -15,7 +15,9 @@ and records:
 
 Total tokens/s = all clients' completion tokens / the wall time of the round; "rows" = completion
 tokens / decoding steps of the round (from /health), the mean batch the engine decoded, which
-shows that concurrent requests were decoded together. --threads sets the server's
+shows that concurrent requests were decoded together. --rounds rounds of every client count
+alternate, and each line is its count's median round (the others' rates follow it), so that
+"x 1" compares rounds from the same minutes of a shared machine. --threads sets the server's
 serve.threads (torch threads of its engine; default: the stage's own, one fewer than the cores);
 the clients share the same cores.
 """
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests each client sends in a round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table gives medians")
     parser.add_argument("--threads", type=int, default=None, help="serve.threads (default: the stage's)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="another override for the server"
@@ -120,7 +123,7 @@ def main() -> None:
         url = line.split(" at ", 1)[1].split()[0]
         print(line.strip())
         print(
-            f"{args.requests} requests per client, {args.max_tokens} new tokens each, "
+            f"{args.requests} requests per client, {args.max_tokens} new tokens each, {args.rounds} rounds, "
             f"serve.threads={'default' if args.threads is None else args.threads}"
             + "".join(f", {o}" for o in args.set)
         )
@@ -137,31 +140,52 @@ def bench(url: str, args) -> None:
         f"{'lat p50':>8} {'lat p95':>8} {'rows':>5}"
     )
     http = httpx.Client(base_url=url)
+    counts = [int(c) for c in args.clients.split(",")]
+    rounds: Dict[int, List[Dict]] = {c: [] for c in counts}
+    # The rounds alternate (1, 4, 8, 16, 1, 4, ...), so a slower minute of a shared machine falls
+    # on every client count alike; the table gives each count's median round.
+    for _ in range(args.rounds):
+        for clients in counts:
+            rounds[clients].append(one_round(url, http, clients, args))
     base = None
-    for clients in [int(c) for c in args.clients.split(",")]:
-        results: List[Dict] = []
-        steps = http.get("/health").json()["steps"]
-        threads = [
-            threading.Thread(target=client, args=(url, i, args.requests, args.max_tokens, results))
-            for i in range(clients)
-        ]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        assert len(results) == clients * args.requests, "a request was lost"
-        tokens = sum(r["tokens"] for r in results)
-        rows = tokens / (http.get("/health").json()["steps"] - steps)  # mean rows per decoding step
-        rate = tokens / wall
-        base = base or rate
-        ttft, lat = [r["ttft"] for r in results], [r["latency"] for r in results]
+    for clients in counts:
+        r = sorted(rounds[clients], key=lambda r: r["rate"])[len(rounds[clients]) // 2]
+        base = base or r["rate"]
+        rates = " ".join(f"{x['rate']:.0f}" for x in rounds[clients])
+        spread = "" if args.rounds == 1 else f"  (rounds: {rates})"
         print(
-            f"{clients:>7} {len(results):>8} {tokens:>7} {rate:>8.0f} {rate / base:>5.1f} "
-            f"{statistics.median(ttft) * 1000:>7.0f}ms {percentile(ttft, 0.95) * 1000:>7.0f}ms "
-            f"{statistics.median(lat):>7.2f}s {percentile(lat, 0.95):>7.2f}s {rows:>5.1f}"
+            f"{clients:>7} {r['requests']:>8} {r['tokens']:>7} {r['rate']:>8.0f} {r['rate'] / base:>5.1f} "
+            f"{statistics.median(r['ttft']) * 1000:>7.0f}ms {percentile(r['ttft'], 0.95) * 1000:>7.0f}ms "
+            f"{statistics.median(r['latency']):>7.2f}s {percentile(r['latency'], 0.95):>7.2f}s {r['rows']:>5.1f}"
+            + spread
         )
+
+
+def one_round(url: str, http: httpx.Client, clients: int, args) -> Dict:
+    """`clients` concurrent clients, each sending args.requests requests: their total tokens/s,
+    TTFTs and latencies, and the mean rows per decoding step."""
+    results: List[Dict] = []
+    steps = http.get("/health").json()["steps"]
+    threads = [
+        threading.Thread(target=client, args=(url, i, args.requests, args.max_tokens, results))
+        for i in range(clients)
+    ]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    assert len(results) == clients * args.requests, "a request was lost"
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "rate": tokens / wall,
+        "rows": tokens / (http.get("/health").json()["steps"] - steps),  # mean rows per decoding step
+        "ttft": [r["ttft"] for r in results],
+        "latency": [r["latency"] for r in results],
+    }
 
 
 if __name__ == "__main__":

@@ -800,7 +800,7 @@ class ServeConfig:
     tokens go at once; each token stays one server-sent event). Each write costs the event loop
     a system call and a pass through the ASGI stack, about as much as the decoding step spends
     on a row, so writing every token as it comes leaves a loaded server's cores to the writes:
-    at 8 clients, 0.002 gave 1.3x the total tokens/s of 0 (BENCHMARKS.md, serving). 0: write
+    at 8 clients, 0.002 gave 1.3-1.5x the total tokens/s of 0 (BENCHMARKS.md, serving). 0: write
     each token as soon as it is decoded."""
     threads: Optional[int] = None
     """torch threads on a CPU (the prefill, and the compiled decoding step's threads); None: one
