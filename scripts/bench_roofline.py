@@ -7,7 +7,7 @@ Builds a small C probe with the compiler and flags the compiled decoding step us
 
 - peak float32 multiply-adds: independent chains of vector FMAs, no memory (GFLOP/s);
 - read bandwidth from buffers of 4 MiB, 20 MiB and 512 MiB (what stays in L2/L3 and what comes
-  from DRAM; lscpu names the cache sizes), summed one cache line at a time (GB/s).
+  from DRAM; lscpu names the cache sizes), summed a vector at a time in 4 chains (GB/s).
 
 Then, for the model preset's shape (vocab 4096), the floor each figure sets under a float32
 decoding step: batch 1 must read every weight once per token (from L3 where they fit, else
@@ -105,7 +105,7 @@ int main(int argc, char **argv) {
 
 
 def probe(threads: int) -> dict:
-    compiler = kernels._compiler()
+    compiler = kernels.find_compiler()
     if compiler is None:
         sys.exit("no C compiler found (set CC, or install gcc)")
     flags = [f for f in kernels.FLAGS if f not in ("-shared", "-fPIC")] + ["-fopenmp"]

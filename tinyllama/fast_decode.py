@@ -40,7 +40,8 @@ The seam with the model: this path reads the model's modules and parameters and 
 them; it writes keys and values only where KVCache hands it room (`update_arrays` for the
 NumPy step, `append_arrays` for the compiled one, which writes the new position itself), into
 the same buffers the model's forward fills, so the two take turns on one cache. Its logits
-equal the model's forward up to float rounding (tests/test_fast_decode.py: that equality is this module's contract).
+equal the model's forward up to float rounding (tests/test_fast_decode.py: that equality is
+this module's contract).
 
 The packed copy is kept beside the model (not on it) and reused while the model still holds
 exactly what was packed: `FastDecoder.matches` compares every packed array with the parameter it

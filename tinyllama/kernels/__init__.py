@@ -43,7 +43,8 @@ def cache_root() -> Path:
     return Path(base) / "tinyllama" / "kernels"
 
 
-def _compiler() -> Optional[str]:
+def find_compiler() -> Optional[str]:
+    """The C compiler kernels are built with: $CC, else cc or gcc; None if there is none."""
     for name in (os.environ.get("CC"), "cc", "gcc"):
         path = shutil.which(name) if name else None
         if path:
@@ -97,7 +98,7 @@ def _build(compiler: str) -> Tuple[Optional[Path], str]:
 def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     if os.environ.get("TINYLLAMA_KERNELS", "1") == "0":
         return None, "TINYLLAMA_KERNELS=0"
-    compiler = _compiler()
+    compiler = find_compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc)"
     path, reason = _build(compiler)

@@ -202,39 +202,36 @@ static inline vf silu(vf g) { return g / (1.0f + vexp(-g)); }
 
 enum { STORE, ADD };
 
-/* Columns of panels [p0, p1) for `rows` rows, `nv` vectors of a panel at a time: y = x @ W
+/* The columns of panel p for `rows` rows, `nv` vectors of a panel at a time: y = x @ W
  * (+ bias), or y += that (ADD), or for a glu matrix (pairs of panels) y = silu(gate) * up.
  * Only the n real columns are written. */
-static inline __attribute__((always_inline)) void panels_rows(const tl_matrix *m, int p0, int p1, const float *x,
-                                                              int ldx, float *y, int ldy, int mode, int rows,
-                                                              int nv) {
+static inline __attribute__((always_inline)) void panel_rows(const tl_matrix *m, int p, const float *x, int ldx,
+                                                             float *y, int ldy, int mode, int rows, int nv) {
     vf acc[RB][NV], up[RB][NV];
     float out[TILE];
-    for (int p = p0; p < p1; p++) {
-        for (int v0 = 0; v0 < NV; v0 += nv) {
-            int col = p * TILE + v0 * VL;
-            if (col >= m->n) break;
-            if (m->glu) {
-                panel_product(m, 2 * p, v0, nv, x, ldx, rows, acc);
-                panel_product(m, 2 * p + 1, v0, nv, x, ldx, rows, up);
-                for (int r = 0; r < rows; r++)
-                    for (int v = 0; v < nv; v++) acc[r][v] = silu(acc[r][v]) * up[r][v];
-            } else {
-                panel_product(m, p, v0, nv, x, ldx, rows, acc);
+    for (int v0 = 0; v0 < NV; v0 += nv) {
+        int col = p * TILE + v0 * VL;
+        if (col >= m->n) break;
+        if (m->glu) {
+            panel_product(m, 2 * p, v0, nv, x, ldx, rows, acc);
+            panel_product(m, 2 * p + 1, v0, nv, x, ldx, rows, up);
+            for (int r = 0; r < rows; r++)
+                for (int v = 0; v < nv; v++) acc[r][v] = silu(acc[r][v]) * up[r][v];
+        } else {
+            panel_product(m, p, v0, nv, x, ldx, rows, acc);
+        }
+        int width = m->n - col < nv * VL ? m->n - col : nv * VL;
+        for (int r = 0; r < rows; r++) {
+            float *yr = y + (size_t)r * ldy + col;
+            if (width == nv * VL && mode == STORE) {
+                for (int v = 0; v < nv; v++) store_f(yr + v * VL, acc[r][v]);
+                continue;
             }
-            int width = m->n - col < nv * VL ? m->n - col : nv * VL;
-            for (int r = 0; r < rows; r++) {
-                float *yr = y + (size_t)r * ldy + col;
-                if (width == nv * VL && mode == STORE) {
-                    for (int v = 0; v < nv; v++) store_f(yr + v * VL, acc[r][v]);
-                    continue;
-                }
-                for (int v = 0; v < nv; v++) store_f(out + v * VL, acc[r][v]);
-                if (mode == STORE)
-                    memcpy(yr, out, sizeof(float) * width);
-                else
-                    for (int t = 0; t < width; t++) yr[t] += out[t];
-            }
+            for (int v = 0; v < nv; v++) store_f(out + v * VL, acc[r][v]);
+            if (mode == STORE)
+                memcpy(yr, out, sizeof(float) * width);
+            else
+                for (int t = 0; t < width; t++) yr[t] += out[t];
         }
     }
 }
@@ -249,7 +246,7 @@ static void matmul(const tl_matrix *m, int batch, const float *x, int ldx, float
         int r = 0;
 #define TILES(R, N)                                                                                   \
     for (; r + (R) <= batch; r += (R))                                                                \
-        panels_rows(m, p, p + 1, x + (size_t)r * ldx, ldx, y + (size_t)r * ldy, ldy, mode, (R), (N));
+        panel_rows(m, p, x + (size_t)r * ldx, ldx, y + (size_t)r * ldy, ldy, mode, (R), (N));
         TILES(ACC / 2, 2)
         TILES(ACC / 4, 4)
         TILES(1, NV)

@@ -143,8 +143,9 @@ class Checkpointer:
     to the PEFT files, with `base` naming its base: checkpoint.base_record), sharded in place when
     `parallel` (default: DDP over env's processes) shards it; optimizer: its AdamW; states /
     rank_states: see the module docstring (`states` must hold "step" and "tokens"); evaluator:
-    gives each checkpoint its validation loss, and takes it back on resume. Every rank calls maybe_save (gathering the per-rank states is
-    collective); rank 0 writes all but the shards of a sharded model.
+    gives each checkpoint its validation loss, and takes it back on resume. Every rank calls
+    maybe_save (gathering the per-rank states is collective); rank 0 writes all but the shards
+    of a sharded model.
     """
 
     def __init__(
