@@ -271,13 +271,15 @@ def next_token(
     repetition_penalty: float,
     seen: Optional[torch.Tensor],
     generator: Union[None, torch.Generator, Sequence[torch.Generator]],
+    uniforms: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """Pick one token per row from float32 logits (B, V); the order follows transformers'
     processors: repetition penalty, temperature, top-k, top-p. Returns (B,) int64.
 
     generator: one for the whole batch (None: torch's global RNG), or one per row (the server's
     requests, each with its own seed). Either way each row's draw uses one uniform number from
-    its generator (`draw`), so a row sampled beside others gets what it gets alone."""
+    its generator (`draw`), so a row sampled beside others gets what it gets alone. uniforms:
+    each row's number, drawn by the caller instead (then generator is not used)."""
     if seen is not None:
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -289,11 +291,13 @@ def next_token(
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         logits = _top_p_filter(logits, top_p)
-    return draw(torch.softmax(logits, dim=-1), generator)
+    return draw(torch.softmax(logits, dim=-1), generator, uniforms)
 
 
 def draw(
-    probs: torch.Tensor, generator: Union[None, torch.Generator, Sequence[torch.Generator]]
+    probs: torch.Tensor,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]],
+    uniforms: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """One token per row of probs (B, V), by inverse transform sampling: a uniform u in [0, 1)
     per row, and the first token whose cumulative probability exceeds u times the row's total.
@@ -303,7 +307,9 @@ def draw(
     generators of their own cost one `torch.rand` each. A token of probability 0 is never drawn
     (its cumulative sum equals its predecessor's, and the comparison is strict)."""
     B = probs.shape[0]
-    if generator is None or isinstance(generator, torch.Generator):
+    if uniforms is not None:
+        u = torch.tensor(uniforms, dtype=torch.float32, device=probs.device)[:, None]
+    elif generator is None or isinstance(generator, torch.Generator):
         u = torch.rand(B, 1, generator=generator, device=probs.device)
     else:
         u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])[:, None]

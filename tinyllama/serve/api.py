@@ -350,14 +350,35 @@ class _Inbox:
         self._items: List[Any] = []
         self._lock = threading.Lock()
         self._waiter: Optional[asyncio.Future] = None
+        self._holder: Optional[asyncio.Future] = None  # a `hold` that a last item cuts short
+        self._last = False  # a last item waits to be drained
 
-    def put(self, item: Any) -> None:
-        """Add an item (from any thread), waking the coroutine if it waits."""
+    def put(self, item: Any, last: bool = False) -> None:
+        """Add an item (from any thread), waking the coroutine if it waits; a `last` item (a
+        choice's end) also ends a `hold`."""
         with self._lock:
             self._items.append(item)
             waiter, self._waiter = self._waiter, None
+            if last:
+                self._last = True
+                waiter, self._holder = waiter or self._holder, None
         if waiter is not None:
             self._loop.call_soon_threadsafe(_wake, waiter)
+
+    async def hold(self, seconds: float) -> None:
+        """Let items gather for `seconds`, or until a last item arrives: the end of a reply is
+        written at once, not an interval later."""
+        with self._lock:
+            if self._last:
+                return
+            self._holder = holder = self._loop.create_future()
+        try:
+            await asyncio.wait_for(holder, seconds)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._holder = None
 
     async def wait(self, timeout: float) -> bool:
         """True once there is something to drain; False after `timeout` seconds of nothing."""
@@ -378,7 +399,7 @@ class _Inbox:
     def drain(self) -> List[Any]:
         """Everything put since the last drain, oldest first."""
         with self._lock:
-            items, self._items = self._items, []
+            items, self._items, self._last = self._items, [], False
         return items
 
 
@@ -406,8 +427,8 @@ class _Run:
     ) -> AsyncIterator[List[Tuple[int, str, Optional[str]]]]:
         """Lists of (choice, new text, finish_reason or None) as the engine decodes: all that
         arrived since the consumer last asked, and no sooner than `every` seconds after the
-        previous list (the first comes as soon as there is something), so that a streamed reply
-        writes what that time gathered at once. Cancels the rows when the consumer stops early (a
+        previous list (the first comes as soon as there is something, and so does a choice's
+        end), so that a streamed reply writes what that time gathered at once. Cancels the rows when the consumer stops early (a
         client gone mid-stream) or `http` reports a disconnect."""
         loop = asyncio.get_running_loop()
         inbox = _Inbox(loop)
@@ -416,7 +437,7 @@ class _Run:
             offset = p * self.params.n
 
             def emit(choice, token, finish, offset=offset):
-                inbox.put((offset + choice, token, finish))
+                inbox.put((offset + choice, token, finish), last=finish is not None)
 
             requests.append(EngineRequest(prompt, self.params, emit))
         for r in requests:
@@ -427,7 +448,7 @@ class _Run:
             while open_choices:
                 wait = last + every - loop.time()
                 if wait > 0:  # the previous batch left less than `every` ago: gather what comes
-                    await asyncio.sleep(wait)
+                    await inbox.hold(wait)
                 if not await inbox.wait(timeout=1.0):
                     if http is not None and await http.is_disconnected():
                         return

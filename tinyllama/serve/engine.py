@@ -84,6 +84,12 @@ class Request:
 class _Row:
     """One choice being decoded: its next input token and position, and its own generator."""
 
+    BLOCK = 64
+    """Uniform numbers a row on the CPU draws from its generator at once: there torch.rand(64)
+    gives the numbers 64 calls of torch.rand(1) give (a test holds the engine to `generate`), and
+    one call instead of a call per token is a large share of a small model's sampling. Other
+    devices' generators count their draws otherwise, so they draw one at a time."""
+
     def __init__(self, request: Request, choice: int, device: torch.device) -> None:
         self.request, self.choice = request, choice
         params = request.params
@@ -96,6 +102,17 @@ class _Row:
         self.generated = 0
         self.last_token = -1
         self.done = False
+        self._uniforms: List[float] = []  # drawn ahead, next one last
+
+    def uniform(self) -> float:
+        """The next uniform number in [0, 1) of this row's generator."""
+        if not self._uniforms:
+            block = self.BLOCK if self.generator.device.type == "cpu" else 1
+            self._uniforms = torch.rand(
+                block, generator=self.generator, device=self.generator.device
+            ).tolist()
+            self._uniforms.reverse()
+        return self._uniforms.pop()
 
 
 class Engine:
@@ -253,9 +270,12 @@ class Engine:
             groups[(p.temperature, p.top_k, p.top_p)].append(i)
         tokens = [0] * len(rows)
         for (temperature, top_k, top_p), members in groups.items():
-            index = torch.tensor(members, device=logits.device)
-            generators = [rows[i].generator for i in members]
-            chosen = next_token(logits[index], temperature, top_k, top_p, 1.0, None, generators)
+            if len(groups) > 1:
+                group_logits = logits[torch.tensor(members, device=logits.device)]
+            else:  # all rows alike: no copy
+                group_logits = logits
+            uniforms = None if temperature == 0 else [rows[i].uniform() for i in members]
+            chosen = next_token(group_logits, temperature, top_k, top_p, 1.0, None, None, uniforms)
             for i, token in zip(members, chosen.tolist()):
                 tokens[i] = token
         for row, token in zip(rows, tokens):
