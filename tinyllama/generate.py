@@ -289,9 +289,10 @@ def next_token(
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
-        logits = _top_p_filter(logits, top_p)
-    return draw(torch.softmax(logits, dim=-1), generator, uniforms)
+        probs = _top_p_filter(probs, top_p)
+    return draw(probs, generator, uniforms)
 
 
 def draw(
@@ -322,24 +323,27 @@ def draw(
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to >= top_p (the most
     likely token always stays; a token tied with the least likely kept one stays too, as top-k
-    keeps its ties); the rest get -inf. logits (B, V) -> (B, V).
+    keeps its ties); the others' probabilities become 0 (`draw` needs no renormalised rows).
+    probs (B, V) -> (B, V).
 
     Only the probabilities are sorted, not their indices: the cut is a threshold, the smallest
     probability kept. On the CPU NumPy sorts them (its SIMD sort is an order of magnitude faster
     than torch.sort with indices there: BENCHMARKS.md, generation)."""
-    probs = logits.softmax(dim=-1)
     if probs.device.type == "cpu" and probs.dtype == torch.float32:
-        sorted_probs = torch.from_numpy(-np.sort(-probs.numpy(), axis=-1))  # descending
+        descending = torch.from_numpy(-np.sort(-probs.numpy(), axis=-1))
     else:
-        sorted_probs = torch.sort(probs, dim=-1, descending=True).values
-    # A token stays if the tokens ranked above it sum to less than top_p.
-    kept = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p).sum(dim=-1, keepdim=True)
-    kept.clamp_(min=1)  # (B, 1); 0 only where the row is not finite
-    threshold = sorted_probs.gather(-1, kept - 1)  # the smallest probability kept
-    return logits.masked_fill(probs < threshold, float("-inf"))
+        descending = torch.sort(probs, dim=-1, descending=True).values
+    # A token stays if the tokens ranked above it sum to less than top_p: the first one, and one
+    # more for each partial sum below top_p (partial sums of non-negative numbers never decrease,
+    # so a binary search counts them).
+    above = descending.cumsum(dim=-1)  # (B, V): what the tokens up to each rank sum to
+    target = torch.full((len(above), 1), top_p, dtype=above.dtype, device=above.device)
+    kept = (torch.searchsorted(above, target) + 1).clamp_(max=above.shape[-1])  # (B, 1)
+    threshold = descending.gather(-1, kept - 1)  # the smallest probability kept
+    return probs.masked_fill(probs < threshold, 0.0)
 
 
 def _check_args(

@@ -313,6 +313,31 @@ size_t tl_workspace(const tl_model *m, int batch, int positions, int threads) {
     return (size_t)batch * (w.ld_qkv + w.ld_attn + w.ld_act) + (size_t)threads * w.private;
 }
 
+/* out[0 .. nv * VL) = sum over t <= past of scores[t] * inv * value_t, value_t the cached row t
+ * (stride D) for t < past and v_new at t = past. Two sets of sums, even and odd positions,
+ * added at the end: consecutive positions do not wait on each other's multiply-adds. */
+static inline __attribute__((always_inline)) void weighted_values(const float *scores, float inv,
+                                                                  const float *values, const float *v_new,
+                                                                  int past, int D, int nv, float *out) {
+    vf even[4], odd[4];
+    for (int v = 0; v < nv; v++) even[v] = odd[v] = (vf){0};
+    int t = 0;
+    for (; t + 1 < past; t += 2) {
+        const float *v0 = values + (size_t)t * D, *v1 = v0 + D;
+        vf w0 = splat(scores[t] * inv), w1 = splat(scores[t + 1] * inv);
+        for (int v = 0; v < nv; v++) {
+            even[v] += w0 * load_f(v0 + v * VL);
+            odd[v] += w1 * load_f(v1 + v * VL);
+        }
+    }
+    for (; t <= past; t++) {
+        const float *vt = t < past ? values + (size_t)t * D : v_new;
+        vf w = splat(scores[t] * inv);
+        for (int v = 0; v < nv; v++) even[v] += w * load_f(vt + v * VL);
+    }
+    for (int v = 0; v < nv; v++) store_f(out + v * VL, even[v] + odd[v]);
+}
+
 static void attention_task(const tl_model *m, const tl_step *s, int l, int b, int h, const float *qkv,
                            size_t ld_qkv, float *attn, float *scores, float *q, float *k_new) {
     const int D = m->head_dim, H = m->heads, H_kv = m->kv_heads, G = H / H_kv, kvh = h / G;
@@ -364,24 +389,13 @@ static void attention_task(const tl_model *m, const tl_step *s, int l, int b, in
     float inv = 1.0f / vsum(total);
     float *out = attn + (size_t)b * H * D + (size_t)h * D;
     int d = 0;
-    for (; d + 2 * VL <= D; d += 2 * VL) { /* two independent chains of multiply-adds */
-        vf a0 = {0}, a1 = {0};
-        for (int t = 0; t < S; t++) {
-            const float *v = (t < past ? values + (size_t)t * D : v_new) + d;
-            vf w = splat(scores[t] * inv);
-            a0 += w * load_f(v);
-            a1 += w * load_f(v + VL);
-        }
-        store_f(out + d, a0);
-        store_f(out + d + VL, a1);
+    for (; d + 4 * VL <= D; d += 4 * VL) weighted_values(scores, inv, values + d, v_new + d, past, D, 4, out + d);
+    switch ((D - d) / VL) { /* a constant count at each call, so the sums stay in registers */
+    case 3: weighted_values(scores, inv, values + d, v_new + d, past, D, 3, out + d); break;
+    case 2: weighted_values(scores, inv, values + d, v_new + d, past, D, 2, out + d); break;
+    case 1: weighted_values(scores, inv, values + d, v_new + d, past, D, 1, out + d); break;
     }
-    for (; d + VL <= D; d += VL) {
-        vf a0 = {0};
-        for (int t = 0; t < S; t++)
-            a0 += splat(scores[t] * inv) * load_f((t < past ? values + (size_t)t * D : v_new) + d);
-        store_f(out + d, a0);
-    }
-    for (; d < D; d++) {
+    for (d += (D - d) / VL * VL; d < D; d++) {
         float a = 0.0f;
         for (int t = 0; t < S; t++) a += scores[t] * inv * (t < past ? values[(size_t)t * D + d] : v_new[d]);
         out[d] = a;
