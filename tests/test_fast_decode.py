@@ -101,6 +101,24 @@ def test_logits_equal_the_model_forward(case, backend):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"{case}: step {i}")
 
 
+@pytest.mark.skipif(COMPILED is not None, reason=f"{COMPILED}")
+@pytest.mark.parametrize("head_dim", [4, 12, 16, 24, 40, 48, 64, 72, 136])
+def test_compiled_attention_equals_the_model_forward_for_any_head_size(head_dim):
+    """The compiled step's attention sums the values in whole vectors (up to four at a time) and
+    a scalar tail: head sizes below, at, between and beyond those widths (4, 8 or 16 floats a
+    vector, by the machine), over odd and even numbers of cached positions."""
+    model = make_model(head_dim=head_dim, num_key_value_heads=2, max_position_embeddings=40)
+    g = torch.Generator().manual_seed(head_dim)
+    for length in (1, 2):
+        prompt = torch.randint(0, VOCAB, (3, length), generator=g)
+        new = torch.randint(0, VOCAB, (3, 9), generator=g)
+        with torch.inference_mode():
+            expected = step_logits(model, model_step(model), prompt, new)
+            got = step_logits(model, FastDecoder(model, backend="compiled"), prompt, new)
+        for i, (e, o) in enumerate(zip(expected, got)):
+            torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5, msg=f"head_dim {head_dim}: step {i}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_left_padded_rows_equal_the_model_forward(backend):
     model = make_model(num_key_value_heads=2)

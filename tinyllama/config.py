@@ -797,12 +797,13 @@ class ServeConfig:
     """The model's id in /v1/models and the `model` field requests must name; None: the run folder's name."""
     stream_interval: float = 0.02
     """Seconds a streamed reply gathers tokens between two writes to its socket (its first
-    tokens go at once, and so does its end; each token stays one server-sent event). Each write
-    costs the event loop a system call and a pass through the ASGI stack, about as much as the
-    decoding step spends on a row, and the event loop shares the interpreter with the engine,
-    so a loaded server that writes every token leaves less to decoding (BENCHMARKS.md,
-    serving). 50 writes a second still look like a stream of tokens. 0: write each token as
-    soon as it is decoded."""
+    tokens go at once, and so does its end at a stop token or the length limit; a stop string is
+    found when the gathered tokens are read, so such a row decodes up to an interval longer;
+    each token stays one server-sent event). Each write costs the event loop a system call and
+    a pass through the ASGI stack, about as much as the decoding step spends on a row, and the
+    event loop shares the interpreter with the engine, so a loaded server that writes every
+    token leaves less to decoding (BENCHMARKS.md, serving). 50 writes a second still look like
+    a stream of tokens. 0: write each token as soon as it is decoded."""
     threads: Optional[int] = None
     """torch threads on a CPU (the prefill, and the compiled decoding step's threads); None: one
     fewer than the cores this process may use (at least 1). The HTTP side needs a core of its

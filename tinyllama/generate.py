@@ -309,7 +309,9 @@ def draw(
     (its cumulative sum equals its predecessor's, and the comparison is strict)."""
     B = probs.shape[0]
     if uniforms is not None:
-        u = torch.tensor(uniforms, dtype=torch.float32, device=probs.device)[:, None]
+        if len(uniforms) != B:
+            raise ValueError(f"{len(uniforms)} uniform numbers for {B} rows")
+        u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)[:, None]
     elif generator is None or isinstance(generator, torch.Generator):
         u = torch.rand(B, 1, generator=generator, device=probs.device)
     else:
@@ -337,8 +339,9 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     else:
         descending = torch.sort(probs, dim=-1, descending=True).values
     # A token stays if the tokens ranked above it sum to less than top_p: the first one, and one
-    # more for each partial sum below top_p (partial sums of non-negative numbers never decrease,
-    # so a binary search counts them).
+    # more for each partial sum below top_p (a running sum of non-negative numbers never
+    # decreases, so a binary search counts them; a parallel scan's rounding can only move the
+    # cut by a token of equal standing).
     above = descending.cumsum(dim=-1)  # (B, V): what the tokens up to each rank sum to
     target = torch.full((len(above), 1), top_p, dtype=above.dtype, device=above.device)
     kept = (torch.searchsorted(above, target) + 1).clamp_(max=above.shape[-1])  # (B, 1)

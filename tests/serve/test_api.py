@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import subprocess
 import sys
@@ -108,6 +109,7 @@ def test_a_reply_gathered_between_writes_still_streams_one_event_per_token(taugh
         assert len(pieces) == 48  # one event per token (the taught model writes no stray bytes)
         # the first token went at once, the others in one write as soon as the reply ended
         assert len(chunks) <= 3 < len(events)
+        assert chunks[0].count(b"data: ") < len(pieces) // 2
         assert arrived[-1] < 1.5
         whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
         assert "".join(pieces) == whole.json()["choices"][0]["text"]
@@ -134,6 +136,41 @@ def test_the_inbox_wakes_its_waiting_reply_when_the_engine_puts():
     woken, items, again = asyncio.run(scenario())
     assert woken < 5.0  # woken by the put, far before the 10 s timeout
     assert items == ["a", "b"] and again == []
+
+
+def test_a_gathering_hold_ends_at_a_choices_last_item():
+    """`hold` lets items gather for its whole time unless a choice's last item comes: put
+    before the hold, or during it; a cancelled hold leaves nothing behind for a later put."""
+    from tinyllama.serve.api import _Inbox
+
+    async def timed(inbox, seconds):
+        start = time.perf_counter()
+        await inbox.hold(seconds)
+        return time.perf_counter() - start
+
+    async def scenario():
+        inbox = _Inbox(asyncio.get_running_loop())
+        threading.Timer(0.02, inbox.put, args=("token",)).start()
+        whole = await timed(inbox, 0.3)  # an ordinary item does not cut it short
+        inbox.drain()
+        inbox.put("end", last=True)
+        before = await timed(inbox, 10.0)  # the end came first: no wait at all
+        assert inbox.drain() == ["end"]
+        threading.Timer(0.05, inbox.put, args=("end",), kwargs={"last": True}).start()
+        during = await timed(inbox, 10.0)
+        inbox.drain()
+        task = asyncio.ensure_future(inbox.hold(10.0))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        inbox.put("late", last=True)  # wakes no one, raises nothing
+        await asyncio.sleep(0.02)
+        return whole, before, during, inbox.drain()
+
+    whole, before, during, left = asyncio.run(scenario())
+    assert whole >= 0.29 and before < 1.0 and during < 5.0
+    assert left == ["late"]
 
 
 def test_length_limit_n_seed_and_stop(client):

@@ -342,8 +342,9 @@ async def _sse(run: "_Run", meta: Dict[str, Any], chat: bool, include_usage: boo
 class _Inbox:
     """What the engine's thread hands one request's coroutine: items put from that thread and
     drained on the event loop. The loop is woken (call_soon_threadsafe, a system call) only when
-    the coroutine waits on an empty inbox, not for every token: a reply gathering tokens for
-    serve.stream_interval costs no wake-up while it gathers."""
+    the coroutine waits on an empty inbox, or when a choice's last item ends a `hold`, not for
+    every token: a reply gathering tokens for serve.stream_interval costs no wake-up while it
+    gathers."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -428,8 +429,10 @@ class _Run:
         """Lists of (choice, new text, finish_reason or None) as the engine decodes: all that
         arrived since the consumer last asked, and no sooner than `every` seconds after the
         previous list (the first comes as soon as there is something, and so does a choice's
-        end), so that a streamed reply writes what that time gathered at once. Cancels the rows when the consumer stops early (a
-        client gone mid-stream) or `http` reports a disconnect."""
+        end at a stop token or the length limit; an end at a stop string is found here, when
+        the gathered tokens are read, and its row decodes until then), so that a streamed reply
+        writes what that time gathered at once. Cancels the rows when the consumer stops early
+        (a client gone mid-stream) or `http` reports a disconnect."""
         loop = asyncio.get_running_loop()
         inbox = _Inbox(loop)
         requests = []

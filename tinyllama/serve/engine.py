@@ -87,8 +87,9 @@ class _Row:
     BLOCK = 64
     """Uniform numbers a row on the CPU draws from its generator at once: there torch.rand(64)
     gives the numbers 64 calls of torch.rand(1) give (a test holds the engine to `generate`), and
-    one call instead of a call per token is a large share of a small model's sampling. Other
-    devices' generators count their draws otherwise, so they draw one at a time."""
+    one call instead of a call per token is a large share of a small model's sampling. Rows on
+    other devices hand their generators to `next_token` (whose generators count draws otherwise,
+    and whose numbers would cost a wait for the device if read here)."""
 
     def __init__(self, request: Request, choice: int, device: torch.device) -> None:
         self.request, self.choice = request, choice
@@ -105,12 +106,9 @@ class _Row:
         self._uniforms: List[float] = []  # drawn ahead, next one last
 
     def uniform(self) -> float:
-        """The next uniform number in [0, 1) of this row's generator."""
+        """The next uniform number in [0, 1) of this row's generator (a CPU one)."""
         if not self._uniforms:
-            block = self.BLOCK if self.generator.device.type == "cpu" else 1
-            self._uniforms = torch.rand(
-                block, generator=self.generator, device=self.generator.device
-            ).tolist()
+            self._uniforms = torch.rand(self.BLOCK, generator=self.generator).tolist()
             self._uniforms.reverse()
         return self._uniforms.pop()
 
@@ -274,8 +272,12 @@ class Engine:
                 group_logits = logits[torch.tensor(members, device=logits.device)]
             else:  # all rows alike: no copy
                 group_logits = logits
-            uniforms = None if temperature == 0 else [rows[i].uniform() for i in members]
-            chosen = next_token(group_logits, temperature, top_k, top_p, 1.0, None, None, uniforms)
+            generators = uniforms = None
+            if temperature > 0 and logits.device.type == "cpu":
+                uniforms = [rows[i].uniform() for i in members]
+            elif temperature > 0:
+                generators = [rows[i].generator for i in members]
+            chosen = next_token(group_logits, temperature, top_k, top_p, 1.0, None, generators, uniforms)
             for i, token in zip(members, chosen.tolist()):
                 tokens[i] = token
         for row, token in zip(rows, tokens):

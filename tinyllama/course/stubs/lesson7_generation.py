@@ -1,7 +1,7 @@
 """Lesson 7: KV cache and sampling.   Read course/en/07-generation.md.
 
 Reference: tinyllama/model/cache.py (KVCache), tinyllama/generate.py (generate, next_token,
-_top_p_filter).  Grade with:
+_top_p_filter, which filters probabilities rather than logits).  Grade with:
 
     python -m tinyllama.course check 7
 """
