@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -37,6 +38,25 @@ class LiveServer:
         self.thread.join(10)
         self.served.engine.stop()
         self.sock.close()
+
+
+class SlowEngine(Engine):
+    """An engine whose decoding steps each take `step_seconds` longer: a reply long enough in
+    time that a test can act in the middle of it, whatever the machine's speed."""
+
+    def __init__(self, *args, step_seconds: float = 0.05, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_seconds = step_seconds
+
+    def _decode_step(self) -> None:
+        time.sleep(self.step_seconds)
+        super()._decode_step()
+
+
+@pytest.fixture
+def slow_engine():
+    """slow_engine(seconds) -> an `engine` for start_server whose steps take that much longer."""
+    return lambda seconds: functools.partial(SlowEngine, step_seconds=seconds)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest
 
 from tinyllama.chat import ChatSession
 from tinyllama.config import ChatConfig
-from tinyllama.serve.engine import Engine
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
 
@@ -107,22 +106,14 @@ def test_a_question_typed_on_the_page_gets_the_streamed_greedy_reply(
     page.close()
 
 
-class SlowEngine(Engine):
-    """An engine whose decoding steps take 50 ms, so that Stop lands in the middle of a reply."""
-
-    def _decode_step(self) -> None:
-        time.sleep(0.05)
-        super()._decode_step()
-
-
 def test_stop_ends_a_reply_and_a_documents_model_continues_chinese_text(
-    browser, chat_tokenizer, tiny_chat_model, start_server
+    browser, chat_tokenizer, tiny_chat_model, start_server, slow_engine
 ):
     server = start_server(
         tiny_chat_model(chat_tokenizer.vocab_size).eval(),
         chat_tokenizer,
         "demo_zh",
-        engine=SlowEngine,
+        engine=slow_engine(0.05),  # Stop lands in the middle of the reply
         conversations=False,
     )
     try:

@@ -268,10 +268,7 @@ class Engine:
             groups[(p.temperature, p.top_k, p.top_p)].append(i)
         tokens = [0] * len(rows)
         for (temperature, top_k, top_p), members in groups.items():
-            if len(groups) > 1:
-                group_logits = logits[torch.tensor(members, device=logits.device)]
-            else:  # all rows alike: no copy
-                group_logits = logits
+            group_logits = logits[torch.tensor(members, device=logits.device)]
             generators = uniforms = None
             if temperature > 0 and logits.device.type == "cpu":
                 uniforms = [rows[i].uniform() for i in members]
