@@ -864,6 +864,13 @@ def post_training_problems(job: JobConfig) -> List[str]:
             f"grpo.num_generations={g.num_generations}: a group needs at least 2 completions, "
             "since advantages compare a completion with the others of its prompt"
         )
+    m = job.model
+    if any(m.uses_sliding_window(i) for i in range(m.num_hidden_layers)):
+        problems.append(
+            f"model.sliding_window={m.sliding_window} with model.max_window_layers={m.max_window_layers}: "
+            "GRPO's update puts a prompt's completions in one row behind one attention mask, which "
+            "has no per-layer window; set model.sliding_window=null for GRPO"
+        )
     if g.temperature <= 0:
         problems.append(f"grpo.temperature={g.temperature}: must be > 0 (rollouts are sampled)")
     if g.top_p is not None and not 0 < g.top_p <= 1:

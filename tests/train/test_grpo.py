@@ -15,8 +15,10 @@ import torch
 from tinyllama.checkpoint import load_checkpoint
 from tinyllama.config import RewardConfig, validate
 from tinyllama.errors import ConfigError, DataError
+from tinyllama.model import LlamaConfig, LlamaForCausalLM
 from tinyllama.rewards import Reward, call_reward, exact_answer, format_reward, load_rewards, overlong_penalty
 from tinyllama.train import loop
+from tinyllama.train.grpo import completion_logps, shared_prompt_batch
 from tinyllama.train.grpo_loss import completion_mask, group_advantages, grpo_loss
 from tinyllama.train.loop import Trainer, run_training
 
@@ -137,6 +139,62 @@ def test_a_reward_that_fails_or_misbehaves_is_named(tmp_path, monkeypatch):
         load_rewards([RewardConfig("my_rewards:missing")])
     with pytest.raises(ConfigError, match="does not import"):
         load_rewards([RewardConfig("no_such_module.reward")])
+
+
+def per_completion_logps(model, prompts, completions, pad_id):
+    """The plain way: each completion in a row of its own, [left padding][prompt][completion]."""
+    out = []
+    for ids, group in zip(prompts, completions):
+        for completion in group.tolist():
+            row = torch.tensor([ids + completion])
+            logits = model(row).logits[0, len(ids) - 1 : -1]  # position t predicts token t + 1
+            out.append(
+                torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            )
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_the_shared_prompt_batch_gives_each_completion_its_own_rows_log_probs(attn):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,  # spread logits, so that a token seeing the wrong keys shows
+        attn_implementation=attn,
+    )
+    model = LlamaForCausalLM(config)
+    G, pad = 3, 0
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]  # unequal: the second is left-padded
+    completions = [torch.randint(1, 97, (G, 4)), torch.randint(1, 97, (G, 2))]  # unequal widths
+    masks = [torch.ones(G, 4, dtype=torch.long), torch.ones(G, 2, dtype=torch.long)]
+    batch = shared_prompt_batch(prompts, completions, masks, pad)
+    assert batch["input_ids"].shape == (2, 5 + G * 4) and batch["completion_mask"].shape == (2 * G, 4)
+    assert batch["completion_mask"][G:, 2:].sum() == 0  # the second group's padding is masked
+    assert int(batch["num_tokens"]) == 5 + 2 + 2 * G * 4
+
+    shared = completion_logps(model, batch)  # (2G, 4)
+    plain = per_completion_logps(model, prompts, completions, pad)
+    for n, expected in enumerate(plain):
+        torch.testing.assert_close(shared[n, : len(expected)], expected, rtol=1e-5, atol=1e-5)
+
+    # The gradients of a loss over the completion tokens are the same too.
+    weights = torch.randn(2 * G, 4) * batch["completion_mask"]
+    (shared * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sum(
+        (lp * weights[n, : len(lp)]).sum()
+        for n, lp in enumerate(per_completion_logps(model, prompts, completions, pad))
+    ).backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        # Summed in another order: float32 rounding of the whole tensor, not of each element.
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
 # ---- runs -------------------------------------------------------------------------------------
@@ -282,6 +340,10 @@ def test_grpo_refusals_come_before_anything_is_written(grpo_job, tmp_path, monke
     with pytest.raises(ConfigError, match="at least 2"):
         validate(grpo_job)
     grpo_job.grpo.num_generations = 4
+    windowed = copy.deepcopy(grpo_job)
+    windowed.model.sliding_window, windowed.model.max_window_layers = 64, 0
+    with pytest.raises(ConfigError, match="model.sliding_window=64 .* set model.sliding_window=null"):
+        validate(windowed)
     grpo_job.grpo.rewards = [RewardConfig("my_rewards:nope")]
     with pytest.raises(ConfigError, match="does not import"):
         run_training(grpo_job)

@@ -41,6 +41,77 @@ from tinyllama.train.grpo_loss import completion_mask, group_advantages, grpo_lo
 from tinyllama.train.objectives import Objective, reference_model
 
 
+def shared_prompt_batch(
+    prompts: List[List[int]], completions: List[torch.Tensor], masks: List[torch.Tensor], pad_id: int
+) -> Dict[str, torch.Tensor]:
+    """The update's batch: one row per prompt, the prompt once and its G completions after it.
+
+    prompts: B lists of token ids; completions and masks: B tensors (G, W_b) of the sampled ids
+    and their completion masks. Row b is [left padding][prompt b][completion 1]...[completion G],
+    each completion right-padded to L = max W_b, so S = T + G * L columns with T the longest
+    prompt. The boolean attention mask lets each completion see the prompt and its own earlier
+    tokens, never another completion; its positions continue from the prompt's end. So every
+    completion token gets the logits it would get in a row of its own, [prompt][completion],
+    while the prompt, most of the tokens, goes through the model once instead of G times.
+
+    Returns input_ids (B, S), attention_mask (B, 1, S, S) bool, position_ids (B, S),
+    completion_mask (B * G, L) in the order of the completions, and num_tokens, the
+    non-padding prompt and completion columns the forward computes.
+    """
+    B, G = len(prompts), completions[0].shape[0]
+    T, L = max(len(p) for p in prompts), max(c.shape[1] for c in completions)
+    S = T + G * L
+    input_ids = torch.full((B, G, L), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros(B, G, L, dtype=masks[0].dtype)
+    prompt_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts])
+    for b, (ids, completion, mask) in enumerate(zip(prompts, completions, masks)):
+        prompt_ids[b, T - len(ids) :] = torch.tensor(ids)
+        input_ids[b, :, : completion.shape[1]] = completion
+        completion_mask[b, :, : mask.shape[1]] = mask
+    input_ids = torch.cat([prompt_ids, input_ids.view(B, G * L)], 1)  # (B, S)
+
+    column = torch.arange(S)
+    block = torch.where(column < T, -1, (column - T) // L)  # -1: the prompt, g: completion g
+    padding = column[None] < (T - lengths)[:, None]  # (B, S) the left padding
+    sees = (column[None] <= column[:, None]) & ((block[None] == -1) | (block[None] == block[:, None]))
+    attention_mask = sees[None] & ~padding[:, None, :]  # (B, S, S): query, key
+    attention_mask |= torch.eye(S, dtype=torch.bool)[None] & padding[:, :, None]  # no empty row
+    # A prompt's tokens sit at 0 .. P - 1, every completion's at P, P + 1, ... (padding at 0).
+    offset = torch.where(block == -1, column - T, (column - T) % L)  # (S,)
+    position_ids = (offset[None] + lengths[:, None]).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask[:, None],
+        "position_ids": position_ids,
+        "completion_mask": completion_mask.view(B * G, L),
+        "num_tokens": lengths.sum() + B * G * L,
+    }
+
+
+def completion_logps(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities (N, L) that `model` gives the completion tokens of a `shared_prompt_batch`.
+
+    The first token of every completion is predicted from the prompt's last column, token j > 0
+    of completion g from the column before it in g's block: the logits of the last G * L + 1
+    columns, with the first one read G times."""
+    input_ids = batch["input_ids"]
+    B, S = input_ids.shape
+    N, L = batch["completion_mask"].shape
+    G = N // B
+    logits = model(
+        input_ids,
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=G * L + 1,
+    ).logits  # (B, G * L + 1, V): column T - 1 onward
+    rows = torch.arange(G * L, device=input_ids.device).view(G, L)
+    rows[:, 0] = 0  # every completion's first token: the prompt's last column
+    logits = logits[:, rows.flatten()]  # (B, G * L, V): row g * L + j predicts token j of completion g
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    return logps.gather(-1, input_ids[:, -G * L :, None])[..., 0].reshape(N, L)
+
+
 class PromptSet:
     """The prompts GRPO samples from: token ids ending with `<|assistant|>`, their messages and
     their other columns; checked to leave grpo.max_new_tokens in train.seq_len."""
@@ -167,30 +238,15 @@ class GRPOObjective(Objective):
         groups = groups[:want]
         self._note("groups_per_batch", len(groups))
 
-        # One left-padded batch of prompts, each followed by its completions (right-padded).
-        T = max(len(self.prompts.ids[g["prompt"]]) for g in groups)
-        L = max(g["completion"].shape[1] for g in groups)
-        input_ids = torch.full((len(groups) * G, T + L), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        mask = torch.zeros(len(groups) * G, L, dtype=groups[0]["mask"].dtype)
-        for n, g in enumerate(groups):
-            rows, ids, width = (
-                slice(n * G, (n + 1) * G),
-                self.prompts.ids[g["prompt"]],
-                g["completion"].shape[1],
-            )
-            input_ids[rows, T - len(ids) : T] = torch.tensor(ids)
-            input_ids[rows, T : T + width] = g["completion"]
-            attention_mask[rows, T - len(ids) :] = 1
-            mask[rows, :width] = g["mask"]
+        layout = shared_prompt_batch(
+            [self.prompts.ids[g["prompt"]] for g in groups],
+            [g["completion"] for g in groups],
+            [g["mask"] for g in groups],
+            self.pad_id,
+        )
+        batch = {k: v.to(device) for k, v in layout.items()}
         rewards = torch.cat([g["rewards"] for g in groups])
-        batch = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention_mask.to(device),
-            "completion_mask": mask.to(device),
-            "advantages": group_advantages(rewards, G, cfg.scale_rewards).to(device),
-        }
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        batch["advantages"] = group_advantages(rewards, G, cfg.scale_rewards).to(device)
         if cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of later updates
             batch["old_logps"] = self._logps(self.model, batch)
         if self.reference is not None:
@@ -271,16 +327,8 @@ class GRPOObjective(Objective):
 
     def _logps(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Log-probabilities (N, L) that `model` gives the sampled completion tokens."""
-        L = batch["completion_mask"].shape[1]
         with self.autocast():
-            logits = model(
-                batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                logits_to_keep=L + 1,
-            ).logits[:, :-1]  # (N, L, V): position t predicts completion token t
-        logps = torch.log_softmax(logits.float(), dim=-1)
-        return logps.gather(-1, batch["input_ids"][:, -L:, None])[..., 0]
+            return completion_logps(model, batch)
 
     # ---- the Objective interface -----------------------------------------------------------
     def next_batch(self) -> Dict[str, Any]:
@@ -293,7 +341,7 @@ class GRPOObjective(Objective):
             self.uses = 0
         batch = self.cached[self.uses % accum]
         self.uses += 1
-        self._last_tokens = int(batch["attention_mask"].sum())
+        self._last_tokens = int(batch["num_tokens"])
         self._ready = time.perf_counter()
         return batch
 
