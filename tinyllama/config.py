@@ -13,6 +13,7 @@ both read. This module imports only the model config and the errors, so every la
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,15 @@ class GRPOConfig:
     """With dynamic_sampling: the most rounds of train.batch_size prompts sampled per batch."""
     rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     """The rewards, summed with their weights."""
+    prompt_weights: Dict[str, float] = field(default_factory=dict)
+    """How often each kind of prompt is drawn, by the value of its grpo.weight_column: a prompt of
+    weight w comes up w times an epoch on average (2: twice, 0.5: every other epoch, 0: never);
+    values not named keep 1. With the built-in corpus, {boy/girl: 4} makes the boy-or-girl
+    questions, whose reward the chat model only learns from many of them, about a third of the
+    prompts. Empty: every prompt once an epoch."""
+    weight_column: str = "question"
+    """The column of the prompts whose values grpo.prompt_weights names (the built-in corpus's
+    question kind: who, animal, boy/girl, ending, friend, where, thing, food)."""
     only_answered: bool = True
     """Sample only prompts whose conversation ends with a checkable answer, where the data has any
     (the built-in corpus's questions); files without answers are used whole."""
@@ -881,6 +891,11 @@ def post_training_problems(job: JobConfig) -> List[str]:
         problems.append(f"grpo.epsilon={g.epsilon} must be in [0, 1) and grpo.epsilon_high >= 0")
     if g.beta < 0:
         problems.append(f"grpo.beta={g.beta}: must be >= 0 (0: no reference model)")
+    bad = {
+        k: w for k, w in g.prompt_weights.items() if not (isinstance(w, (int, float)) and 0 <= w < math.inf)
+    }
+    if bad:
+        problems.append(f"grpo.prompt_weights={dict(g.prompt_weights)}: each weight must be a number >= 0")
     if g.scale_rewards not in SCALE_REWARDS:
         problems.append(f"grpo.scale_rewards={g.scale_rewards!r}: choose {', '.join(SCALE_REWARDS)}")
     if g.loss_type not in GRPO_LOSSES:

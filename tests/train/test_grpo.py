@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from tinyllama.errors import ConfigError, DataError
 from tinyllama.model import LlamaConfig, LlamaForCausalLM
 from tinyllama.rewards import Reward, call_reward, exact_answer, format_reward, load_rewards, overlong_penalty
 from tinyllama.train import loop
-from tinyllama.train.grpo import completion_logps, shared_prompt_batch
+from tinyllama.train.grpo import PromptOrder, PromptSet, completion_logps, shared_prompt_batch
 from tinyllama.train.grpo_loss import completion_mask, group_advantages, grpo_loss
 from tinyllama.train.loop import Trainer, run_training
 
@@ -197,6 +198,51 @@ def test_the_shared_prompt_batch_gives_each_completion_its_own_rows_log_probs(at
         assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+def test_prompt_weights_repeat_and_drop_prompts_in_each_epoch():
+    weights = np.array([0.0, 1.0, 2.0, 0.5])
+    counts = np.bincount(
+        PromptOrder(4, seed=3, rank=0, world_size=1, weights=weights).take(4000), minlength=4
+    )
+    assert counts[0] == 0  # weight 0: never drawn
+    # ~1300 epochs of [1, 2, 2] and a seeded coin for 3: the draws follow the weights.
+    np.testing.assert_allclose(counts[1:] / counts[1], [1.0, 2.0, 0.5], atol=0.06)
+    # Two ranks deal each epoch out between them: disjoint draws, together the epoch.
+    dealt = [PromptOrder(40, seed=3, rank=r, world_size=2, weights=np.full(40, 2.0)).take(40) for r in (0, 1)]
+    assert sorted(dealt[0] + dealt[1]) == sorted(list(range(40)) * 2)
+    # A resume with other weights would draw other prompts: refused, by name.
+    order = PromptOrder(4, seed=3, rank=0, world_size=1, weights=weights)
+    order.take(7)
+    saved = order.state_dict()
+    other = PromptOrder(4, seed=3, rank=0, world_size=1, weights=np.array([1.0, 1.0, 2.0, 0.5]))
+    with pytest.raises(DataError, match="saved grpo.prompt_weights differs"):
+        other.load_state_dict(saved)
+    resumed = PromptOrder(4, seed=3, rank=0, world_size=1, weights=weights.copy())
+    resumed.load_state_dict(saved)
+    assert resumed.take(20) == order.take(20)
+
+
+def test_prompt_weights_name_values_the_prompts_have(chat_job, chat_tokenizer):
+    job = copy.deepcopy(chat_job)
+    job.train.seq_len = 512  # the 512-piece tokenizer's prompts are up to ~400 tokens
+    job.grpo.prompt_weights = {"boy/girl": 3.0, "where": 0.0}
+    prompts = PromptSet(job, chat_tokenizer)
+    kinds = prompts.columns["question"]
+    assert {w for k, w in zip(kinds, prompts.weights) if k == "boy/girl"} == {3.0}
+    assert {w for k, w in zip(kinds, prompts.weights) if k not in ("boy/girl", "where")} == {1.0}
+    job.grpo.prompt_weights = {"boy or girl": 2.0}
+    with pytest.raises(
+        DataError, match="no prompt has question 'boy or girl'; the values are animal, boy/girl"
+    ):
+        PromptSet(job, chat_tokenizer)
+    job.grpo.prompt_weights, job.grpo.weight_column = {"boy/girl": 2.0}, "kind"
+    with pytest.raises(DataError, match="its prompts have no column 'kind'"):
+        PromptSet(job, chat_tokenizer)
+    job.grpo.weight_column = "question"
+    job.grpo.prompt_weights = {k: 0.0 for k in set(kinds)}
+    with pytest.raises(DataError, match="every prompt has weight 0"):
+        PromptSet(job, chat_tokenizer)
+
+
 # ---- runs -------------------------------------------------------------------------------------
 
 # Random completions of a random model differ in their ids' sum, so groups carry signal.
@@ -229,6 +275,7 @@ def metrics(job):
 
 def test_a_grpo_run_logs_rewards_kl_clipping_and_speeds(grpo_job):
     grpo_job.grpo.beta, grpo_job.grpo.num_iterations = 0.1, 2
+    grpo_job.grpo.prompt_weights = {"where": 0.0}
     validate(grpo_job)
     run_training(grpo_job)
     lines = [m for m in metrics(grpo_job) if "loss" in m]
@@ -253,6 +300,9 @@ def test_a_grpo_run_logs_rewards_kl_clipping_and_speeds(grpo_job):
     assert lines[1]["kl"] > 0  # the second update of the same rollouts: the policy has moved
     assert all(m["update_tok_per_s"] > 0 for m in lines[1:])
     summary = json.loads((Path(grpo_job.run.dir) / "summary.json").read_text())
+    drawn = summary["prompt_share_by_question"]
+    assert "where" not in drawn and math.isclose(sum(drawn.values()), 1.0)
+    assert set(summary["frac_reward_zero_std_by_question"]) == set(drawn)
     assert set(summary["frac_reward_zero_std_by_question"]) <= {
         "who",
         "animal",
@@ -343,6 +393,10 @@ def test_grpo_refusals_come_before_anything_is_written(grpo_job, tmp_path, monke
     windowed = copy.deepcopy(grpo_job)
     windowed.model.sliding_window, windowed.model.max_window_layers = 64, 0
     with pytest.raises(ConfigError, match="model.sliding_window=64 .* set model.sliding_window=null"):
+        validate(windowed)
+    windowed = copy.deepcopy(grpo_job)
+    windowed.grpo.prompt_weights = {"boy/girl": -1.0}
+    with pytest.raises(ConfigError, match="each weight must be a number >= 0"):
         validate(windowed)
     grpo_job.grpo.rewards = [RewardConfig("my_rewards:nope")]
     with pytest.raises(ConfigError, match="does not import"):

@@ -15,7 +15,8 @@ base with its adapters switched off).
 
 Prompts are the conversations of data's train split up to their last assistant turn (with
 grpo.only_answered, on a corpus that has checkable answers, those whose last turn has one);
-ranks are dealt disjoint prompts from a seeded order per epoch. Each rollout samples with a seed
+ranks are dealt disjoint prompts from a seeded order per epoch, in which grpo.prompt_weights can
+repeat or leave out kinds of prompts (by the value of a column, such as the question kind). Each rollout samples with a seed
 derived from run.seed, the rank and the number of rollouts so far, so a resumed run samples what
 an uninterrupted one does; the rollouts not yet fully used are saved with the state.
 """
@@ -23,6 +24,7 @@ an uninterrupted one does; the rollouts not yet fully used are saved with the st
 from __future__ import annotations
 
 import collections
+import hashlib
 import time
 from typing import Any, Callable, ContextManager, Dict, List, Optional
 
@@ -140,43 +142,91 @@ class PromptSet:
                     self.columns[key].append(value)
         if not self.ids:
             raise DataError(f"data={job.data.name} has no train conversation to take prompts from")
+        self.weights = self._weights(job)
+
+    def _weights(self, job: JobConfig) -> Optional[np.ndarray]:
+        """Each prompt's grpo.prompt_weights (1 where its value is not named); None: all 1."""
+        weights, column = dict(job.grpo.prompt_weights), job.grpo.weight_column
+        if not weights:
+            return None
+        where = f"grpo.prompt_weights={weights} (grpo.weight_column={column}) on data={job.data.name}"
+        if column not in self.columns:
+            have = ", ".join(sorted(self.columns)) or "none"
+            raise DataError(f"{where}: its prompts have no column {column!r} (columns: {have})")
+        values = [str(v) for v in self.columns[column]]
+        unknown = sorted(set(weights) - set(values))
+        if unknown:
+            raise DataError(
+                f"{where}: no prompt has {column} {', '.join(map(repr, unknown))}; "
+                f"the values are {', '.join(sorted(set(values)))}"
+            )
+        out = np.array([float(weights.get(v, 1.0)) for v in values])
+        if out.sum() == 0:
+            raise DataError(f"{where}: every prompt has weight 0; give some a weight > 0")
+        return out
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 class PromptOrder:
-    """A seeded shuffle of the prompts per epoch, dealt round-robin to ranks; resumable."""
+    """A seeded shuffle of the prompts per epoch, dealt round-robin to ranks; resumable.
 
-    def __init__(self, count: int, seed: int, rank: int, world_size: int) -> None:
-        if count < world_size:
-            raise DataError(f"{count} prompts cannot be dealt to {world_size} ranks: give more prompts")
+    With weights, prompt i appears floor(w_i) times an epoch, and once more with probability
+    w_i - floor(w_i), drawn from the epoch's seed: w_i times an epoch on average."""
+
+    def __init__(
+        self, count: int, seed: int, rank: int, world_size: int, weights: Optional[np.ndarray] = None
+    ) -> None:
+        expected = count if weights is None else float(weights.sum())
+        if expected < world_size:
+            raise DataError(
+                f"{expected:g} prompts an epoch cannot be dealt to {world_size} ranks: give more prompts"
+            )
         self.count, self.seed, self.rank, self.world_size = count, seed, rank, world_size
+        self.weights = weights
+        # What a resume must find the same: the weights, as a short fingerprint.
+        self.mixture = "" if weights is None else hashlib.sha1(weights.tobytes()).hexdigest()[:16]
         self.epoch, self.taken = 0, 0
 
     def _order(self) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
-        return order[: self.count // self.world_size * self.world_size][self.rank :: self.world_size]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is None:
+            order = rng.permutation(self.count)
+        else:
+            whole = np.floor(self.weights)
+            copies = whole + (rng.random(self.count) < self.weights - whole)
+            order = rng.permutation(np.repeat(np.arange(self.count), copies.astype(np.int64)))
+        return order[: len(order) // self.world_size * self.world_size][self.rank :: self.world_size]
 
     def take(self, n: int) -> List[int]:
         out, order = [], self._order()
-        for _ in range(n):
-            out.append(int(order[self.taken]))
-            self.taken += 1
-            if self.taken == len(order):
+        while len(out) < n:
+            if self.taken == len(order):  # the epoch is used up (or, with small weights, empty)
                 self.epoch, self.taken = self.epoch + 1, 0
                 order = self._order()
+                continue
+            out.append(int(order[self.taken]))
+            self.taken += 1
         return out
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "taken": self.taken, "seed": self.seed, "world_size": self.world_size}
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "taken": self.taken,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "mixture": self.mixture,
+        }
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        for key in ("seed", "world_size"):
-            if state[key] != getattr(self, key):
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        names = {"seed": "run.seed", "world_size": "world size", "mixture": "grpo.prompt_weights"}
+        for key, name in names.items():
+            if state.get(key, "") != getattr(self, key):
                 raise DataError(
-                    f"cannot resume the GRPO prompts exactly: the saved {key} is {state[key]}, this run "
-                    f"has {getattr(self, key)}; use the same {key} to resume"
+                    f"cannot resume the GRPO prompts exactly: the saved {name} differs from this "
+                    f"run's ({state.get(key, '')!r} against {getattr(self, key)!r}); use the same "
+                    f"{name} to resume"
                 )
         self.epoch, self.taken = state["epoch"], state["taken"]
 
@@ -199,7 +249,9 @@ class GRPOObjective(Objective):
         self.pad_id = tokenizer.eos_id
         self.rewards = load_rewards(self.cfg.rewards)
         self.prompts = PromptSet(job, tokenizer)
-        self.order = PromptOrder(len(self.prompts), job.run.seed, env.rank, env.world_size)
+        self.order = PromptOrder(
+            len(self.prompts), job.run.seed, env.rank, env.world_size, self.prompts.weights
+        )
         self._probe_rewards()
         self.reference = reference_model(model) if self.cfg.beta > 0 else None
         self.rollouts = 0  # rollout batches sampled so far on this rank
@@ -375,9 +427,11 @@ class GRPOObjective(Objective):
 
     def total(self) -> Dict[str, Any]:
         """The share of groups whose rewards were all equal, per question kind ("all" where the
-        prompts have none): the groups that gave no signal."""
-        shares = {k: self._zero_std[k] / n for k, n in sorted(self._groups.items())}
-        return {"frac_reward_zero_std_by_question": shares}
+        prompts have none): the groups that gave no signal; and the share of the sampled groups
+        per kind (what grpo.prompt_weights changes)."""
+        zero = {k: self._zero_std[k] / n for k, n in sorted(self._groups.items())}
+        drawn = {k: n / sum(self._groups.values()) for k, n in sorted(self._groups.items())}
+        return {"frac_reward_zero_std_by_question": zero, "prompt_share_by_question": drawn}
 
     def state_dict(self) -> Dict[str, Any]:
         cached = [{k: v.cpu() for k, v in b.items()} for b in self.cached]
