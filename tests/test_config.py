@@ -65,6 +65,11 @@ def test_the_default_is_the_cpu_demo():
     assert job.run.dir == "runs/demo"  # one folder for every rank, no timestamp
 
 
+def test_grpo_prompt_weights_compose_from_the_command_line_as_the_readme_writes_them():
+    job = to_job(_compose("train", ["experiment=grpo_demo", "+grpo.prompt_weights={boy/girl:4,food:0}"]))
+    assert dict(job.grpo.prompt_weights) == {"boy/girl": 4.0, "food": 0.0}
+
+
 @pytest.mark.parametrize(
     "override, name",
     [
