@@ -163,7 +163,7 @@ TAUGHT = [
 ]
 
 
-def _tiny_chat_model(vocab_size: int, context: int = 128):
+def _tiny_chat_model(vocab_size: int, context: int = 128, **config):
     from tinyllama.model import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -176,6 +176,7 @@ def _tiny_chat_model(vocab_size: int, context: int = 128):
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=context,
+            **config,
         )
     )
 
@@ -233,7 +234,8 @@ def taught(chat_tokenizer):
 
 @pytest.fixture
 def tiny_chat_model():
-    """tiny_chat_model(vocab_size, context=128): an untrained 2-layer chat-sized model."""
+    """tiny_chat_model(vocab_size, context=128, **config): an untrained 2-layer chat-sized model
+    (config: other LlamaConfig fields)."""
     return _tiny_chat_model
 
 

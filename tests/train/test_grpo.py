@@ -16,7 +16,6 @@ import torch
 from tinyllama.checkpoint import load_checkpoint
 from tinyllama.config import RewardConfig, validate
 from tinyllama.errors import ConfigError, DataError
-from tinyllama.model import LlamaConfig, LlamaForCausalLM
 from tinyllama.rewards import Reward, call_reward, exact_answer, format_reward, load_rewards, overlong_penalty
 from tinyllama.train import loop
 from tinyllama.train.grpo import PromptOrder, PromptSet, completion_logps, shared_prompt_batch
@@ -156,20 +155,9 @@ def per_completion_logps(model, prompts, completions, pad_id):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_the_shared_prompt_batch_gives_each_completion_its_own_rows_log_probs(attn):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,  # spread logits, so that a token seeing the wrong keys shows
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(config)
+def test_the_shared_prompt_batch_gives_each_completion_its_own_rows_log_probs(attn, tiny_chat_model):
+    # A large init spreads the logits, so that a token seeing the wrong keys shows.
+    model = tiny_chat_model(97, 64, attn_implementation=attn, initializer_range=0.2)
     G, pad = 3, 0
     prompts = [[5, 6, 7, 8, 9], [11, 12]]  # unequal: the second is left-padded
     completions = [torch.randint(1, 97, (G, 4)), torch.randint(1, 97, (G, 2))]  # unequal widths
