@@ -891,10 +891,7 @@ def post_training_problems(job: JobConfig) -> List[str]:
         problems.append(f"grpo.epsilon={g.epsilon} must be in [0, 1) and grpo.epsilon_high >= 0")
     if g.beta < 0:
         problems.append(f"grpo.beta={g.beta}: must be >= 0 (0: no reference model)")
-    bad = {
-        k: w for k, w in g.prompt_weights.items() if not (isinstance(w, (int, float)) and 0 <= w < math.inf)
-    }
-    if bad:
+    if not all(0 <= w < math.inf for w in g.prompt_weights.values()):  # NaN fails too
         problems.append(f"grpo.prompt_weights={dict(g.prompt_weights)}: each weight must be a number >= 0")
     if g.scale_rewards not in SCALE_REWARDS:
         problems.append(f"grpo.scale_rewards={g.scale_rewards!r}: choose {', '.join(SCALE_REWARDS)}")

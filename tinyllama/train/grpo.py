@@ -8,7 +8,8 @@ packed-weight step) at grpo.temperature / grpo.top_p, each completion stopped at
 masked after it. The rewards (tinyllama/rewards.py) score the decoded completions; their weighted sum
 gives the group-relative advantages. With grpo.dynamic_sampling (DAPO) the groups whose rewards
 are all equal are dropped and more prompts are sampled to fill the batch with groups that carry
-a signal. With grpo.num_iterations > 1 the same rollouts serve that many
+a signal. The update scores the completions in `shared_prompt_batch`'s layout: each prompt once
+in a row with its G completions behind a block mask. With grpo.num_iterations > 1 the same rollouts serve that many
 optimizer steps (the clipped ratio to the sampling policy then matters); with grpo.beta > 0 the
 starting model gives the reference log-probs of the KL term (a frozen copy, or a LoRA policy's
 base with its adapters switched off).
@@ -16,9 +17,10 @@ base with its adapters switched off).
 Prompts are the conversations of data's train split up to their last assistant turn (with
 grpo.only_answered, on a corpus that has checkable answers, those whose last turn has one);
 ranks are dealt disjoint prompts from a seeded order per epoch, in which grpo.prompt_weights can
-repeat or leave out kinds of prompts (by the value of a column, such as the question kind). Each rollout samples with a seed
-derived from run.seed, the rank and the number of rollouts so far, so a resumed run samples what
-an uninterrupted one does; the rollouts not yet fully used are saved with the state.
+repeat or leave out kinds of prompts (by the value of a column, such as the question kind). Each
+rollout samples with a seed derived from run.seed, the rank and the number of rollouts so far, so
+a resumed run samples what an uninterrupted one does; the rollouts not yet fully used are saved
+with the state.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def shared_prompt_batch(
     while the prompt, most of the tokens, goes through the model once instead of G times.
 
     Returns input_ids (B, S), attention_mask (B, 1, S, S) bool, position_ids (B, S),
-    completion_mask (B * G, L) in the order of the completions, and num_tokens, the
-    non-padding prompt and completion columns the forward computes.
+    completion_mask (B * G, L) in the order of the completions, and num_tokens, the columns the
+    forward computes less the prompts' left padding (for update tokens/s).
     """
     B, G = len(prompts), completions[0].shape[0]
     T, L = max(len(p) for p in prompts), max(c.shape[1] for c in completions)
